@@ -1,0 +1,239 @@
+"""Experiment configuration: frozen pydantic models that round-trip YAML.
+
+``load_experiment(path)`` reads an experiment YAML, resolves relative paths
+against the file's directory, loads the referenced search space, and reports
+*every* problem at once as a :class:`~evomerge.errors.ConfigError` whose lines
+each name the offending field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.space.schema import SearchSpace
+
+ZOO_PREFIX = "zoo:"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ZooConfig(_Frozen):
+    """The embedded tiny model zoo, built offline on first use."""
+
+    kind: Literal["cross-skill", "cross-skill-full", "tiny"] = "cross-skill"
+    seed: int = 0
+
+
+class SourceModel(_Frozen):
+    """A source model: a name used in recipes and a Hugging Face model dir.
+
+    ``path`` is a directory, or ``zoo:<name>`` for a model of the embedded zoo.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    trust_remote_code: bool = False
+
+
+class TaskSpec(_Frozen):
+    """One lm-eval task of a suite: its metric, weight and sample limit."""
+
+    name: str
+    metric: str = "acc"
+    weight: float = Field(default=1.0, gt=0)
+    limit: Optional[int] = Field(default=None, gt=0)
+
+
+class SuiteConfig(_Frozen):
+    """The fitness definition: lm-eval tasks for the search and a held-out test split.
+
+    ``task_paths`` are directories of task YAMLs to index (``zoo`` means the
+    embedded zoo's task dir); only these are indexed, never lm-eval's full
+    catalogue, which takes ~14 s to build.
+    """
+
+    tasks: tuple[TaskSpec, ...]
+    test_tasks: tuple[TaskSpec, ...] = ()
+    task_paths: tuple[str, ...] = ()
+    batch_size: int = Field(default=64, gt=0)
+    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    add_bos_token: Optional[bool] = None
+
+    @model_validator(mode="after")
+    def _has_tasks(self) -> "SuiteConfig":
+        # checked here, not with min_length, so one bad task is not also reported as "no tasks"
+        if not self.tasks:
+            raise ValueError("tasks: at least one search task is needed")
+        return self
+
+
+class OptimizerConfig(_Frozen):
+    """The evolutionary optimizer. Defaults follow the paper: x0 = 0.5, sigma0 = 1/6,
+    popsize 4 + floor(3 ln n)."""
+
+    name: Literal["cma_es"] = "cma_es"
+    x0: float = Field(default=0.5, ge=0, le=1)
+    sigma0: float = Field(default=1 / 6, gt=0, le=1)
+    popsize: Optional[int] = Field(default=None, ge=2)
+    seed: int = Field(default=0, ge=0)
+    failure_fitness: Optional[float] = None
+
+    def resolved_popsize(self, dim: int) -> int:
+        return self.popsize or 4 + int(math.floor(3 * math.log(dim)))
+
+
+class BudgetConfig(_Frozen):
+    max_trials: int = Field(default=100, gt=0)
+
+
+class DispatchConfig(_Frozen):
+    """Where trials run: Ray actors (local ``ray.init()`` unless ``address``), or in-process."""
+
+    backend: Literal["ray", "local"] = "ray"
+    num_workers: int = Field(default=2, gt=0)
+    address: Optional[str] = None
+    device: str = "cpu"
+    threads_per_worker: Optional[int] = Field(default=None, gt=0)
+
+
+class TrackingConfig(_Frozen):
+    """Experiment tracking. ``tracking_uri`` defaults to ``MLFLOW_TRACKING_URI`` if set,
+    else a sqlite store inside the run directory."""
+
+    backend: Literal["mlflow", "none"] = "mlflow"
+    tracking_uri: Optional[str] = None
+    experiment_name: Optional[str] = None
+
+
+class Experiment(_Frozen):
+    """A whole search: models + space + suite + optimizer + budget + dispatch + tracking."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    zoo: Optional[ZooConfig] = None
+    models: tuple[SourceModel, ...] = Field(min_length=2)
+    base_model: str
+    search_space: SearchSpace
+    suite: SuiteConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Experiment":
+        problems: list[str] = []
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"models: duplicate model names {dupes}")
+        if self.base_model not in names:
+            problems.append(f"base_model: {self.base_model!r} is not one of models {names}")
+        uses_zoo = any(m.path.startswith(ZOO_PREFIX) for m in self.models) or "zoo" in self.suite.task_paths
+        if uses_zoo and self.zoo is None:
+            problems.append("zoo: models or suite.task_paths refer to the zoo, but no `zoo:` section is given")
+        search = {t.name for t in self.suite.tasks}
+        overlap = sorted(search & {t.name for t in self.suite.test_tasks})
+        if overlap:
+            problems.append(f"suite.test_tasks: {overlap} are also search tasks; the test split must be held out")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def merged_models(self) -> tuple[str, ...]:
+        """Names of the source models merged into the base (all but the base)."""
+        return tuple(m.name for m in self.models if m.name != self.base_model)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if e["type"] == "value_error":
+            # our validators write "field: message" relative to the model they check
+            for line in str(e.get("ctx", {}).get("error", msg)).splitlines():
+                if not loc:
+                    lines.append(line)
+                elif re.match(r"^[\w.\[\]-]+: ", line):
+                    lines.append(f"{loc}.{line}")
+                else:
+                    lines.append(f"{loc}: {line}")
+            continue
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines
+
+
+def parse_experiment(data: Any, base_dir: Path) -> Experiment:
+    """Validate an experiment mapping; relative paths resolve against ``base_dir``."""
+    if not isinstance(data, dict):
+        raise ConfigError(["experiment file must be a mapping of keys to values"])
+    data = dict(data)
+    problems: list[str] = []
+    space_ref = data.get("search_space")
+    if isinstance(space_ref, str):
+        space_path = (base_dir / space_ref).resolve()
+        try:
+            data["search_space"] = SearchSpace.load_data(space_path)
+        except FileNotFoundError:
+            problems.append(f"search_space: file not found: {space_path}")
+            data.pop("search_space")
+        except yaml.YAMLError as exc:
+            problems.append(f"search_space: {space_path} is not valid YAML: {exc}")
+            data.pop("search_space")
+    models = data.get("models")
+    if isinstance(models, list):
+        resolved = []
+        for i, m in enumerate(models):
+            if isinstance(m, dict) and isinstance(m.get("path"), str) and not m["path"].startswith(ZOO_PREFIX):
+                p = (base_dir / Path(m["path"]).expanduser()).resolve()
+                if not p.is_dir():
+                    problems.append(f"models.{i}.path: model directory not found: {p}")
+                m = {**m, "path": str(p)}
+            resolved.append(m)
+        data["models"] = resolved
+    suite = data.get("suite")
+    if isinstance(suite, dict) and isinstance(suite.get("task_paths"), list):
+        paths = []
+        for i, p in enumerate(suite["task_paths"]):
+            if isinstance(p, str) and p != "zoo":
+                full = (base_dir / Path(p).expanduser()).resolve()
+                if not full.is_dir():
+                    problems.append(f"suite.task_paths.{i}: task directory not found: {full}")
+                p = str(full)
+            paths.append(p)
+        data["suite"] = {**suite, "task_paths": paths}
+    try:
+        exp = Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(problems + _format_validation_error(err)) from None
+    if problems:
+        raise ConfigError(problems)
+    return exp
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Load and validate an experiment YAML; raises ConfigError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"experiment file not found: {path}"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_experiment(data, path.resolve().parent)

@@ -1,0 +1,1 @@
+"""Dispatch: where trials run (in-process or Ray actors), behind the Dispatcher protocol."""

@@ -1,0 +1,27 @@
+"""The Dispatcher protocol: hand EvalRequests to workers, collect EvalResults as they complete."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from evomerge.worker import EvalRequest, EvalResult
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    num_workers: int
+
+    def submit(self, request: EvalRequest) -> None:
+        """Queue a request; it starts as soon as a worker is idle."""
+        ...
+
+    def pending(self) -> int:
+        """Requests submitted whose results have not been returned by ``wait`` yet."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> list[EvalResult]:
+        """Block until at least one result is ready (or timeout); return all ready results."""
+        ...
+
+    def close(self) -> None:
+        ...

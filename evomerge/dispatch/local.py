@@ -1,0 +1,31 @@
+"""In-process dispatch: one TrialWorker in this process (tests, debugging, a single GPU)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from evomerge.worker import EvalRequest, EvalResult, TrialWorker, WorkerSpec
+
+
+class LocalDispatcher:
+    """Runs requests one at a time, in submission order, inside ``wait``."""
+
+    num_workers = 1
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self._worker = TrialWorker(spec)
+        self._queue: deque[EvalRequest] = deque()
+
+    def submit(self, request: EvalRequest) -> None:
+        self._queue.append(request)
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def wait(self, timeout: float | None = None) -> list[EvalResult]:
+        if not self._queue:
+            return []
+        return [self._worker.run(self._queue.popleft())]
+
+    def close(self) -> None:
+        self._queue.clear()

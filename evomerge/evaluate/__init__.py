@@ -1,0 +1,1 @@
+"""Fitness: suites of lm-eval tasks scored on in-memory models."""

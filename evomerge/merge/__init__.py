@@ -1,0 +1,1 @@
+"""Merging: pure per-method tensor functions and the resident-source backend."""

@@ -1,0 +1,126 @@
+"""Sparsification of task vectors: magnitude top-k (TIES) and random drop (DARE).
+
+Matches ``mergekit/sparsify.py`` (mergekit 0.1.5): ``magnitude``, ``bernoulli`` and
+``rescaled_masked_tensor`` with ``RescaleNorm.l1`` (the only norm its task-arithmetic
+methods use).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RESCALE_EPS = 1e-7
+"""Below this L1 norm (before or after masking) mergekit skips the rescale."""
+
+
+def keep_count(density: float, numel: int) -> int:
+    """How many elements magnitude pruning keeps: mergekit's ``max(1, int(density * numel))``.
+
+    ``density >= 1`` keeps all, ``density <= 0`` keeps none; any positive density keeps
+    at least one element. ``int()`` truncates the float product, so e.g. density 0.29 of
+    100 elements keeps 28 (0.29 * 100 == 28.999999999999996), exactly as mergekit does.
+    """
+    if density >= 1:
+        return numel
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
+def magnitude_mask(tensor: Tensor, k: int) -> Tensor:
+    """Boolean mask (shape of ``tensor``) of the ``k`` entries of largest ``|tensor|``.
+
+    This is the single place that selects a magnitude threshold; a GPU kernel (radix
+    select) can replace it. It finds the k-th largest magnitude without a full sort
+    (``kthvalue`` on CPU, ``topk`` elsewhere, where ``kthvalue`` is very slow), keeps
+    everything above it, and fills the remaining slots among entries *equal* to it in
+    index order (lowest flat index first), so exactly ``k`` entries are kept and the
+    result is the same on every device.
+
+    mergekit keeps ``argsort(|x|, descending=True)[:k]``: the same set except among
+    entries tied at the threshold magnitude, where its choice is whatever the
+    (unstable) sort produced. The two agree whenever the k-th and (k+1)-th largest
+    magnitudes differ.
+    """
+    n = tensor.numel()
+    if k >= n:
+        return torch.ones_like(tensor, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(tensor, dtype=torch.bool)
+    w = tensor.detach().abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+        threshold = torch.kthvalue(w, n - k + 1).values
+    else:
+        threshold = torch.topk(w, k, sorted=False).values.min()
+    above = w > threshold
+    ties = w == threshold
+    missing = k - int(above.sum())
+    keep = above | (ties & (torch.cumsum(ties, dim=0) <= missing))
+    return keep.reshape(tensor.shape)
+
+
+def rescaled_masked(tensor: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    """``tensor * mask``, optionally rescaled to keep the L1 norm of ``tensor``.
+
+    Matches mergekit's ``rescaled_masked_tensor(tensor, mask, RescaleNorm.l1)``: the
+    factor is ``sum|tensor| / sum|tensor * mask|`` (the exact norm ratio, *not*
+    ``1 / density``), skipped when either norm is below ``RESCALE_EPS``.
+    """
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(tensor: Tensor, density: float, *, rescale: bool = False) -> Tensor:
+    """Keep the ``keep_count(density, numel)`` largest-magnitude entries (TIES trimming).
+
+    Matches mergekit ``sparsify.magnitude``: ``density >= 1`` returns ``tensor`` itself,
+    ``density <= 0`` (or an empty tensor) returns zeros. Ties at the threshold: see
+    :func:`magnitude_mask`.
+    """
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    mask = magnitude_mask(tensor, keep_count(density, tensor.numel())).to(tensor.dtype)
+    return rescaled_masked(tensor, mask, rescale)
+
+
+def bernoulli(
+    tensor: Tensor,
+    density: float,
+    *,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """DARE random drop: keep each entry with probability ``density``.
+
+    Matches mergekit ``sparsify.bernoulli``: ``density >= 1`` returns ``tensor`` itself
+    and draws nothing; otherwise one ``torch.bernoulli`` call on a tensor full of
+    ``density`` (float32 for float32/float16 CPU tensors, else the tensor's dtype), then
+    the optional L1 rescale of :func:`rescaled_masked` (mergekit's DARE "rescale" is this
+    norm match, which equals the paper's ``1 / density`` only in expectation).
+
+    Randomness: mergekit draws from torch's global generator (seeded once per run by
+    ``mergekit-yaml --random-seed``). Here the caller passes ``generator``; ``None`` means
+    the global one. For the same device, dtype and shape, ``torch.manual_seed(s)``
+    followed by mergekit's call draws exactly the same mask as this function with
+    ``torch.Generator(device).manual_seed(s)``. CPU and CUDA generators produce
+    different streams.
+    """
+    if density >= 1:
+        return tensor
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        work_dtype = tensor.dtype
+    else:
+        work_dtype = torch.float32  # CPU bernoulli has no float16 kernel
+    probs = torch.full_like(tensor, density, dtype=work_dtype)
+    mask = torch.bernoulli(probs, generator=generator)
+    return rescaled_masked(tensor.to(work_dtype), mask, rescale).to(tensor.dtype)

@@ -1,0 +1,81 @@
+"""MLflow tracking (the only module that imports ``mlflow``).
+
+One MLflow run per evomerge run. Per-trial values are *stepped metrics* on that
+run (step = order of completion; the trial id is the metric `trial_id`), drawn as curves; logged with
+``MlflowClient.log_batch`` (one call per trial).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+class MlflowTracker:
+    def __init__(self, tracking_uri: str, experiment_name: str, run_id: Optional[str] = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_id = run_id
+        self._client = MlflowClient(tracking_uri=tracking_uri)
+
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        if self.run_id is None:
+            exp = self._client.get_experiment_by_name(self.experiment_name)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+            run = self._client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+            self.run_id = run.info.run_id
+            items = [Param(k, _param_text(v)) for k, v in params.items()]
+            for i in range(0, len(items), 100):
+                self._client.log_batch(self.run_id, params=items[i : i + 100])
+        else:
+            self._client.update_run(self.run_id, status="RUNNING")
+        return self.run_id
+
+    def log_trial(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def log_summary(self, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def log_artifact(self, path: Path) -> None:
+        self._client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str) -> None:
+        self._client.set_terminated(self.run_id, status=status)
+
+    @property
+    def run_url_hint(self) -> str:
+        return f"{self.tracking_uri} (experiment {self.experiment_name!r}, run {self.run_id})"
+
+
+def _param_text(v: Any) -> str:
+    text = str(v)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def read_run(tracking_uri: str, run_id: str) -> dict:
+    """A run's params, latest metrics, metric histories and artifact names (used by tests and `status`)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run = client.get_run(run_id)
+    histories = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in run.data.metrics}
+    return {
+        "status": run.info.status,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+        "history": histories,
+        "artifacts": [a.path for a in client.list_artifacts(run_id)],
+        "experiment_name": client.get_experiment(run.info.experiment_id).name,
+    }

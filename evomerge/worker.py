@@ -1,0 +1,129 @@
+"""TrialWorker: merges candidates into one preallocated model and scores them.
+
+A worker is built once per process (a Ray actor, or in-process for local
+dispatch). It loads the source weights once and keeps them resident, builds one
+model to merge into, and wraps that model in one reused evaluator. Per trial it
+only receives a small :class:`EvalRequest` (a recipe as data, never weights).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from evomerge.config import SuiteConfig
+from evomerge.errors import EvaluationError, EvomergeError
+from evomerge.evaluate.suite import weighted_fitness
+from evomerge.recipe import Recipe
+
+Split = Literal["search", "test"]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to start (small, picklable)."""
+
+    model_dirs: dict[str, str]
+    base_model: str
+    suite: SuiteConfig
+    task_paths: tuple[str, ...]
+    device: str = "cpu"
+    threads: Optional[int] = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """One thing to score: a candidate recipe, or a source model as it is."""
+
+    trial_id: int
+    recipe: Optional[dict] = None
+    source: Optional[str] = None
+    split: Split = "search"
+
+    def __post_init__(self) -> None:
+        if (self.recipe is None) == (self.source is None):
+            raise ValueError("an EvalRequest has exactly one of recipe or source")
+
+
+@dataclass
+class EvalResult:
+    """The outcome of one EvalRequest. ``state`` is "complete" or "failed" (with ``error``)."""
+
+    trial_id: int
+    state: Literal["complete", "failed"]
+    fitness: Optional[float] = None
+    scores: dict[str, float] = field(default_factory=dict)
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    error: Optional[str] = None
+    worker: str = ""
+    split: Split = "search"
+
+
+class TrialWorker:
+    """Holds sources + one model resident; evaluates requests one at a time."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from evomerge.evaluate.lm_eval_runner import LmEvalEvaluator
+        from evomerge.merge.backend import ResidentSources
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        base_dir = spec.model_dirs[spec.base_model]
+        self.sources = ResidentSources.from_model_dirs(
+            {k: Path(v) for k, v in spec.model_dirs.items()}, base_model=spec.base_model, device=spec.device
+        )
+        self.model = AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, trust_remote_code=spec.trust_remote_code, use_safetensors=True
+        ).to(spec.device)
+        self.model.eval()
+        self.target = self.model.state_dict()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=spec.trust_remote_code)
+        self.evaluator = LmEvalEvaluator(self.model, tokenizer, spec.suite, spec.task_paths, device=spec.device)
+
+    def _load_source(self, name: str) -> None:
+        import torch
+
+        with torch.no_grad():
+            for key, tensor in self.sources.state_dict(name).items():
+                self.target[key].copy_(tensor)
+
+    def run(self, request: EvalRequest) -> EvalResult:
+        """Merge (or load) and score; any failure becomes a failed result with its reason."""
+        result = EvalResult(trial_id=request.trial_id, state="failed", worker=self.name, split=request.split)
+        try:
+            t0 = time.perf_counter()
+            if request.recipe is not None:
+                self.sources.merge_into(Recipe.from_dict(request.recipe), self.target)
+            else:
+                self._load_source(request.source)
+            t1 = time.perf_counter()
+            scores = self.evaluator.evaluate(request.split)
+            t2 = time.perf_counter()
+            tasks = self.spec.suite.tasks if request.split == "search" else self.spec.suite.test_tasks
+            fitness = weighted_fitness(tasks, scores)
+            if not math.isfinite(fitness):
+                raise EvaluationError(f"fitness is not finite: {fitness}")
+            result.state = "complete"
+            result.fitness = fitness
+            result.scores = scores
+            result.merge_seconds = t1 - t0
+            result.eval_seconds = t2 - t1
+        except EvomergeError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a candidate must never crash the search
+            tb = traceback.format_exc(limit=3)
+            result.error = f"{type(exc).__name__}: {exc}\n{tb}"
+        return result

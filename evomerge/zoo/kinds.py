@@ -1,0 +1,62 @@
+"""The zoo kinds: model shape, training steps and task sizes of each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Llama dimensions of every model in a zoo."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    max_positions: int = 64
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything that differs between zoo kinds.
+
+    `max_threads` caps torch's intra-op threads during the build (restored afterwards);
+    None keeps the caller's setting.
+    """
+
+    shape: ModelShape
+    base_steps: int
+    expert_a_steps: int
+    expert_b_steps: int
+    warmup: int
+    n_search: int
+    n_test: int
+    search_pairs: int = 400
+    test_pairs: int = 800
+    max_threads: int | None = None
+
+
+_D4B_SHAPE = ModelShape(hidden=128, layers=4, heads=4, intermediate=512)
+
+KINDS: dict[str, ZooSpec] = {
+    # The quickstart zoo: the D4b design at halved steps (about 2 minutes on 2 CPU cores).
+    "cross-skill": ZooSpec(_D4B_SHAPE, 1000, 600, 500, warmup=50, n_search=300, n_test=600),
+    "cross-skill-full": ZooSpec(_D4B_SHAPE, 2000, 1200, 1000, warmup=50, n_search=300, n_test=600),
+    # For tests: real, loadable, distinct models in seconds; not good ones. Its matrices are
+    # too small to gain from intra-op threads, and spinning threads on a busy machine slow
+    # it down by orders of magnitude, so it builds on one thread.
+    "tiny": ZooSpec(
+        ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
+        150, 80, 80, warmup=10, n_search=60, n_test=60, max_threads=1,
+    ),
+}
+
+
+def zoo_spec(kind: str) -> ZooSpec:
+    """The spec of `kind`; ValueError naming the known kinds otherwise."""
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown zoo kind {kind!r}; known kinds: {', '.join(KINDS)}") from None

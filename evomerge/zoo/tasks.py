@@ -1,0 +1,172 @@
+"""Arithmetic task items and the lm-eval task files that score them.
+
+Each item is a held-out two-digit problem (operand pairs are never trained on) scored as 4-way
+log-likelihood multiple choice over the answer words: the correct result, the other
+operation's result (so reading the operator word matters) and two near misses (+-1, +-2, +-9,
++-10, +-11). Chance is 0.25. Pairs whose operands are both < 10 are excluded (those facts are
+in the text corpus). Search and test items use disjoint operand pairs.
+
+lm-eval joins context and choice with `target_delimiter` " ": context `4 5 plus 2 7 is`,
+continuation ` 7 2 .`. The whitespace word-level tokenizer splits the joined string at the
+same place, so the scored tokens are exactly the answer words (digits and period).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.zoo.corpus import OPERATIONS, Problem, answer_words, problem_prompt
+from evomerge.zoo.vocab import Language
+
+NEAR_MISS_OFFSETS: tuple[int, ...] = (1, -1, 2, -2, 9, -9, 10, -10, 11, -11)
+N_CHOICES = 4
+LANGUAGES: tuple[Language, ...] = ("l1", "l2")
+
+
+@dataclass(frozen=True)
+class PairSplit:
+    """Operand pairs (a, b) for training, search items and test items; disjoint."""
+
+    train: tuple[tuple[int, int], ...]
+    search: tuple[tuple[int, int], ...]
+    test: tuple[tuple[int, int], ...]
+
+
+def task_name(language: Language, split: str) -> str:
+    """lm-eval task name, e.g. `zoo_arith_l2_search`."""
+    return f"zoo_arith_{language}_{split}"
+
+
+def all_pairs() -> list[tuple[int, int]]:
+    """Every operand pair with a >= b >= 1 and not both operands < 10."""
+    return [(a, b) for a in range(10, 100) for b in range(1, a + 1)]
+
+
+def split_pairs(rng: random.Random, n_search: int, n_test: int) -> PairSplit:
+    """Hold out `n_search` + `n_test` operand pairs; the rest are for training."""
+    pairs = all_pairs()
+    rng.shuffle(pairs)
+    held_out = n_search + n_test
+    return PairSplit(
+        train=tuple(sorted(pairs[held_out:])),
+        search=tuple(sorted(pairs[:n_search])),
+        test=tuple(sorted(pairs[n_search:held_out])),
+    )
+
+
+def train_problems(split: PairSplit) -> list[Problem]:
+    """Every training problem (both operations on every training pair)."""
+    return [Problem(a, b, op) for a, b in split.train for op in OPERATIONS]
+
+
+def _choices(problem: Problem, rng: random.Random) -> list[int]:
+    """The correct result, the other operation's result and two near misses, shuffled."""
+    answer, other = problem.result(), problem.other_result()
+    near = [answer + d for d in NEAR_MISS_OFFSETS if answer + d >= 0 and answer + d != other]
+    values = [answer, other, *rng.sample(near, N_CHOICES - 2)]
+    rng.shuffle(values)
+    return values
+
+
+def make_item(problem: Problem, language: Language, rng: random.Random) -> dict[str, Any]:
+    """One lm-eval document: question text, choice texts and the index of the correct one."""
+    values = _choices(problem, rng)
+    return {
+        "question": " ".join(problem_prompt(problem, language)),
+        "choices": [" ".join(answer_words(value, language)) for value in values],
+        "label": values.index(problem.result()),
+        "a": problem.a,
+        "b": problem.b,
+        "op": problem.op,
+    }
+
+
+def sample_items(
+    rng: random.Random, pairs: Sequence[tuple[int, int]], n: int, language: Language
+) -> list[dict[str, Any]]:
+    """`n` distinct problems on `pairs` (either operation), as documents in `language`."""
+    problems = [Problem(a, b, op) for a, b in pairs for op in OPERATIONS]
+    if n > len(problems):
+        raise ValueError(f"asked for {n} items but only {len(problems)} problems exist")
+    return [make_item(problem, language, rng) for problem in rng.sample(problems, n)]
+
+
+def make_task_items(
+    rng: random.Random, split: PairSplit, n_search: int, n_test: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Items of every task: {L1, L2} x {search, test}."""
+    items: dict[str, list[dict[str, Any]]] = {}
+    for language in LANGUAGES:
+        items[task_name(language, "search")] = sample_items(rng, split.search, n_search, language)
+        items[task_name(language, "test")] = sample_items(rng, split.test, n_test, language)
+    return items
+
+
+def data_path(tasks_dir: Path, name: str) -> Path:
+    """The jsonl file of a task."""
+    return tasks_dir / f"{name}.jsonl"
+
+
+def yaml_path(tasks_dir: Path, name: str) -> Path:
+    """The lm-eval YAML file of a task."""
+    return tasks_dir / f"{name}.yaml"
+
+
+def task_yaml(name: str, data_file: Path) -> str:
+    """lm-eval task config text for one task; `data_file` must be absolute."""
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a file atomically (readers never see a partial file)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def write_task_data(tasks_dir: Path, items: dict[str, list[dict[str, Any]]]) -> None:
+    """Write one jsonl data file per task."""
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    for name, documents in items.items():
+        lines = "".join(json.dumps(document, sort_keys=True) + "\n" for document in documents)
+        _write_text(data_path(tasks_dir, name), lines)
+
+
+def write_task_yamls(tasks_dir: Path, data_dir: Path, names: Sequence[str]) -> None:
+    """Write (or refresh) the YAMLs in `tasks_dir`, pointing at the data files in `data_dir`.
+
+    `data_dir` is where the data will live when the YAMLs are used, which differs from
+    `tasks_dir` while a zoo is being built in a temporary directory.
+    """
+    for name in names:
+        text = task_yaml(name, data_path(data_dir.resolve(), name))
+        target = yaml_path(tasks_dir, name)
+        if not target.exists() or target.read_text(encoding="utf-8") != text:
+            _write_text(target, text)
+
+
+def read_items(tasks_dir: Path, name: str) -> list[dict[str, Any]]:
+    """The documents of a task, in file order."""
+    with data_path(tasks_dir, name).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,127 @@
+"""A short real search on the tiny zoo: real Ray, real merges, real lm-eval, real MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.cli import main
+from evomerge.ledger import Ledger
+from evomerge.recipe import Recipe
+from evomerge.tracking.mlflow_tracker import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _experiment(tmp_path: Path, **overrides) -> Path:
+    data = {
+        "name": "e2e",
+        "zoo": {"kind": "tiny", "seed": 0},
+        "models": [
+            {"name": "base", "path": "zoo:base"},
+            {"name": "expert_a", "path": "zoo:expert_a"},
+            {"name": "expert_b", "path": "zoo:expert_b"},
+        ],
+        "base_model": "base",
+        "search_space": str(ROOT / "search_spaces" / "ps_ties_dare.yaml"),
+        "suite": {
+            "task_paths": ["zoo"],
+            "tasks": [{"name": "zoo_arith_l2_search", "metric": "acc"}],
+            "test_tasks": [{"name": "zoo_arith_l2_test", "metric": "acc"}],
+            "batch_size": 64,
+        },
+        "optimizer": {"name": "cma_es", "popsize": 4, "seed": 1},
+        "budget": {"max_trials": 10},
+        "dispatch": {"backend": "ray", "num_workers": 2},
+        "tracking": {"backend": "mlflow"},
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
+    exp_path = _experiment(tmp_path)
+    run_dir = tmp_path / "run"
+    assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "best fitness (search)" in out and "source expert_a (search)" in out
+
+    # ledger: every trial, with all its fields; baselines for every source; test-split scores
+    ledger = Ledger(run_dir / "ledger.jsonl")
+    trials = ledger.records("trial")
+    assert sorted(t["trial_id"] for t in trials) == list(range(10))
+    for t in trials:
+        assert t["state"] == "complete", t["error"]
+        assert 0.0 <= t["fitness"] <= 1.0
+        assert set(t["scores"]) == {"zoo_arith_l2_search"}
+        assert len(t["genome"]) == 4 and t["merge_seconds"] > 0 and t["eval_seconds"] > 0
+        assert Recipe.from_dict(t["recipe"]).content_hash() == t["recipe_hash"]
+    assert {b["model"] for b in ledger.records("baseline")} == {"base", "expert_a", "expert_b"}
+    assert {r["model"] for r in ledger.records("test")} == {"best", "base", "expert_a", "expert_b"}
+    assert len({t["recipe_hash"] for t in trials}) == 10  # CMA-ES proposes distinct candidates
+    # sources really differ from each other on the task
+    base_scores = {b["model"]: b["fitness"] for b in ledger.records("baseline")}
+    assert len(set(base_scores.values())) > 1 or len({t["fitness"] for t in trials}) > 1
+
+    # the best recipe on disk is the best trial's
+    best = max(trials, key=lambda t: (t["fitness"], -t["trial_id"]))
+    assert Recipe.load(run_dir / "best_recipe.yaml").content_hash() == best["recipe_hash"]
+
+    # MLflow: one run with params, the config artifact and a fitness curve over trials
+    import json
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished"
+    mlrun = read_run(info["tracking_uri"], info["mlflow_run_id"])
+    assert mlrun["status"] == "FINISHED"
+    assert mlrun["params"]["method"] == "dare_ties" and mlrun["params"]["dimensions"] == "4"
+    assert mlrun["tags"]["evomerge.experiment"] == "e2e"
+    steps = [s for s, _ in mlrun["history"]["fitness"]]
+    assert sorted(steps) == list(range(10))
+    assert sorted(v for _, v in mlrun["history"]["trial_id"]) == list(range(10))
+    best_curve = [v for _, v in sorted(mlrun["history"]["best_fitness"])]
+    assert best_curve == sorted(best_curve)  # best-so-far never decreases over completion order
+    assert best_curve[-1] == pytest.approx(best["fitness"])
+    assert {"experiment.yaml", "ledger.jsonl", "best_recipe.yaml", "summary.json"} <= set(mlrun["artifacts"])
+
+    # export
+    out_dir = tmp_path / "export"
+    assert main(["export", str(run_dir), "--format", "recipe", "--out", str(out_dir)]) == 0
+    assert Recipe.load(out_dir / "recipe.yaml").content_hash() == best["recipe_hash"]
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "t3"), "--trial", "3"]) == 0
+    assert Recipe.load(tmp_path / "t3" / "recipe.yaml").content_hash() == trials[[t["trial_id"] for t in trials].index(3)]["recipe_hash"]
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "t99"), "--trial", "99"]) == 1
+
+
+def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, capsys):
+    """Every evaluation fails (the task lacks the metric): the run still completes and records why."""
+    exp_path = _experiment(
+        tmp_path,
+        suite={"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search", "metric": "bleu"}]},
+        dispatch={"backend": "local", "num_workers": 1},
+        budget={"max_trials": 5},
+        tracking={"backend": "none"},
+    )
+    run_dir = tmp_path / "run"
+    assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 0
+    trials = Ledger(run_dir / "ledger.jsonl").records("trial")
+    assert len(trials) == 5
+    assert all(t["state"] == "failed" and "has no metric 'bleu'" in t["error"] for t in trials)
+    assert all(t["told_fitness"] == -1.0 for t in trials)
+    assert not (run_dir / "best_recipe.yaml").exists()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "x")]) == 1
+    assert "no complete trial" in capsys.readouterr().err
+
+
+def test_run_refuses_an_existing_run_dir(tmp_path, session_tiny_zoo, capsys):
+    exp_path = _experiment(tmp_path, dispatch={"backend": "local", "num_workers": 1}, tracking={"backend": "none"})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "ledger.jsonl").write_text("")
+    assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
