@@ -97,6 +97,16 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
     assert Recipe.load(tmp_path / "t3" / "recipe.yaml").content_hash() == trials[[t["trial_id"] for t in trials].index(3)]["recipe_hash"]
     assert main(["export", str(run_dir), "--out", str(tmp_path / "t99"), "--trial", "99"]) == 1
 
+    # same seed -> same trials, whatever the dispatcher and completion order
+    local_exp = _experiment(tmp_path, dispatch={"backend": "local", "num_workers": 1}, tracking={"backend": "none"})
+    again = tmp_path / "again"
+    assert main(["run", str(local_exp), "--run-dir", str(again), "--quiet", "--max-trials", "6"]) == 0
+    by_id = {t["trial_id"]: t for t in trials}
+    for t in Ledger(again / "ledger.jsonl").records("trial"):
+        assert t["genome"] == by_id[t["trial_id"]]["genome"]
+        assert t["recipe_hash"] == by_id[t["trial_id"]]["recipe_hash"]
+        assert t["fitness"] == pytest.approx(by_id[t["trial_id"]]["fitness"], abs=1e-9)
+
 
 def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, capsys):
     """Every evaluation fails (the task lacks the metric): the run still completes and records why."""
