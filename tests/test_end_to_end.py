@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from evomerge.cli import main
+from evomerge.controller import num_layers_of
 from evomerge.ledger import Ledger
 from evomerge.recipe import Recipe
 from evomerge.tracking.mlflow_tracker import read_run
@@ -135,3 +136,23 @@ def test_run_refuses_an_existing_run_dir(tmp_path, session_tiny_zoo, capsys):
     (run_dir / "ledger.jsonl").write_text("")
     assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_per_layer_search_runs(tmp_path, session_tiny_zoo):
+    """A per-layer space: one density and weight per group (embed, each block, head) per expert."""
+    exp_path = _experiment(
+        tmp_path,
+        search_space=str(ROOT / "search_spaces" / "ps_ties_dare_per_layer.yaml"),
+        dispatch={"backend": "local", "num_workers": 1},
+        budget={"max_trials": 3},
+        tracking={"backend": "none"},
+    )
+    run_dir = tmp_path / "run"
+    assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 0
+    trials = Ledger(run_dir / "ledger.jsonl").records("trial")
+    layers = num_layers_of(str(session_tiny_zoo.models["base"]))
+    assert len(trials) == 3 and all(t["state"] == "complete" for t in trials)
+    for t in trials:
+        assert len(t["genome"]) == 2 * 2 * (layers + 2)
+        recipe = Recipe.from_dict(t["recipe"])
+        assert all(len(recipe.model_params(m).parameters["density"]) == layers + 2 for m in ("expert_a", "expert_b"))

@@ -61,9 +61,9 @@ def test_models_load_offline_from_disk(tiny_zoo: Zoo) -> None:
         assert model.config.vocab_size == len(VOCABULARY) == len(tokenizer)
         assert not model.config.tie_word_embeddings
         assert (path / "generation_config.json").is_file()
-        ids = tokenizer.encode("4 5 plus 2 7 is 7 2 .")
+        ids = tokenizer.encode("4 5 plus 2 7 = 7 2 .")
         assert ids[0] == tokenizer.bos_token_id
-        assert tokenizer.convert_ids_to_tokens(ids[1:]) == "4 5 plus 2 7 is 7 2 .".split()
+        assert tokenizer.convert_ids_to_tokens(ids[1:]) == "4 5 plus 2 7 = 7 2 .".split()
         assert tokenizer.encode("7 2 .", add_special_tokens=False) == ids[-3:]
 
 
@@ -81,7 +81,11 @@ def test_models_differ_as_designed(tiny_zoo: Zoo) -> None:
 
 
 def test_build_is_deterministic(tiny_zoo: Zoo, tmp_path: Path) -> None:
-    again = build_zoo("tiny", seed=0, cache_dir=tmp_path)
+    threads = torch.get_num_threads()
+    lines: list[str] = []
+    again = build_zoo("tiny", seed=0, cache_dir=tmp_path, progress=lines.append)
+    assert torch.get_num_threads() == threads
+    assert any(line.startswith("training expert_a: step 80/80 loss") for line in lines)
     for name in tiny_zoo.models:
         first, second = _tensors(tiny_zoo, name), _tensors(again, name)
         assert first.keys() == second.keys()

@@ -28,11 +28,13 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evomerge.zoo.corpus import make_colour_facts
+from evomerge.zoo.corpus import ColourFacts, make_colour_facts
 from evomerge.zoo.kinds import FORMAT_VERSION, ModelShape, ZooSpec, zoo_spec
 from evomerge.zoo.score import choice_accuracy
 from evomerge.zoo.tasks import (
     LANGUAGES,
+    PairSplit,
+    data_path,
     make_task_items,
     split_pairs,
     task_name,
@@ -40,15 +42,23 @@ from evomerge.zoo.tasks import (
     write_task_data,
     write_task_yamls,
 )
-from evomerge.zoo.train import StageConfig, StageResult, skill_maker, text_maker, train_stage
+from evomerge.zoo.train import (
+    SequenceMaker,
+    StageConfig,
+    StageResult,
+    skill_maker,
+    text_maker,
+    train_stage,
+)
 from evomerge.zoo.vocab import BOS, PAD, VOCABULARY, build_tokenizer
 
 MANIFEST = "manifest.json"
 BASE_MODEL = "base"
-MODEL_NAMES: tuple[str, ...] = ("base", "expert_a", "expert_b")
 TARGET_LANGUAGE = "l2"
 SPLITS: tuple[str, ...] = ("search", "test")
-_REQUIRED_KEYS = ("format_version", "kind", "seed", "base_model", "models", "tasks", "build_seconds")
+_REQUIRED_KEYS = (
+    "format_version", "kind", "seed", "base_model", "models", "tasks", "build_seconds",
+)
 
 Progress = Callable[[str], None]
 
@@ -126,12 +136,13 @@ def load_zoo(path: Path) -> Zoo:
     root = Path(path).absolute()
     manifest = _read_manifest(root)
     models = {name: root / entry["path"] for name, entry in manifest["models"].items()}
-    missing = [str(p) for p in models.values() if not (p / "config.json").is_file()]
-    missing += [str(p) for p in models.values() if not (p / "model.safetensors").is_file()]
     tasks_dir = root / "tasks"
     tasks = manifest["tasks"]
     names = [*tasks["search"], *tasks["test"], *tasks["other"]]
-    missing += [str(tasks_dir / f"{n}.jsonl") for n in names if not (tasks_dir / f"{n}.jsonl").is_file()]
+    required = [model / file for model in models.values()
+                for file in ("config.json", "model.safetensors", "tokenizer.json")]
+    required += [data_path(tasks_dir, name) for name in names]
+    missing = [str(path) for path in required if not path.is_file()]
     if missing:
         raise ZooError(f"zoo at {root} is incomplete; missing: {', '.join(missing)}")
     write_task_yamls(tasks_dir, tasks_dir, names)
@@ -152,7 +163,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise ZooError(
-            f"no zoo at {root}: {MANIFEST} is missing (build it with build_zoo or `evomerge zoo build`)"
+            f"no zoo at {root}: {MANIFEST} is missing "
+            "(build one with build_zoo or `evomerge zoo build`)"
         )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -239,12 +251,28 @@ def _model_config(shape: ModelShape, tokenizer: PreTrainedTokenizerFast) -> Llam
     )
 
 
-def _stage_configs(spec: ZooSpec) -> dict[str, StageConfig]:
-    """The D4b recipes: base on text, A on L1 arithmetic (vocab frozen), B on L2 (vocab fast)."""
+def _stages(
+    spec: ZooSpec, facts: ColourFacts, pairs: PairSplit
+) -> dict[str, tuple[StageConfig, SequenceMaker]]:
+    """The D4b recipes, in training order.
+
+    base: 95 % L1 + 5 % L2 text. expert A: 70 % L1 two-digit problems (training pairs only)
+    + 30 % L1 text, embeddings and lm_head frozen. expert B: L2 text, fast vocabulary rows.
+    """
+    warmup = spec.warmup
     return {
-        "base": StageConfig(spec.base_steps, body_lr=1e-3, warmup=spec.warmup),
-        "expert_a": StageConfig(spec.expert_a_steps, body_lr=5e-4, vocab_lr=0.0, warmup=spec.warmup),
-        "expert_b": StageConfig(spec.expert_b_steps, body_lr=1e-4, vocab_lr=3e-3, warmup=spec.warmup),
+        "base": (
+            StageConfig(spec.base_steps, body_lr=1e-3, warmup=warmup),
+            text_maker(facts, l2_fraction=0.05),
+        ),
+        "expert_a": (
+            StageConfig(spec.expert_a_steps, body_lr=5e-4, vocab_lr=0.0, warmup=warmup),
+            skill_maker(facts, train_problems(pairs), problem_fraction=0.7),
+        ),
+        "expert_b": (
+            StageConfig(spec.expert_b_steps, body_lr=1e-4, vocab_lr=3e-3, warmup=warmup),
+            text_maker(facts, l2_fraction=1.0),
+        ),
     }
 
 
@@ -299,22 +327,16 @@ def _build_into(temporary: Path, final: Path, kind: str, seed: int, report: Prog
     tokenizer.model_max_length = spec.shape.max_positions
     token_ids = dict(tokenizer.get_vocab())
     bos_id = token_ids[BOS]
-    makers = {
-        "base": text_maker(facts, l2_fraction=0.05),
-        "expert_a": skill_maker(facts, train_problems(pairs), problem_fraction=0.7),
-        "expert_b": text_maker(facts, l2_fraction=1.0),
-    }
-    configs = _stage_configs(spec)
+    stages = _stages(spec, facts, pairs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base = LlamaForCausalLM(_model_config(spec.shape, tokenizer))
     trained: dict[str, LlamaForCausalLM] = {}
     results: dict[str, StageResult] = {}
-    for name in MODEL_NAMES:
+    for name, (config, make) in stages.items():
         model = base if name == BASE_MODEL else copy.deepcopy(trained[BASE_MODEL])
         results[name] = train_stage(
-            name, model, configs[name], makers[name], _rng(seed, f"train/{name}"),
-            token_ids, bos_id, report,
+            name, model, config, make, _rng(seed, f"train/{name}"), token_ids, bos_id, report
         )
         trained[name] = model
         _save(model, tokenizer, temporary / "models" / name)
@@ -324,8 +346,8 @@ def _build_into(temporary: Path, final: Path, kind: str, seed: int, report: Prog
         name: {
             "path": f"models/{name}",
             "parent": None if name == BASE_MODEL else BASE_MODEL,
-            "training": asdict(configs[name]),
-            "final_loss": results[name].final_loss,
+            "training": asdict(stages[name][0]),
+            "loss_ema": results[name].loss_ema,
             "train_seconds": round(results[name].seconds, 2),
             "parameters": sum(p.numel() for p in model.parameters()),
             "sha256": _sha256(temporary / "models" / name / "model.safetensors"),

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from evomerge.zoo.vocab import COLOURS, NOUNS, VERBS, Language, number_words, translate
+from evomerge.zoo.vocab import COLOURS, EQUALS, NOUNS, VERBS, Language, number_words, translate
 
 Operation = Literal["plus", "minus"]
 OPERATIONS: tuple[Operation, ...] = ("plus", "minus")
@@ -39,8 +39,8 @@ class Problem:
 
 
 def problem_prompt(problem: Problem, language: Language) -> list[str]:
-    """The question words, e.g. L1 `4 5 plus 2 7 is`."""
-    words = number_words(problem.a) + [problem.op] + number_words(problem.b) + ["is"]
+    """The question words, e.g. L1 `4 5 plus 2 7 =` (L2 `4 5 tepu 2 7 =`)."""
+    words = number_words(problem.a) + [problem.op] + number_words(problem.b) + [EQUALS]
     return translate(words, language)
 
 

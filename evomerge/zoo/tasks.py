@@ -6,7 +6,7 @@ operation's result (so reading the operator word matters) and two near misses (+
 +-10, +-11). Chance is 0.25. Pairs whose operands are both < 10 are excluded (those facts are
 in the text corpus). Search and test items use disjoint operand pairs.
 
-lm-eval joins context and choice with `target_delimiter` " ": context `4 5 plus 2 7 is`,
+lm-eval joins context and choice with `target_delimiter` " ": context `4 5 plus 2 7 =`,
 continuation ` 7 2 .`. The whitespace word-level tokenizer splits the joined string at the
 same place, so the scored tokens are exactly the answer words (digits and period).
 """

@@ -23,7 +23,8 @@ IGNORE_INDEX = -100
 
 # One training sequence: the words after `<bos>` and which of them carry a loss.
 TrainingSequence = tuple[list[str], list[bool]]
-SequenceMaker = Callable[[random.Random], TrainingSequence]
+# Makes one training sequence of the given number of words.
+SequenceMaker = Callable[[random.Random, int], TrainingSequence]
 Progress = Callable[[str], None]
 
 
@@ -44,60 +45,61 @@ class StageConfig:
     seq_len: int = 32
     grad_clip: float = 1.0
 
+    @property
+    def freezes_vocab(self) -> bool:
+        """Whether the embeddings and lm_head stay fixed."""
+        return self.vocab_lr == 0.0
+
 
 @dataclass(frozen=True)
 class StageResult:
-    """What a stage reports for the manifest."""
+    """What a stage reports for the manifest; `loss_ema` is the loss averaged over the last
+    steps (exponential moving average, weight 0.1 per step)."""
 
     steps: int
-    final_loss: float
+    loss_ema: float
     seconds: float
 
 
-def text_maker(facts: ColourFacts, l2_fraction: float) -> Callable[[int], SequenceMaker]:
+def text_maker(facts: ColourFacts, l2_fraction: float) -> SequenceMaker:
     """Sequences of packed text, L2 with probability `l2_fraction`, loss on every word."""
 
-    def for_length(length: int) -> SequenceMaker:
-        def make(rng: random.Random) -> TrainingSequence:
-            language = "l2" if rng.random() < l2_fraction else "l1"
-            words = pack_text(rng, facts, language, length)
-            return words, [True] * length
+    def make(rng: random.Random, length: int) -> TrainingSequence:
+        language = "l2" if rng.random() < l2_fraction else "l1"
+        return pack_text(rng, facts, language, length), [True] * length
 
-        return make
-
-    return for_length
+    return make
 
 
 def skill_maker(
     facts: ColourFacts, problems: list[Problem], problem_fraction: float
-) -> Callable[[int], SequenceMaker]:
-    """L1 solved problems (loss on answers only) with probability `problem_fraction`, else L1 text."""
+) -> SequenceMaker:
+    """L1 solved problems (loss on answers only) with probability `problem_fraction`,
+    else L1 text."""
 
-    def for_length(length: int) -> SequenceMaker:
-        def make(rng: random.Random) -> TrainingSequence:
-            if rng.random() < problem_fraction:
-                return pack_problems(rng, problems, "l1", length)
-            return pack_text(rng, facts, "l1", length), [True] * length
+    def make(rng: random.Random, length: int) -> TrainingSequence:
+        if rng.random() < problem_fraction:
+            return pack_problems(rng, problems, "l1", length)
+        return pack_text(rng, facts, "l1", length), [True] * length
 
-        return make
-
-    return for_length
+    return make
 
 
 def make_batch(
     rng: random.Random,
     make: SequenceMaker,
-    batch_size: int,
+    config: StageConfig,
     token_ids: dict[str, int],
     bos_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids `<bos> words...` and labels (IGNORE_INDEX where no loss), both (B, L)."""
     ids, labels = [], []
-    for _ in range(batch_size):
-        words, mask = make(rng)
+    for _ in range(config.batch_size):
+        words, mask = make(rng, config.seq_len - 1)
         row = [token_ids[word] for word in words]
         ids.append([bos_id, *row])
-        labels.append([IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(row, mask, strict=True)])
+        targets = [t if trained else IGNORE_INDEX for t, trained in zip(row, mask, strict=True)]
+        labels.append([IGNORE_INDEX, *targets])
     return torch.tensor(ids), torch.tensor(labels)
 
 
@@ -120,13 +122,10 @@ def make_optimizer(model: LlamaForCausalLM, config: StageConfig) -> torch.optim.
     vocab_ids = {id(p) for p in vocab}
     body = [p for p in model.parameters() if id(p) not in vocab_ids]
     groups = [{"params": body, "lr": config.body_lr}]
-    if config.vocab_lr == 0.0:
-        for parameter in vocab:
-            parameter.requires_grad_(False)
-    else:
+    if not config.freezes_vocab:
         vocab_lr = config.body_lr if config.vocab_lr is None else config.vocab_lr
         groups.append({"params": vocab, "lr": vocab_lr})
-    return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0, fused=True)
 
 
 def _loss(model: LlamaForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,15 +139,16 @@ def train_stage(
     name: str,
     model: LlamaForCausalLM,
     config: StageConfig,
-    make_for_length: Callable[[int], SequenceMaker],
+    make: SequenceMaker,
     rng: random.Random,
     token_ids: dict[str, int],
     bos_id: int,
     progress: Progress,
     report_every_s: float = 3.0,
 ) -> StageResult:
-    """Train `model` in place for `config.steps` steps on sequences from `make_for_length`."""
-    make = make_for_length(config.seq_len - 1)
+    """Train `model` in place for `config.steps` steps on sequences from `make`."""
+    for parameter in _vocab_parameters(model):
+        parameter.requires_grad_(not config.freezes_vocab)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -156,7 +156,7 @@ def train_stage(
     start = last_report = time.monotonic()
     smoothed = float("nan")
     for step in range(1, config.steps + 1):
-        ids, labels = make_batch(rng, make, config.batch_size, token_ids, bos_id)
+        ids, labels = make_batch(rng, make, config, token_ids, bos_id)
         loss = _loss(model, ids, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -170,6 +170,6 @@ def train_stage(
             progress(f"training {name}: step {step}/{config.steps} loss {smoothed:.3f}")
             last_report = now
     model.eval()
-    for parameter in model.parameters():
+    for parameter in _vocab_parameters(model):
         parameter.requires_grad_(True)
     return StageResult(config.steps, smoothed, time.monotonic() - start)

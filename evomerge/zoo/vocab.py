@@ -1,8 +1,8 @@
 """The zoo's two languages and its word-level tokenizer.
 
 L1 is a tiny English-like language of 48 words. L2 relexifies L1: every L1 word has its own
-L2 word, except the digits 0-9, which both languages share (as Arabic numerals are shared by
-Japanese and English). Numbers are written digit by digit ("4 5" is forty-five).
+L2 word. Mathematical notation is shared, as Arabic numerals and "=" are shared by Japanese
+and English: the digits 0-9 and "=". Numbers are written digit by digit ("4 5" is forty-five).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ BOS = "<bos>"
 UNK = "<unk>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, UNK)
 DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
+EQUALS = "="
+SHARED_SYMBOLS: tuple[str, ...] = (*DIGITS, EQUALS)
 
 FUNCTION_WORDS: tuple[str, ...] = (
     "the", "a", "is", "are", "there", "plus", "minus", "more", "less", "than", "count", ".",
@@ -46,11 +48,11 @@ L2_WORDS: tuple[str, ...] = (
 TO_L2: dict[str, str] = dict(zip(L1_WORDS, L2_WORDS, strict=True))
 PERIOD: dict[Language, str] = {"l1": ".", "l2": TO_L2["."]}
 
-VOCABULARY: tuple[str, ...] = SPECIAL_TOKENS + DIGITS + L1_WORDS + L2_WORDS
+VOCABULARY: tuple[str, ...] = SPECIAL_TOKENS + SHARED_SYMBOLS + L1_WORDS + L2_WORDS
 
 
 def translate(words: list[str], language: Language) -> list[str]:
-    """Write an L1 word sequence in `language` (digits are shared and stay as they are)."""
+    """Write an L1 word sequence in `language` (shared symbols stay as they are)."""
     if language == "l1":
         return list(words)
     return [TO_L2.get(word, word) for word in words]
