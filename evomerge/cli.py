@@ -119,7 +119,7 @@ def _print_summary(s) -> None:
         rows.append(("best fitness (search)", f"{s.best_fitness:.4f}  trial {s.best_trial}, recipe {s.best_recipe_hash}"))
     for name, value in sorted(s.baselines.items()):
         rows.append((f"source {name} (search)", f"{value:.4f}"))
-    for name, value in s.test_scores.items():
+    for name, value in sorted(s.test_scores.items(), key=lambda kv: (kv[0] != "best", kv[0])):
         rows.append((f"{name} (test)", f"{value:.4f}"))
     rows.append(("best recipe", str(s.run_dir / "best_recipe.yaml")))
     rows.append(("mlflow", f"{s.tracking_uri}  run {s.mlflow_run_id}" if s.mlflow_run_id else "off"))
