@@ -108,7 +108,7 @@ def _cmd_run(args) -> int:
     run_dir = args.run_dir or Path("runs") / new_run_id(exp.name)
     progress = _BarProgress(args.quiet)
     progress.message(f"run {run_dir.name}: {run_dir}")
-    summary = Controller(exp, run_dir, progress=progress, experiment_path=args.experiment).run()
+    summary = Controller(exp, run_dir, progress=progress).run()
     _print_summary(summary)
     return EXIT_OK
 

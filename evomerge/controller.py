@@ -175,13 +175,11 @@ class Controller:
         run_dir: Path,
         *,
         progress: Optional[Progress] = None,
-        experiment_path: Optional[Path] = None,
     ) -> None:
         self.exp = exp
         self.run_dir = Path(run_dir)
         self.run_id = self.run_dir.name
         self.progress = progress or _NoProgress()
-        self.experiment_path = experiment_path
 
     def run(self) -> RunSummary:
         t_start = time.perf_counter()
@@ -278,7 +276,6 @@ class Controller:
         best: Optional[tuple[int, float, Recipe]] = None
         baselines: dict[str, float] = {}
         failed = 0
-        done = 0
         trial_id = 0
         generation = 0
         self.progress.start(max_trials)
@@ -301,30 +298,18 @@ class Controller:
                     genome, recipe = pending[res.trial_id]
                     value = penalized(res, history, exp.optimizer.failure_fitness)
                     told[res.trial_id] = value
+                    improved = res.state == "complete" and (best is None or value > best[1])
                     if res.state == "complete":
                         history.append(value)
-                        if best is None or value > best[1]:
-                            best = (res.trial_id, value, recipe)
-                            recipe.save(self.run_dir / BEST_RECIPE)
                     else:
                         failed += 1
-                    ledger.append({
-                        "kind": "trial", "trial_id": res.trial_id, "generation": generation,
-                        "genome": [float(x) for x in genome], "recipe_hash": recipe.content_hash(),
-                        "recipe": recipe.to_dict(), "state": res.state, "fitness": res.fitness,
-                        "told_fitness": value, "scores": res.scores, "merge_seconds": res.merge_seconds,
-                        "eval_seconds": res.eval_seconds, "error": res.error, "worker": res.worker,
-                        "finished_at": time.time(),
-                    })
-                    metrics = {"trial_id": float(res.trial_id), "told_fitness": value, "best_fitness": best[1] if best else value,
-                               "merge_seconds": res.merge_seconds, "eval_seconds": res.eval_seconds,
-                               "failed": float(res.state != "complete")}
-                    if res.fitness is not None:
-                        metrics["fitness"] = res.fitness
-                        metrics.update({f"score.{k}": v for k, v in res.scores.items()})
+                    if improved:
+                        best = (res.trial_id, value, recipe)
                     # step = order of completion, so best_fitness is a monotone curve in the UI
-                    tracker.log_trial(done, metrics)
-                    done += 1
+                    self._record_trial(res, genome, recipe, generation, value, best, ledger, tracker,
+                                       step=len(history) + failed - 1)
+                    if improved:
+                        recipe.save(self.run_dir / BEST_RECIPE)
                     self.progress.advance(best[1] if best else None, failed)
             if len(batch) == len(genomes):
                 order = sorted(pending)
@@ -352,6 +337,26 @@ class Controller:
                             | {f"test.{k}": v for k, v in test_scores.items()}
                             | ({"best_fitness_final": best[1]} if best else {}))
         return summary
+
+    def _record_trial(self, res: EvalResult, genome: np.ndarray, recipe: Recipe, generation: int, value: float,
+                      best: Optional[tuple[int, float, Recipe]], ledger: Ledger, tracker: Tracker, step: int) -> None:
+        """Ledger first (the source of truth), then the tracker."""
+        ledger.append({
+            "kind": "trial", "trial_id": res.trial_id, "generation": generation,
+            "genome": [float(x) for x in genome], "recipe_hash": recipe.content_hash(),
+            "recipe": recipe.to_dict(), "state": res.state, "fitness": res.fitness,
+            "told_fitness": value, "scores": res.scores, "merge_seconds": res.merge_seconds,
+            "eval_seconds": res.eval_seconds, "error": res.error, "worker": res.worker,
+            "finished_at": time.time(),
+        })
+        metrics = {"trial_id": float(res.trial_id), "told_fitness": value, "merge_seconds": res.merge_seconds,
+                   "eval_seconds": res.eval_seconds, "failed": float(res.state != "complete")}
+        if best is not None:
+            metrics["best_fitness"] = best[1]
+        if res.fitness is not None:
+            metrics["fitness"] = res.fitness
+            metrics.update({f"score.{k}": v for k, v in res.scores.items()})
+        tracker.log_trial(step, metrics)
 
     def _record_baseline(self, res: EvalResult, name: str, ledger: Ledger, tracker: Tracker) -> dict[str, float]:
         ledger.append({"kind": "baseline", "model": name, "split": res.split, "state": res.state,

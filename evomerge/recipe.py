@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal, Union
 
@@ -106,7 +107,11 @@ class Recipe(_Frozen):
         return cls.from_dict(yaml.safe_load(text))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml())
+        """Write the YAML atomically (a reader never sees a half-written recipe)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
