@@ -1,4 +1,4 @@
-"""Parity with real mergekit (runs only where ``import mergekit`` works).
+"""Parity with real mergekit 0.1.5 (installed by the `test` extra; skipped where it is absent).
 
 Two levels:
 
