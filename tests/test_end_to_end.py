@@ -45,6 +45,18 @@ def _experiment(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+# In-process dispatch and no tracker: the cheap setting for runs that check one behaviour.
+LOCAL = {"dispatch": {"backend": "local", "num_workers": 1}, "tracking": {"backend": "none"}}
+
+
+def _run_local(tmp_path: Path, **overrides) -> tuple[Path, list[dict]]:
+    """Run an in-process search through the CLI; returns its run dir and trial records."""
+    exp_path = _experiment(tmp_path, **{**LOCAL, **overrides})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 0
+    return run_dir, Ledger(run_dir / "ledger.jsonl").records("trial")
+
+
 def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
     exp_path = _experiment(tmp_path)
     run_dir = tmp_path / "run"
@@ -99,7 +111,7 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
     assert main(["export", str(run_dir), "--out", str(tmp_path / "t99"), "--trial", "99"]) == 1
 
     # same seed -> same trials, whatever the dispatcher and completion order
-    local_exp = _experiment(tmp_path, dispatch={"backend": "local", "num_workers": 1}, tracking={"backend": "none"})
+    local_exp = _experiment(tmp_path, **LOCAL)
     again = tmp_path / "again"
     assert main(["run", str(local_exp), "--run-dir", str(again), "--quiet", "--max-trials", "6"]) == 0
     by_id = {t["trial_id"]: t for t in trials}
@@ -111,16 +123,11 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
 
 def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, capsys):
     """Every evaluation fails (the task lacks the metric): the run still completes and records why."""
-    exp_path = _experiment(
+    run_dir, trials = _run_local(
         tmp_path,
         suite={"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search", "metric": "bleu"}]},
-        dispatch={"backend": "local", "num_workers": 1},
         budget={"max_trials": 5},
-        tracking={"backend": "none"},
     )
-    run_dir = tmp_path / "run"
-    assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 0
-    trials = Ledger(run_dir / "ledger.jsonl").records("trial")
     assert len(trials) == 5
     assert all(t["state"] == "failed" and "has no metric 'bleu'" in t["error"] for t in trials)
     assert all(t["told_fitness"] == -1.0 for t in trials)
@@ -130,7 +137,7 @@ def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, 
 
 
 def test_run_refuses_an_existing_run_dir(tmp_path, session_tiny_zoo, capsys):
-    exp_path = _experiment(tmp_path, dispatch={"backend": "local", "num_workers": 1}, tracking={"backend": "none"})
+    exp_path = _experiment(tmp_path, **LOCAL)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "ledger.jsonl").write_text("")
@@ -140,16 +147,11 @@ def test_run_refuses_an_existing_run_dir(tmp_path, session_tiny_zoo, capsys):
 
 def test_per_layer_search_runs(tmp_path, session_tiny_zoo):
     """A per-layer space: one density and weight per group (embed, each block, head) per expert."""
-    exp_path = _experiment(
+    _, trials = _run_local(
         tmp_path,
         search_space=str(ROOT / "search_spaces" / "ps_ties_dare_per_layer.yaml"),
-        dispatch={"backend": "local", "num_workers": 1},
         budget={"max_trials": 3},
-        tracking={"backend": "none"},
     )
-    run_dir = tmp_path / "run"
-    assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 0
-    trials = Ledger(run_dir / "ledger.jsonl").records("trial")
     layers = num_layers_of(str(session_tiny_zoo.models["base"]))
     assert len(trials) == 3 and all(t["state"] == "complete" for t in trials)
     for t in trials:
