@@ -1,4 +1,4 @@
-"""Command line: evomerge run | validate | zoo build | export.
+"""Command line: evomerge run | resume | submit | status | logs | stop | validate | zoo build | export.
 
 Exit codes: 0 success; 1 a run or command failed; 2 invalid input (bad config,
 missing file, unknown option); 130 interrupted. Errors are one line (or one
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,21 +26,36 @@ class _BarProgress:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self._bar = None
+        self._lines = not sys.stderr.isatty()  # logs (a Ray Job, a file): a line now and then, not a bar
+        self._total = self._done = 0
 
-    def start(self, total: int) -> None:
+    def start(self, total: int, done: int = 0) -> None:
         if self.quiet:
+            return
+        self._total, self._done = total, done
+        if self._lines:
+            print(f"search: {done}/{total} trials", file=sys.stderr, flush=True)
             return
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc="search", unit="trial", file=sys.stderr, dynamic_ncols=True, disable=False)
+        self._bar = tqdm(total=total, initial=done, desc="search", unit="trial", file=sys.stderr,
+                         dynamic_ncols=True, disable=False)
 
     def advance(self, best: Optional[float], failed: int) -> None:
+        self._done += 1
+        if self._lines and not self.quiet:
+            step = max(1, self._total // 20)
+            if self._done % step == 0 or self._done == self._total:
+                shown = f"{best:.4f}" if best is not None else "-"
+                print(f"search: {self._done}/{self._total} trials, best {shown}, {failed} failed",
+                      file=sys.stderr, flush=True)
+            return
         if self._bar is not None:
             self._bar.set_postfix(best=f"{best:.4f}" if best is not None else "-", failed=failed, refresh=False)
             self._bar.update(1)
 
     def message(self, text: str) -> None:
-        if self.quiet:
+        if self.quiet and not text.startswith("tracking is off"):
             return
         if self._bar is not None:
             self._bar.write(text, file=sys.stderr)
@@ -62,6 +79,38 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-trials", type=int, help="override budget.max_trials")
     r.add_argument("--seed", type=int, help="override optimizer.seed")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    rs = sub.add_parser("resume", help="continue a run that was interrupted or crashed")
+    rs.add_argument("run_dir", type=Path)
+    rs.add_argument("--max-trials", type=int, help="extend the budget (at least the run's max_trials)")
+    rs.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sb = sub.add_parser("submit", help="run an experiment on a Ray cluster as a Ray Job")
+    sb.add_argument("experiment", type=Path)
+    sb.add_argument("--address", help="the cluster's dashboard / Jobs API, e.g. http://HEAD:8265 "
+                                      "(default: $RAY_ADDRESS)")
+    sb.add_argument("--run-dir", help="run directory on the cluster (default: ~/evomerge-runs/<run-id>; "
+                                      "use shared storage so a new head can resume it)")
+    sb.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for the job (repeatable), e.g. MLFLOW_TRACKING_URI=...")
+    sb.add_argument("--python", default="python", help="the Python on the cluster that has evomerge installed")
+    sb.add_argument("--max-trials", type=int, help="override budget.max_trials")
+    sb.add_argument("--seed", type=int, help="override optimizer.seed")
+    sb.add_argument("--json", action="store_true", help="print the job as JSON")
+
+    st = sub.add_parser("status", help="the state of a run directory, or of a submitted job")
+    st.add_argument("target", help="a run directory, or a job id (with --address)")
+    st.add_argument("--address", help="Ray Jobs API address for a job id (default: $RAY_ADDRESS)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    lg = sub.add_parser("logs", help="the output of a submitted job")
+    lg.add_argument("job_id")
+    lg.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+
+    sp = sub.add_parser("stop", help="stop a submitted job (the run can be resumed later)")
+    sp.add_argument("job_id")
+    sp.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
 
     v = sub.add_parser("validate", help="check an experiment YAML and report every problem")
     v.add_argument("experiment", type=Path)
@@ -90,9 +139,8 @@ def _cmd_validate(args) -> int:
     return EXIT_OK
 
 
-def _cmd_run(args) -> int:
+def _experiment_with_overrides(args):
     from evomerge.config import load_experiment
-    from evomerge.controller import Controller, new_run_id
 
     exp = load_experiment(args.experiment)
     updates = {}
@@ -104,13 +152,119 @@ def _cmd_run(args) -> int:
         if args.seed < 0:
             raise ConfigError(["--seed: must be >= 0"])
         updates["optimizer"] = exp.optimizer.model_copy(update={"seed": args.seed})
-    exp = exp.model_copy(update=updates)
+    return exp.model_copy(update=updates)
+
+
+def _cmd_run(args) -> int:
+    from evomerge.controller import Controller, new_run_id
+
+    exp = _experiment_with_overrides(args)
     run_dir = args.run_dir or Path("runs") / new_run_id(exp.name)
     progress = _BarProgress(args.quiet)
     progress.message(f"run {run_dir.name}: {run_dir}")
     summary = Controller(exp, run_dir, progress=progress).run()
     _print_summary(summary)
     return EXIT_OK
+
+
+def _cmd_resume(args) -> int:
+    from evomerge.controller import Controller
+
+    if args.max_trials is not None and args.max_trials < 1:
+        raise ConfigError(["--max-trials: must be at least 1"])
+    progress = _BarProgress(args.quiet)
+    controller = Controller.for_resume(args.run_dir, max_trials=args.max_trials, progress=progress)
+    summary = controller.resume()
+    _print_summary(summary)
+    return EXIT_OK
+
+
+def _cmd_submit(args) -> int:
+    import json
+
+    from evomerge.controller import new_run_id
+    from evomerge.dispatch import ray_jobs
+
+    exp = _experiment_with_overrides(args)
+    if exp.dispatch.backend != "ray":
+        raise ConfigError(["dispatch.backend: a submitted job runs its workers on the cluster; use backend: ray"])
+    # inside the job the controller joins the job's own cluster (RAY_ADDRESS), whatever the file said
+    exp = exp.model_copy(update={"dispatch": exp.dispatch.model_copy(update={"address": None})})
+    env = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"--env: expected KEY=VALUE, got {item!r}"])
+        env[key] = value
+    job = ray_jobs.submit(args.address, exp.to_yaml(), new_run_id(exp.name), run_dir=args.run_dir, env=env,
+                          python=args.python)
+    if args.json:
+        print(json.dumps(job.__dict__))
+    else:
+        print(job.job_id)
+        addr = f" --address {args.address}" if args.address else ""
+        print(f"run dir on the cluster: {job.run_dir}\n"
+              f"follow it with: evomerge logs {job.job_id}{addr} --follow  |  evomerge status {job.job_id}{addr}",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_status(args) -> int:
+    import json
+
+    if Path(args.target).is_dir():
+        from evomerge.status import format_status, run_status
+
+        status = run_status(Path(args.target))
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            _print_rows(format_status(status))
+        return EXIT_OK
+    if "/" in args.target or args.target.startswith("."):
+        raise EvomergeError(f"{args.target}: no such run directory")
+    from evomerge.dispatch import ray_jobs
+
+    info = ray_jobs.job_info(args.address, args.target)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    rows = [("job", info["job_id"]), ("status", info["status"])]
+    if info["message"]:
+        rows.append(("message", info["message"].strip().splitlines()[0]))
+    if info["run_dir"]:
+        rows.append(("run dir", f"{info['run_dir']} (on the cluster)"))
+    rows.append(("entrypoint", info["entrypoint"]))
+    _print_rows(rows)
+    return EXIT_OK
+
+
+def _cmd_logs(args) -> int:
+    from evomerge.dispatch import ray_jobs
+
+    if args.follow:
+        for chunk in ray_jobs.follow_logs(args.address, args.job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(ray_jobs.job_logs(args.address, args.job_id))
+    return EXIT_OK
+
+
+def _cmd_stop(args) -> int:
+    from evomerge.dispatch import ray_jobs
+
+    if ray_jobs.stop(args.address, args.job_id):
+        print(f"stopping {args.job_id}; continue it later with `evomerge resume <run dir>` on the cluster")
+    else:
+        print(f"{args.job_id} had already ended")
+    return EXIT_OK
+
+
+def _print_rows(rows) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
 
 
 def _print_summary(s) -> None:
@@ -123,11 +277,12 @@ def _print_summary(s) -> None:
         rows.append((f"{name} (test)", f"{value:.4f}"))
     rows.append(("best recipe", str(s.run_dir / "best_recipe.yaml")))
     rows.append(("mlflow", f"{s.tracking_uri}  run {s.mlflow_run_id}" if s.mlflow_run_id else "off"))
-    rows.append(("time", f"{s.seconds:.1f} s"))
-    width = max(len(k) for k, _ in rows)
+    rows.append(("time", f"{s.seconds:.1f} s" + (" (this session, resumed)" if s.resumed else "")))
+    if s.worker_busy_fraction is not None:
+        rows.append(("workers", f"{s.islands} island(s); workers busy {100 * s.worker_busy_fraction:.0f} % of the "
+                                f"search; controller {s.controller_ms_per_trial:.1f} ms/trial"))
     print()
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    _print_rows(rows)
 
 
 def _cmd_zoo(args) -> int:
@@ -147,11 +302,20 @@ def _cmd_export(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "zoo": _cmd_zoo, "export": _cmd_export}
+COMMANDS = {"run": _cmd_run, "resume": _cmd_resume, "submit": _cmd_submit, "status": _cmd_status,
+            "logs": _cmd_logs, "stop": _cmd_stop, "validate": _cmd_validate, "zoo": _cmd_zoo,
+            "export": _cmd_export}
+
+
+def _sigterm_as_interrupt(signum, frame):
+    # `ray job stop`, `kill`, a cluster scheduler: stop like Ctrl-C (run marked killed, workers closed)
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # lm-eval draws a tqdm bar per request type per evaluation; tqdm reads TQDM_* at import.
     # Our own bar passes disable=False explicitly and stays visible.

@@ -86,9 +86,31 @@ class OptimizerConfig(_Frozen):
     popsize: Optional[int] = Field(default=None, ge=2)
     seed: int = Field(default=0, ge=0)
     failure_fitness: Optional[float] = None
+    islands: int | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _islands_positive(self) -> "OptimizerConfig":
+        if self.islands != "auto" and self.islands < 1:
+            raise ValueError("islands: must be 'auto' or at least 1")
+        return self
 
     def resolved_popsize(self, dim: int) -> int:
         return self.popsize or 4 + int(math.floor(3 * math.log(dim)))
+
+    def resolved_islands(self, num_workers: int, popsize: int) -> int:
+        """Independent populations that share the workers (see islands.py).
+
+        ``auto``: 1 for a single worker (nothing can idle), else ``ceil(4 N / popsize) + 1``
+        for N workers: enough open generations that whenever some islands wait for the
+        slowest members of theirs, the others still have candidates for every free worker
+        (trial times varying 5x; figures from 1 to 64 workers in the README, from
+        benchmarks/controller_scaling.py). Each island gets an equal share of the budget.
+        """
+        if self.islands != "auto":
+            return self.islands
+        if num_workers <= 1:
+            return 1
+        return -(-4 * num_workers // popsize) + 1
 
 
 class BudgetConfig(_Frozen):
@@ -96,13 +118,27 @@ class BudgetConfig(_Frozen):
 
 
 class DispatchConfig(_Frozen):
-    """Where trials run: Ray actors (local ``ray.init()`` unless ``address``), or in-process."""
+    """Where trials run: Ray actors (local ``ray.init()`` unless ``address``), or in-process.
+
+    ``max_retries``: how often a trial whose worker died (killed process, lost node) is
+    retried on a fresh worker before it is recorded as failed. ``trial_timeout``: seconds
+    after which a running trial is stopped (its worker replaced) and recorded as failed.
+    """
 
     backend: Literal["ray", "local"] = "ray"
     num_workers: int = Field(default=2, gt=0)
     address: Optional[str] = None
     device: str = "cpu"
     threads_per_worker: Optional[int] = Field(default=None, gt=0)
+    max_retries: int = Field(default=2, ge=0)
+    trial_timeout: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _timeout_needs_ray(self) -> "DispatchConfig":
+        if self.trial_timeout is not None and self.backend != "ray":
+            raise ValueError("trial_timeout: only the ray backend can stop a running trial; "
+                             "remove it or use backend: ray")
+        return self
 
 
 class TrackingConfig(_Frozen):

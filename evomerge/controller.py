@@ -1,37 +1,46 @@
 """The controller owns the search loop: ask → dispatch → tell → record.
 
-Libraries never own the loop: the optimizer only answers ask/tell, the
-dispatcher only runs requests, the tracker only records. Every finished trial
-is appended to the ledger (the run's source of truth) before anything else.
-Failed trials (exception, non-finite fitness, worker death) are recorded with
-their reason and told to the optimizer with a penalty — in ``penalized`` only.
+Libraries never own the loop: the optimizers only answer ask/tell, the
+dispatcher only runs requests, the tracker only records. The loop is
+asynchronous and steady-state: whenever a worker is free it gets the next
+candidate of some island (see ``islands.py``), so no worker waits for a
+generation barrier. Every dispatch, result and tell is appended to the ledger
+(the run's source of truth) before anything else sees it; ``resume`` rebuilds a
+killed run from the ledger alone. Failed trials (exception, non-finite fitness,
+worker death, timeout) are recorded with their reason and told to the optimizer
+with a penalty — in ``islands.penalized`` only.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import math
 import os
 import secrets
+import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-import numpy as np
+import yaml
 
 from evomerge import __version__
-from evomerge.config import ZOO_PREFIX, Experiment
+from evomerge.config import ZOO_PREFIX, Experiment, parse_experiment
 from evomerge.dispatch.base import Dispatcher
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
 from evomerge.recipe import Recipe
 from evomerge.space import PSCodec
-from evomerge.tracking import build_tracker, default_tracking_uri
+from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
 from evomerge.tracking.base import Tracker
-from evomerge.worker import EvalRequest, EvalResult, WorkerSpec
+from evomerge.tracking.null import NullTracker
+from evomerge.worker import EvalRequest, EvalResult, TrialWorker, WorkerSpec
 
 LEDGER = "ledger.jsonl"
 RUN_INFO = "run.json"
@@ -41,14 +50,14 @@ EXPERIMENT_COPY = "experiment.yaml"
 
 
 class Progress(Protocol):
-    def start(self, total: int) -> None: ...
+    def start(self, total: int, done: int = 0) -> None: ...
     def advance(self, best: Optional[float], failed: int) -> None: ...
     def message(self, text: str) -> None: ...
     def close(self) -> None: ...
 
 
 class _NoProgress:
-    def start(self, total: int) -> None:
+    def start(self, total: int, done: int = 0) -> None:
         pass
 
     def advance(self, best: Optional[float], failed: int) -> None:
@@ -75,6 +84,12 @@ class RunSummary:
     tracking_uri: str = ""
     mlflow_run_id: str = ""
     seconds: float = 0.0
+    islands: int = 1
+    resumed: bool = False
+    worker_busy_fraction: Optional[float] = None
+    controller_ms_per_trial: Optional[float] = None
+    search_seconds: Optional[float] = None  # the search loop alone (no start-up, no test split)
+    steady_busy_fraction: Optional[float] = None  # busy share until the budget was all handed out
 
     def to_json(self) -> dict[str, Any]:
         d = self.__dict__.copy()
@@ -125,49 +140,110 @@ def num_layers_of(model_dir: str) -> int:
     return int(cfg["num_hidden_layers"])
 
 
-def build_dispatcher(exp: Experiment, spec: WorkerSpec) -> Dispatcher:
+def build_dispatcher(exp: Experiment, spec: WorkerSpec,
+                     worker_factory: Callable[[WorkerSpec], Any] = TrialWorker) -> Dispatcher:
     if exp.dispatch.backend == "local":
         from evomerge.dispatch.local import LocalDispatcher
 
-        return LocalDispatcher(spec)
+        return LocalDispatcher(spec, worker_factory)
     from evomerge.dispatch.ray_pool import RayDispatcher
 
     gpus = 1.0 if exp.dispatch.device.startswith("cuda") else 0.0
-    return RayDispatcher(spec, exp.dispatch.num_workers, address=exp.dispatch.address, num_gpus_per_worker=gpus)
+    return RayDispatcher(spec, exp.dispatch.num_workers, address=exp.dispatch.address, num_gpus_per_worker=gpus,
+                         max_retries=exp.dispatch.max_retries, trial_timeout=exp.dispatch.trial_timeout,
+                         worker_factory=worker_factory)
 
 
-def penalized(result: EvalResult, history: list[float], failure_fitness: Optional[float]) -> float:
-    """The one place a failed trial becomes a number for the optimizer.
-
-    Complete trials pass their fitness through. Failed ones get ``failure_fitness``
-    if the experiment sets it, else one below the worst fitness seen so far
-    (or -1 before any success), so failures always rank last.
-    """
-    if result.state == "complete" and result.fitness is not None and math.isfinite(result.fitness):
-        return float(result.fitness)
-    if failure_fitness is not None:
-        return failure_fitness
-    return (min(history) if history else 0.0) - 1.0
-
-
-def _next_results(dispatcher: Dispatcher) -> list[EvalResult]:
-    """Results that are ready (waiting up to a second); the caller still expects some."""
-    if dispatcher.pending() == 0:
-        raise RuntimeError("internal error: waiting for results but the dispatcher holds no requests")
-    return dispatcher.wait(timeout=1.0)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Temp file + fsync + rename (+ fsync of the directory): readers see the old or the new file, whole."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a controller works on it.
+
+    An flock dies with its process (even on SIGKILL), so a crashed run is never
+    left locked; two controllers can never write one ledger.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise EvomergeError(f"run {self.path.parent} is in use by {holder}; wait for it or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def is_held(run_dir: Path) -> bool:
+        path = Path(run_dir) / ".lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+def load_run_experiment(run_dir: Path) -> Experiment:
+    """The resolved experiment a run was started with (its ``experiment.yaml``)."""
+    path = Path(run_dir) / EXPERIMENT_COPY
+    if not (Path(run_dir) / RUN_INFO).exists() or not path.exists():
+        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {RUN_INFO} / {EXPERIMENT_COPY})")
+    return parse_experiment(yaml.safe_load(path.read_text()), Path(run_dir))
+
+
+def _normalized(res: EvalResult) -> EvalResult:
+    """A "complete" result must carry a finite fitness; anything else is a failure with a reason."""
+    if res.state == "complete" and (res.fitness is None or not math.isfinite(res.fitness)):
+        res.state, res.error, res.fitness = "failed", f"fitness is not finite: {res.fitness}", None
+    if res.state != "complete":
+        res.fitness = None
+        res.error = res.error or "failed without a reason"
+    return res
+
+
+@dataclass
+class _Work:
+    """A request in flight and what it is for."""
+
+    kind: str  # "trial" | "baseline" | "test"
+    request: EvalRequest
+    candidate: Optional[Candidate] = None
+    label: str = ""
+    recipe_hash: Optional[str] = None
 
 
 class Controller:
-    """Runs one experiment into one run directory."""
+    """Runs one experiment into one run directory, or resumes it."""
 
     def __init__(
         self,
@@ -175,20 +251,66 @@ class Controller:
         run_dir: Path,
         *,
         progress: Optional[Progress] = None,
+        worker_factory: Callable[[WorkerSpec], Any] = TrialWorker,
+        dispatcher_factory: Optional[Callable[[Experiment, WorkerSpec], Dispatcher]] = None,
     ) -> None:
+        """``worker_factory`` builds a worker from its spec inside each worker process;
+        ``dispatcher_factory`` replaces the experiment's dispatcher (simulations)."""
         self.exp = exp
         self.run_dir = Path(run_dir)
         self.run_id = self.run_dir.name
         self.progress = progress or _NoProgress()
+        self.worker_factory = worker_factory
+        self.dispatcher_factory = dispatcher_factory
 
+    # ------------------------------------------------------------------ entry points
     def run(self) -> RunSummary:
+        """Start a new run; the run directory must not hold one."""
+        if (self.run_dir / LEDGER).exists() or (self.run_dir / RUN_INFO).exists():
+            raise ConfigError([f"run directory {self.run_dir} already holds a run; choose another --run-dir "
+                               f"or continue it with `evomerge resume {self.run_dir}`"])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self._execute(resuming=False)
+
+    @classmethod
+    def for_resume(cls, run_dir: Path, *, max_trials: Optional[int] = None, progress: Optional[Progress] = None,
+                   worker_factory: Callable[[WorkerSpec], Any] = TrialWorker,
+                   dispatcher_factory: Optional[Callable[[Experiment, WorkerSpec], Dispatcher]] = None,
+                   ) -> "Controller":
+        """A controller that continues the run in ``run_dir`` (optionally with a larger budget)."""
+        run_dir = Path(run_dir)
+        exp = load_run_experiment(run_dir)
+        if max_trials is not None:
+            if max_trials < exp.budget.max_trials:
+                raise ConfigError([f"--max-trials: can only extend a run; {run_dir.name} has max_trials "
+                                   f"{exp.budget.max_trials}"])
+            exp = exp.model_copy(update={"budget": exp.budget.model_copy(update={"max_trials": max_trials})})
+        return cls(exp, run_dir, progress=progress, worker_factory=worker_factory,
+                   dispatcher_factory=dispatcher_factory)
+
+    def resume(self) -> RunSummary:
+        return self._execute(resuming=True)
+
+    # ------------------------------------------------------------------ the run
+    def _execute(self, resuming: bool) -> RunSummary:
         t_start = time.perf_counter()
         exp = self.exp
-        if (self.run_dir / LEDGER).exists():
-            raise ConfigError([f"run directory {self.run_dir} already holds a run; choose another --run-dir"])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / EXPERIMENT_COPY).write_text(exp.to_yaml())
+        lock = RunLock(self.run_dir)
+        lock.acquire()
+        try:
+            return self._execute_locked(exp, resuming, t_start)
+        finally:
+            lock.release()
+
+    def _execute_locked(self, exp: Experiment, resuming: bool, t_start: float) -> RunSummary:
+        info_path = self.run_dir / RUN_INFO
+        info = json.loads(info_path.read_text()) if resuming else {}
+        if not resuming:
+            (self.run_dir / EXPERIMENT_COPY).write_text(exp.to_yaml())
+        elif exp.budget.max_trials != yaml.safe_load((self.run_dir / EXPERIMENT_COPY).read_text())["budget"]["max_trials"]:
+            (self.run_dir / EXPERIMENT_COPY).write_text(exp.to_yaml())  # an extended budget is part of the run now
         ledger = Ledger(self.run_dir / LEDGER)
+        ledger.repair()
 
         spec = resolve_worker_spec(exp, progress=self.progress.message)
         codec = PSCodec(
@@ -198,33 +320,63 @@ class Controller:
             num_layers=num_layers_of(spec.model_dirs[exp.base_model]),
             seed=exp.optimizer.seed,
         )
-        optimizer = build_optimizer(exp.optimizer, codec.dim)
-        tracking_uri = default_tracking_uri(exp.tracking, self.run_dir)
-        tracker = build_tracker(
-            exp.tracking, tracking_uri=tracking_uri, experiment_name=exp.tracking.experiment_name or exp.name
+        popsize = exp.optimizer.resolved_popsize(codec.dim)
+        n_islands = int(info.get("islands") or min(exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize),
+                                                   exp.budget.max_trials))
+        scheduler = build_islands(
+            n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed), codec.decode,
+            exp.budget.max_trials, exp.optimizer.failure_fitness, exp.optimizer.seed,
+        )
+        state = _RunState(self, exp, ledger, scheduler)
+        state.load(resuming)
+
+        tracking_uri = info.get("tracking_uri") or default_tracking_uri(exp.tracking, self.run_dir)
+        tracker = GuardedTracker(
+            build_tracker(exp.tracking, tracking_uri=tracking_uri,
+                          experiment_name=exp.tracking.experiment_name or exp.name,
+                          run_id=info.get("mlflow_run_id") or None),
+            warn=self.progress.message,
         )
         mlflow_run_id = tracker.start(
             self.run_id,
-            params=self._params(codec, optimizer.popsize),
+            params=self._params(codec, popsize, n_islands),
             tags={"evomerge.version": __version__, "evomerge.experiment": exp.name,
                   "evomerge.run_dir": str(self.run_dir.resolve()), "evomerge.seed": str(exp.optimizer.seed)},
-        )
-        _write_json_atomic(self.run_dir / RUN_INFO, {
-            "run_id": self.run_id, "experiment": exp.name, "created_at": _dt.datetime.now().isoformat(),
-            "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "status": "running",
-            "dimension_names": list(codec.names), "popsize": optimizer.popsize,
+        ) or info.get("mlflow_run_id", "")
+        info.update({
+            "run_id": self.run_id, "experiment": exp.name, "tracking_uri": tracking_uri,
+            "mlflow_run_id": mlflow_run_id, "status": "running", "dimension_names": list(codec.names),
+            "popsize": popsize, "islands": n_islands, "max_trials": exp.budget.max_trials,
+            "num_workers": exp.dispatch.num_workers, "pid": os.getpid(), "host": socket.gethostname(),
+            "updated_at": _dt.datetime.now().isoformat(),
         })
-        tracker.log_artifact(self.run_dir / EXPERIMENT_COPY)
+        info.setdefault("created_at", info["updated_at"])
+        if resuming:
+            info["resumed"] = int(info.get("resumed", 0)) + 1
+        write_json_atomic(info_path, info)
+        state.tracker = tracker
+        if not resuming:
+            tracker.log_artifact(self.run_dir / EXPERIMENT_COPY)
+        state.catch_up_tracker()
+        if resuming:
+            self.progress.message(f"resuming {self.run_id}: {state.finished} trials done, "
+                                  f"{len(state.redo)} to run again, {len(state.missing_tells)} tells replayed")
 
-        self.progress.message(f"starting {exp.dispatch.num_workers} {exp.dispatch.backend} worker(s)")
-        dispatcher = build_dispatcher(exp, spec)
+        self.progress.message(f"starting {exp.dispatch.num_workers} {exp.dispatch.backend} worker(s), "
+                              f"{n_islands} island(s) of popsize {popsize}")
+        if self.dispatcher_factory is not None:
+            dispatcher = self.dispatcher_factory(exp, spec)
+        else:
+            dispatcher = build_dispatcher(exp, spec, self.worker_factory)
         status = "FAILED"
         try:
-            summary = self._search(exp, codec, optimizer, dispatcher, ledger, tracker)
+            summary = state.search(dispatcher)
             summary.tracking_uri = tracking_uri
             summary.mlflow_run_id = mlflow_run_id
             summary.seconds = time.perf_counter() - t_start
-            _write_json_atomic(self.run_dir / SUMMARY, summary.to_json())
+            summary.islands = n_islands
+            summary.resumed = resuming
+            write_json_atomic(self.run_dir / SUMMARY, summary.to_json())
             for name in (SUMMARY, LEDGER, BEST_RECIPE):
                 if (self.run_dir / name).exists():
                     tracker.log_artifact(self.run_dir / name)
@@ -236,12 +388,14 @@ class Controller:
         finally:
             dispatcher.close()
             tracker.finish(status)
-            info = json.loads((self.run_dir / RUN_INFO).read_text())
             info["status"] = status.lower()
-            _write_json_atomic(self.run_dir / RUN_INFO, info)
+            info["updated_at"] = _dt.datetime.now().isoformat()
+            if tracker.error:
+                info["tracking_error"] = tracker.error
+            write_json_atomic(info_path, info)
             self.progress.close()
 
-    def _params(self, codec: PSCodec, popsize: int) -> dict[str, Any]:
+    def _params(self, codec: PSCodec, popsize: int, islands: int) -> dict[str, Any]:
         exp = self.exp
         return {
             "experiment": exp.name,
@@ -249,6 +403,7 @@ class Controller:
             "granularity": exp.search_space.granularity,
             "dimensions": codec.dim,
             "popsize": popsize,
+            "islands": islands,
             "optimizer": exp.optimizer.name,
             "x0": exp.optimizer.x0,
             "sigma0": exp.optimizer.sigma0,
@@ -263,126 +418,262 @@ class Controller:
             "num_fewshot": exp.suite.num_fewshot,
         }
 
-    def _search(self, exp, codec, optimizer, dispatcher, ledger, tracker) -> RunSummary:
-        max_trials = exp.budget.max_trials
-        sources = [m.name for m in exp.models]
-        # Source models' search fitness, as baselines; they run alongside the first generation.
-        baseline_ids = {-(i + 1): name for i, name in enumerate(sources)}
-        baselines_left = len(baseline_ids)
-        for tid, name in baseline_ids.items():
-            dispatcher.submit(EvalRequest(trial_id=tid, source=name, split="search"))
 
-        history: list[float] = []
-        best: Optional[tuple[int, float, Recipe]] = None
-        baselines: dict[str, float] = {}
-        failed = 0
-        trial_id = 0
-        generation = 0
-        self.progress.start(max_trials)
-        while trial_id < max_trials:
-            genomes = optimizer.ask()
-            batch = genomes[: max_trials - trial_id]
-            pending: dict[int, tuple[np.ndarray, Recipe]] = {}
-            for g in batch:
-                recipe = codec.decode(g)
-                pending[trial_id] = (g, recipe)
-                dispatcher.submit(EvalRequest(trial_id=trial_id, recipe=recipe.to_dict()))
-                trial_id += 1
-            told: dict[int, float] = {}
-            while len(told) < len(pending):
-                for res in _next_results(dispatcher):
-                    if res.trial_id < 0:
-                        baselines_left -= 1
-                        baselines.update(self._record_baseline(res, baseline_ids[res.trial_id], ledger, tracker))
-                        continue
-                    genome, recipe = pending[res.trial_id]
-                    value = penalized(res, history, exp.optimizer.failure_fitness)
-                    told[res.trial_id] = value
-                    improved = res.state == "complete" and (best is None or value > best[1])
-                    if res.state == "complete":
-                        history.append(value)
-                    else:
-                        failed += 1
-                    if improved:
-                        best = (res.trial_id, value, recipe)
-                    # step = order of completion, so best_fitness is a monotone curve in the UI
-                    self._record_trial(res, genome, recipe, generation, value, best, ledger, tracker,
-                                       step=len(history) + failed - 1)
-                    if improved:
-                        recipe.save(self.run_dir / BEST_RECIPE)
-                    self.progress.advance(best[1] if best else None, failed)
-            if len(batch) == len(genomes):
-                order = sorted(pending)
-                optimizer.tell([pending[i][0] for i in order], [told[i] for i in order])
-            generation += 1
-        self.progress.close()
+class _RunState:
+    """What a run knows: rebuilt from the ledger on resume, advanced by the event loop."""
 
-        while baselines_left:
-            for res in _next_results(dispatcher):
-                baselines_left -= 1
-                baselines.update(self._record_baseline(res, baseline_ids[res.trial_id], ledger, tracker))
+    def __init__(self, ctl: Controller, exp: Experiment, ledger: Ledger, scheduler: IslandScheduler) -> None:
+        self.ctl = ctl
+        self.exp = exp
+        self.ledger = ledger
+        self.scheduler = scheduler
+        self.tracker: Tracker = NullTracker()
+        self.sources = [m.name for m in exp.models]
+        self.best: Optional[tuple[int, float, Recipe]] = None
+        self.baselines: dict[str, float] = {}
+        self.baselines_done: set[str] = set()
+        self.tests_done: dict[tuple[str, Optional[str]], dict] = {}
+        self.trial_records: list[dict] = []
+        self.failed = 0
+        self.next_trial_id = 0
+        self.redo: list[Candidate] = []
+        self.missing_tells: list[Tell] = []
+        self._tracker_backlog: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def finished(self) -> int:
+        return len(self.trial_records)
+
+    def load(self, resuming: bool) -> None:
+        """Replay the ledger: re-ask and re-tell every island, collect what is done."""
+        if not resuming:
+            return
+        dispatched: dict[tuple[int, int, int], dict] = {}
+        finished: dict[int, dict] = {}
+        tells: dict[tuple[int, int], dict] = {}
+        for rec in self.ledger:
+            kind = rec.get("kind")
+            if kind == "dispatch":
+                dispatched[(rec["island"], rec["generation"], rec["member"])] = rec
+                self.next_trial_id = max(self.next_trial_id, rec["trial_id"] + 1)
+            elif kind == "trial":
+                finished[rec["trial_id"]] = rec
+                self._note_trial(rec)
+            elif kind == "tell":
+                tells[(rec["island"], rec["generation"])] = rec
+            elif kind == "baseline":
+                self.baselines_done.add(rec["model"])
+                if rec["state"] == "complete":
+                    self.baselines[rec["model"]] = float(rec["fitness"])
+            elif kind == "test":
+                self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
+        try:
+            self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells)
+        except ReplayError as exc:
+            raise EvomergeError(f"cannot resume {self.ctl.run_id}: {exc}") from None
+        for tell in self.missing_tells:
+            self._record_tell(tell)
+        if self.best is not None:
+            self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
+
+    def _note_trial(self, rec: dict) -> None:
+        """Count a finished trial and update the best (ties: the earliest finished)."""
+        self.trial_records.append(rec)
+        if rec["state"] == "complete":
+            if self.best is None or rec["fitness"] > self.best[1]:
+                self.best = (rec["trial_id"], float(rec["fitness"]), Recipe.from_dict(rec["recipe"]))
+        else:
+            self.failed += 1
+
+    def catch_up_tracker(self) -> None:
+        """Log the trials the tracker missed (it was down, or the process died between ledger and tracker)."""
+        logged = self.tracker.logged_trials()
+        best: Optional[float] = None
+        for step, rec in enumerate(self.trial_records):
+            if rec["state"] == "complete":
+                best = rec["fitness"] if best is None else max(best, rec["fitness"])
+            if step >= logged:
+                self._tracker_backlog.append((step, _trial_metrics(rec, best)))
+        self._flush_tracker()
+
+    # ------------------------------------------------------------------ event loop
+    def search(self, dispatcher: Dispatcher) -> RunSummary:
+        exp = self.exp
+        progress = self.ctl.progress
+        queue: deque[_Work] = deque(
+            _Work("baseline", EvalRequest(trial_id=-(i + 1), source=name, split="search"), label=name)
+            for i, name in enumerate(self.sources) if name not in self.baselines_done
+        )
+        queue.extend(_Work("trial", self._request(c), candidate=c) for c in self.redo)
+        self.redo = []
+        progress.start(exp.budget.max_trials, done=self.finished)
+        stats = self._loop(dispatcher, queue, self._next_candidate, exhausted=lambda: self.scheduler.exhausted)
+        busy, loop_s, wait_s, handled = stats["busy"], stats["loop_s"], stats["wait_s"], stats["handled"]
+        progress.close()
 
         test_scores: dict[str, float] = {}
-        if exp.suite.test_tasks and best is not None:
-            self.progress.message("scoring the best recipe and the sources on the held-out test split")
-            test_scores = self._test_split(best, sources, dispatcher, ledger, tracker)
+        if exp.suite.test_tasks and self.best is not None:
+            progress.message("scoring the best recipe and the sources on the held-out test split")
+            test_scores = self._test_split(dispatcher)
 
+        best = self.best
         summary = RunSummary(
-            run_id=self.run_id, run_dir=self.run_dir, trials=trial_id, failed=failed,
+            run_id=self.ctl.run_id, run_dir=self.ctl.run_dir, trials=self.finished, failed=self.failed,
             best_trial=best[0] if best else None, best_fitness=best[1] if best else None,
             best_recipe_hash=best[2].content_hash() if best else None,
-            baselines=baselines, test_scores=test_scores,
+            baselines=dict(self.baselines), test_scores=test_scores,
         )
-        tracker.log_summary({f"baseline.{k}": v for k, v in baselines.items()}
-                            | {f"test.{k}": v for k, v in test_scores.items()}
-                            | ({"best_fitness_final": best[1]} if best else {}))
+        if loop_s > 0 and handled:
+            summary.search_seconds = loop_s
+            summary.worker_busy_fraction = busy / (dispatcher.num_workers * loop_s)
+            summary.controller_ms_per_trial = 1000.0 * (loop_s - wait_s) / handled
+            if stats["steady_s"]:
+                summary.steady_busy_fraction = stats["steady_busy"] / (dispatcher.num_workers * stats["steady_s"])
+        self.tracker.log_summary({f"baseline.{k}": v for k, v in self.baselines.items()}
+                                 | {f"test.{k}": v for k, v in test_scores.items()}
+                                 | ({"best_fitness_final": best[1]} if best else {}))
         return summary
 
-    def _record_trial(self, res: EvalResult, genome: np.ndarray, recipe: Recipe, generation: int, value: float,
-                      best: Optional[tuple[int, float, Recipe]], ledger: Ledger, tracker: Tracker, step: int) -> None:
-        """Ledger first (the source of truth), then the tracker."""
-        ledger.append({
-            "kind": "trial", "trial_id": res.trial_id, "generation": generation,
-            "genome": [float(x) for x in genome], "recipe_hash": recipe.content_hash(),
-            "recipe": recipe.to_dict(), "state": res.state, "fitness": res.fitness,
-            "told_fitness": value, "scores": res.scores, "merge_seconds": res.merge_seconds,
-            "eval_seconds": res.eval_seconds, "error": res.error, "worker": res.worker,
-            "finished_at": time.time(),
+    def _next_candidate(self) -> Optional[_Work]:
+        cand = self.scheduler.next()
+        if cand is None:
+            return None
+        cand.trial_id = self.next_trial_id
+        self.next_trial_id += 1
+        return _Work("trial", self._request(cand), candidate=cand)
+
+    def _request(self, cand: Candidate) -> EvalRequest:
+        return EvalRequest(trial_id=int(cand.trial_id), recipe=cand.recipe.to_dict())
+
+    def _loop(self, dispatcher: Dispatcher, queue: deque[_Work], more: Callable[[], Optional[_Work]],
+              exhausted: Callable[[], bool] = lambda: True) -> dict[str, float]:
+        """Keep every worker busy until ``queue`` and ``more`` are exhausted and nothing is in flight.
+
+        Returns worker busy seconds (as the workers report them), loop seconds, seconds
+        spent waiting on the dispatcher, results handled; and the steady state: busy
+        seconds of the results received before ``exhausted()`` (all work handed out)
+        and the seconds until then — a conservative busy share that leaves out the
+        unavoidable drain of the last trials.
+        """
+        inflight: dict[tuple[str, int], _Work] = {}
+        busy = wait_s = 0.0
+        handled = 0
+        steady_busy, steady_s = 0.0, None
+        t0 = time.perf_counter()
+        while True:
+            # refill free workers first: the ledger already has the results; the tracker
+            # (milliseconds per call over HTTP) catches up while the workers run
+            while len(inflight) < dispatcher.num_workers:
+                work = queue.popleft() if queue else more()
+                if work is None:
+                    break
+                if work.kind == "trial":
+                    self._record_dispatch(work.candidate)
+                inflight[(work.request.split, work.request.trial_id)] = work
+                dispatcher.submit(work.request)
+            self._flush_tracker()
+            if steady_s is None and not queue and exhausted():
+                steady_s = time.perf_counter() - t0
+            if not inflight:
+                break
+            tw = time.perf_counter()
+            results = dispatcher.wait(timeout=1.0)
+            wait_s += time.perf_counter() - tw
+            for res in results:
+                work = inflight.pop((res.split, res.trial_id))
+                res = _normalized(res)
+                busy += res.merge_seconds + res.eval_seconds
+                if steady_s is None:
+                    steady_busy += res.merge_seconds + res.eval_seconds
+                handled += 1
+                getattr(self, f"_on_{work.kind}")(work, res)
+        return {"busy": busy, "loop_s": time.perf_counter() - t0, "wait_s": wait_s, "handled": handled,
+                "steady_busy": steady_busy, "steady_s": steady_s or 0.0}
+
+    # ------------------------------------------------------------------ records
+    def _record_dispatch(self, cand: Candidate) -> None:
+        self.ledger.append({
+            "kind": "dispatch", "trial_id": cand.trial_id, "island": cand.island, "generation": cand.generation,
+            "member": cand.member, "genome": [float(x) for x in cand.genome],
+            "recipe_hash": cand.recipe.content_hash(), "at": time.time(),
         })
-        metrics = {"trial_id": float(res.trial_id), "told_fitness": value, "merge_seconds": res.merge_seconds,
-                   "eval_seconds": res.eval_seconds, "failed": float(res.state != "complete")}
-        if best is not None:
-            metrics["best_fitness"] = best[1]
-        if res.fitness is not None:
-            metrics["fitness"] = res.fitness
-            metrics.update({f"score.{k}": v for k, v in res.scores.items()})
-        tracker.log_trial(step, metrics)
 
-    def _record_baseline(self, res: EvalResult, name: str, ledger: Ledger, tracker: Tracker) -> dict[str, float]:
-        ledger.append({"kind": "baseline", "model": name, "split": res.split, "state": res.state,
-                       "fitness": res.fitness, "scores": res.scores, "eval_seconds": res.eval_seconds,
-                       "error": res.error, "finished_at": time.time()})
+    def _on_trial(self, work: _Work, res: EvalResult) -> None:
+        """Ledger first (the source of truth), then best_recipe.yaml, tracker, optimizer, progress."""
+        cand = work.candidate
+        rec = {
+            "kind": "trial", "trial_id": res.trial_id, "island": cand.island, "generation": cand.generation,
+            "member": cand.member, "genome": [float(x) for x in cand.genome],
+            "recipe_hash": cand.recipe.content_hash(), "recipe": cand.recipe.to_dict(), "state": res.state,
+            "fitness": res.fitness, "scores": res.scores, "merge_seconds": res.merge_seconds,
+            "eval_seconds": res.eval_seconds, "error": res.error, "worker": res.worker,
+            "attempts": res.attempts, "finished_at": time.time(),
+        }
+        self.ledger.append(rec)
+        previous_best = self.best
+        self._note_trial(rec)
+        if self.best is not previous_best:
+            self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
+        # tracking waits until the free workers have their next candidates (see _loop)
+        self._tracker_backlog.append((self.finished - 1, _trial_metrics(rec, self.best[1] if self.best else None)))
+        tell = self.scheduler.receive(cand, res.state, res.fitness)
+        if tell is not None:
+            self._record_tell(tell)
         if res.state != "complete":
-            self.progress.message(f"baseline {name} failed: {res.error}")
-            return {}
-        return {name: float(res.fitness)}
+            self.ctl.progress.message(f"trial {res.trial_id} failed: {res.error.splitlines()[0]}")
+        self.ctl.progress.advance(self.best[1] if self.best else None, self.failed)
 
-    def _test_split(self, best, sources, dispatcher, ledger, tracker) -> dict[str, float]:
-        best_id, _, recipe = best
-        labels = {0: "best"} | {i + 1: name for i, name in enumerate(sources)}
-        dispatcher.submit(EvalRequest(trial_id=0, recipe=recipe.to_dict(), split="test"))
-        for i, name in enumerate(sources):
-            dispatcher.submit(EvalRequest(trial_id=i + 1, source=name, split="test"))
-        out: dict[str, float] = {}
-        remaining = len(labels)
-        while remaining:
-            for res in _next_results(dispatcher):
-                remaining -= 1
-                label = labels[res.trial_id]
-                ledger.append({"kind": "test", "model": label, "trial_id": best_id if label == "best" else None,
-                               "recipe_hash": recipe.content_hash() if label == "best" else None,
-                               "split": "test", "state": res.state, "fitness": res.fitness, "scores": res.scores,
-                               "eval_seconds": res.eval_seconds, "error": res.error, "finished_at": time.time()})
-                if res.state == "complete":
-                    out[label] = float(res.fitness)
+    def _flush_tracker(self) -> None:
+        if self._tracker_backlog:
+            self.tracker.log_trials(self._tracker_backlog)
+            self._tracker_backlog = []
+
+    def _record_tell(self, tell: Tell) -> None:
+        self.ledger.append({"kind": "tell", "island": tell.island, "generation": tell.generation,
+                            "trial_ids": list(tell.trial_ids), "values": list(tell.values), "state": tell.state,
+                            "at": time.time()})
+
+    def _on_baseline(self, work: _Work, res: EvalResult) -> None:
+        self.ledger.append({"kind": "baseline", "model": work.label, "split": res.split, "state": res.state,
+                            "fitness": res.fitness, "scores": res.scores, "eval_seconds": res.eval_seconds,
+                            "error": res.error, "finished_at": time.time()})
+        self.baselines_done.add(work.label)
+        if res.state == "complete":
+            self.baselines[work.label] = float(res.fitness)
+        else:
+            self.ctl.progress.message(f"baseline {work.label} failed: {res.error.splitlines()[0]}")
+
+    def _on_test(self, work: _Work, res: EvalResult) -> None:
+        rec = {"kind": "test", "model": work.label, "trial_id": self.best[0] if work.label == "best" else None,
+               "recipe_hash": work.recipe_hash, "split": "test", "state": res.state, "fitness": res.fitness,
+               "scores": res.scores, "eval_seconds": res.eval_seconds, "error": res.error,
+               "finished_at": time.time()}
+        self.ledger.append(rec)
+        self.tests_done[(work.label, work.recipe_hash)] = rec
+
+    def _test_split(self, dispatcher: Dispatcher) -> dict[str, float]:
+        _, _, recipe = self.best
+        wanted = [_Work("test", EvalRequest(trial_id=0, recipe=recipe.to_dict(), split="test"), label="best",
+                        recipe_hash=recipe.content_hash())]
+        wanted += [_Work("test", EvalRequest(trial_id=i + 1, source=name, split="test"), label=name)
+                   for i, name in enumerate(self.sources)]
+        queue = deque(w for w in wanted if (w.label, w.recipe_hash) not in self.tests_done)
+        self._loop(dispatcher, queue, lambda: None)
+        out = {}
+        for w in wanted:
+            rec = self.tests_done.get((w.label, w.recipe_hash))
+            if rec is not None and rec["state"] == "complete":
+                out[w.label] = float(rec["fitness"])
         return out
+
+
+def _trial_metrics(rec: dict, best: Optional[float]) -> dict[str, float]:
+    metrics = {"trial_id": float(rec["trial_id"]), "island": float(rec["island"]),
+               "generation": float(rec["generation"]), "merge_seconds": rec["merge_seconds"],
+               "eval_seconds": rec["eval_seconds"], "failed": float(rec["state"] != "complete")}
+    if best is not None:
+        metrics["best_fitness"] = best
+    if rec["fitness"] is not None:
+        metrics["fitness"] = rec["fitness"]
+        metrics.update({f"score.{k}": v for k, v in rec["scores"].items()})
+    return metrics

@@ -65,6 +65,7 @@ class EvalResult:
     error: Optional[str] = None
     worker: str = ""
     split: Split = "search"
+    attempts: int = 1  # > 1 when the request was retried after its worker died
 
 
 class TrialWorker:
@@ -123,7 +124,15 @@ class TrialWorker:
             result.eval_seconds = t2 - t1
         except EvomergeError as exc:
             result.error = f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # a candidate must never crash the search
+        except Exception as exc:  # a candidate must never crash the search (incl. CUDA OOM)
             tb = traceback.format_exc(limit=3)
             result.error = f"{type(exc).__name__}: {exc}\n{tb}"
+            self._release_cached_memory()
         return result
+
+    def _release_cached_memory(self) -> None:
+        """After a failure (e.g. out of memory) give cached GPU blocks back before the next trial."""
+        if self.spec.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()

@@ -33,7 +33,7 @@ def _experiment(tmp_path: Path, **overrides) -> Path:
             "test_tasks": [{"name": "zoo_arith_l2_test", "metric": "acc"}],
             "batch_size": 64,
         },
-        "optimizer": {"name": "cma_es", "popsize": 4, "seed": 1},
+        "optimizer": {"name": "cma_es", "popsize": 4, "seed": 1, "islands": 2},
         "budget": {"max_trials": 10},
         "dispatch": {"backend": "ray", "num_workers": 2},
         "tracking": {"backend": "mlflow"},
@@ -110,15 +110,18 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
     assert Recipe.load(tmp_path / "t3" / "recipe.yaml").content_hash() == trials[[t["trial_id"] for t in trials].index(3)]["recipe_hash"]
     assert main(["export", str(run_dir), "--out", str(tmp_path / "t99"), "--trial", "99"]) == 1
 
-    # same seed -> same trials, whatever the dispatcher and completion order
+    # same seed -> same trials per (island, generation, member), whatever the dispatcher and completion order
     local_exp = _experiment(tmp_path, **LOCAL)
     again = tmp_path / "again"
     assert main(["run", str(local_exp), "--run-dir", str(again), "--quiet", "--max-trials", "6"]) == 0
-    by_id = {t["trial_id"]: t for t in trials}
-    for t in Ledger(again / "ledger.jsonl").records("trial"):
-        assert t["genome"] == by_id[t["trial_id"]]["genome"]
-        assert t["recipe_hash"] == by_id[t["trial_id"]]["recipe_hash"]
-        assert t["fitness"] == pytest.approx(by_id[t["trial_id"]]["fitness"], abs=1e-9)
+    by_key = {(t["island"], t["generation"], t["member"]): t for t in trials}
+    local_trials = Ledger(again / "ledger.jsonl").records("trial")
+    assert len(local_trials) == 6
+    for t in local_trials:
+        ref = by_key[(t["island"], t["generation"], t["member"])]
+        assert t["genome"] == ref["genome"]
+        assert t["recipe_hash"] == ref["recipe_hash"]
+        assert t["fitness"] == pytest.approx(ref["fitness"], abs=1e-9)
 
 
 def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, capsys):
@@ -127,10 +130,12 @@ def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, 
         tmp_path,
         suite={"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search", "metric": "bleu"}]},
         budget={"max_trials": 5},
+        optimizer={"name": "cma_es", "popsize": 4, "seed": 1, "islands": 1},
     )
     assert len(trials) == 5
     assert all(t["state"] == "failed" and "has no metric 'bleu'" in t["error"] for t in trials)
-    assert all(t["told_fitness"] == -1.0 for t in trials)
+    tells = Ledger(run_dir / "ledger.jsonl").records("tell")
+    assert [t["values"] for t in tells] == [[-1.0] * 4]  # one full generation told, with the penalty
     assert not (run_dir / "best_recipe.yaml").exists()
     assert main(["export", str(run_dir), "--out", str(tmp_path / "x")]) == 1
     assert "no complete trial" in capsys.readouterr().err

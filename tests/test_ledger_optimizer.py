@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from evomerge.config import OptimizerConfig
-from evomerge.controller import penalized
+from evomerge.islands import penalized
 from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
-from evomerge.worker import EvalResult
 
 
 def test_ledger_round_trip_and_torn_line(tmp_path):
@@ -75,9 +74,8 @@ def test_cma_one_dimension():
 
 
 def test_penalty_ranks_failures_last():
-    ok = EvalResult(trial_id=0, state="complete", fitness=0.4)
-    bad = EvalResult(trial_id=1, state="failed", error="boom")
-    assert penalized(ok, [], None) == 0.4
-    assert penalized(bad, [0.4, 0.2], None) == pytest.approx(-0.8)
-    assert penalized(bad, [], None) == -1.0
-    assert penalized(bad, [0.4], -5.0) == -5.0
+    assert penalized("complete", 0.4, [], None) == 0.4
+    assert penalized("failed", None, [0.4, 0.2], None) == pytest.approx(-0.8)
+    assert penalized("failed", None, [], None) == -1.0
+    assert penalized("failed", None, [0.4], -5.0) == -5.0
+    assert penalized("complete", float("nan"), [0.3], None) == pytest.approx(-0.7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from evomerge.worker import EvalRequest, EvalResult, TrialWorker, WorkerSpec
 
@@ -12,8 +13,8 @@ class LocalDispatcher:
 
     num_workers = 1
 
-    def __init__(self, spec: WorkerSpec) -> None:
-        self._worker = TrialWorker(spec)
+    def __init__(self, spec: WorkerSpec, worker_factory: Callable[[WorkerSpec], TrialWorker] = TrialWorker) -> None:
+        self._worker = worker_factory(spec)
         self._queue: deque[EvalRequest] = deque()
 
     def submit(self, request: EvalRequest) -> None:

@@ -1,7 +1,7 @@
 """The Optimizer protocol: ask/tell over bounded genomes in [0, 1]^dim.
 
 Fitness is *higher is better*. The controller is the only caller; failed trials
-arrive here already replaced by a penalty value (see ``controller.penalty``), so
+arrive here already replaced by a penalty value (see ``islands.penalized``), so
 every value told is a finite float.
 """
 
@@ -29,4 +29,12 @@ class Optimizer(Protocol):
 
     def best(self) -> tuple[Genome, float] | None:
         """Best genome told so far and its fitness."""
+        ...
+
+    def state(self) -> dict:
+        """A small JSON-able summary of the internal state (e.g. generation, mean, step size).
+
+        The controller records it with every tell and compares it when a resumed run
+        replays the ledger, so a replay that diverges is detected, not silently continued.
+        """
         ...

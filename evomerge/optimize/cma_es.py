@@ -2,7 +2,10 @@
 
 Bounds are handled by pycma's BoundTransform (candidates are mapped into the
 box smoothly, not just clipped), the genome lives in [0, 1]^dim, and the same
-seed gives the same sequence of genomes.
+seed gives the same sequence of genomes. Each instance samples from its own
+``numpy.random.Generator`` (pycma's default draws from the global NumPy
+stream, so several instances in one process — islands — would perturb each
+other depending on the order of their asks).
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ class CMAESOptimizer:
             raise ValueError("dim must be >= 1")
         self.dim = dim
         self.popsize = popsize
-        # pycma treats seed 0/None as "seed from the clock": shift to keep 0 reproducible.
+        rng = np.random.default_rng(seed)
         options = {
             "bounds": [0.0, 1.0],
             "popsize": popsize,
-            "seed": seed + 1,
+            "randn": lambda *shape: rng.standard_normal(shape),
+            "seed": float("nan"),  # pycma only seeds the global stream, which we do not use
             "verbose": -9,
             "verb_log": 0,
             "verb_disp": 0,
@@ -64,3 +68,11 @@ class CMAESOptimizer:
 
     def best(self) -> tuple[Genome, float] | None:
         return self._best
+
+    def state(self) -> dict:
+        """A small JSON-able summary (generation, mean, step size) used to verify a replay."""
+        return {
+            "generation": int(self._es.countiter),
+            "mean": [float(x) for x in self._es.mean[: self.dim]],
+            "sigma": float(self._es.sigma),
+        }

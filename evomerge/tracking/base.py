@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 
 @runtime_checkable
 class Tracker(Protocol):
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
-        """Open (or reopen) the run; returns the tracker's run id."""
+        """Open the run, or reopen it if the tracker was built with a run id (resume); returns the run id."""
         ...
 
-    def log_trial(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Metrics of one finished trial (fitness, best-so-far, timings, trial_id); step = completion order."""
+    def logged_trials(self) -> int:
+        """How many trial records (steps) the run holds already; a resumed run logs the rest."""
+        ...
+
+    def log_trials(self, trials: Sequence[tuple[int, Mapping[str, float]]]) -> None:
+        """Metrics of finished trials, as (step, metrics) pairs (fitness, best-so-far, timings, trial_id);
+        step = completion order. One call may carry several trials (one round trip)."""
         ...
 
     def log_summary(self, metrics: Mapping[str, float]) -> None:

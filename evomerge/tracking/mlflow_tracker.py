@@ -2,7 +2,7 @@
 
 One MLflow run per evomerge run. Per-trial values are *stepped metrics* on that
 run (step = order of completion; the trial id is the metric `trial_id`), drawn as curves; logged with
-``MlflowClient.log_batch`` (one call per trial).
+``MlflowClient.log_batch`` (one call per batch of finished trials).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -39,11 +39,14 @@ class MlflowTracker:
             self._client.update_run(self.run_id, status="RUNNING")
         return self.run_id
 
-    def log_trial(self, step: int, metrics: Mapping[str, float]) -> None:
+    def logged_trials(self) -> int:
+        return len(self._client.get_metric_history(self.run_id, "trial_id"))
+
+    def log_trials(self, trials: Sequence[tuple[int, Mapping[str, float]]]) -> None:
         now = int(time.time() * 1000)
-        self._client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        items = [Metric(k, float(v), now, step) for step, metrics in trials for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):  # MLflow's per-request limit on metrics
+            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_summary(self, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)

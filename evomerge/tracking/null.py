@@ -10,7 +10,10 @@ class NullTracker:
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         return ""
 
-    def log_trial(self, step: int, metrics: Mapping[str, float]) -> None:
+    def logged_trials(self) -> int:
+        return 0
+
+    def log_trials(self, trials) -> None:
         pass
 
     def log_summary(self, metrics: Mapping[str, float]) -> None:

@@ -1,0 +1,84 @@
+"""The state of a run directory, read from its ledger and run.json (``evomerge status RUN_DIR``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from evomerge.controller import LEDGER, RUN_INFO, RunLock
+from evomerge.errors import EvomergeError
+from evomerge.ledger import Ledger
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    info_path = run_dir / RUN_INFO
+    if not info_path.exists():
+        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {RUN_INFO})")
+    info = json.loads(info_path.read_text())
+    held = RunLock.is_held(run_dir)
+    state = info.get("status", "unknown")
+    if state == "running" and not held:
+        state = "interrupted"  # the process died without saying so: `evomerge resume` continues it
+    dispatched: set[int] = set()
+    done: list[dict] = []
+    for rec in Ledger(run_dir / LEDGER):
+        if rec.get("kind") == "dispatch":
+            dispatched.add(rec["trial_id"])
+        elif rec.get("kind") == "trial":
+            done.append(rec)
+    finished_ids = {r["trial_id"] for r in done}
+    complete = [r for r in done if r["state"] == "complete"]
+    best: Optional[dict] = max(complete, key=lambda r: (r["fitness"], -r["trial_id"])) if complete else None
+    max_trials = int(info.get("max_trials") or 0)
+    rate = eta = None
+    times = sorted(r["finished_at"] for r in done)
+    if len(times) >= 2 and times[-1] > times[0]:
+        rate = (len(times) - 1) / (times[-1] - times[0]) * 3600.0
+        if state == "running":
+            eta = max(0, max_trials - len(done)) / rate * 3600.0
+    return {
+        "run_id": info.get("run_id", run_dir.name),
+        "run_dir": str(run_dir),
+        "experiment": info.get("experiment"),
+        "state": state,
+        "trials_done": len(done),
+        "trials_failed": len(done) - len(complete),
+        "trials_running": len(dispatched - finished_ids) if held else 0,
+        "max_trials": max_trials,
+        "islands": info.get("islands"),
+        "best_fitness": best["fitness"] if best else None,
+        "best_trial": best["trial_id"] if best else None,
+        "best_recipe_hash": best["recipe_hash"] if best else None,
+        "trials_per_hour": rate,
+        "eta_seconds": eta,
+        "tracking_uri": info.get("tracking_uri"),
+        "mlflow_run_id": info.get("mlflow_run_id"),
+        "resumed": info.get("resumed", 0),
+    }
+
+
+def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [
+        ("run", f"{s['run_id']} ({s['experiment']})"),
+        ("state", s["state"] + ("  -> continue with: evomerge resume " + s["run_dir"]
+                                if s["state"] in ("interrupted", "killed", "failed") else "")),
+        ("trials", f"{s['trials_done']}/{s['max_trials']} done, {s['trials_failed']} failed, "
+                   f"{s['trials_running']} running ({s['islands']} island(s))"),
+    ]
+    if s["best_fitness"] is not None:
+        rows.append(("best", f"{s['best_fitness']:.4f}  trial {s['best_trial']}, recipe {s['best_recipe_hash']}"))
+    if s["trials_per_hour"] is not None:
+        eta = f", ETA {_duration(s['eta_seconds'])}" if s["eta_seconds"] is not None else ""
+        rows.append(("rate", f"{s['trials_per_hour']:.0f} trials/hour{eta}"))
+    if s["mlflow_run_id"]:
+        rows.append(("mlflow", f"{s['tracking_uri']}  run {s['mlflow_run_id']}"))
+    return rows
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
