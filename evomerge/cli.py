@@ -125,8 +125,11 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a run's best recipe")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--format", default="recipe", choices=["recipe"])
-    e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--trial", type=int, help="export this trial instead of the best")
+    e.add_argument("--out", type=Path, help="directory to write to (required unless --pareto)")
+    e.add_argument("--trial", type=int, help="export this trial instead of the best (e.g. a Pareto member)")
+    e.add_argument("--pareto", action="store_true",
+                   help="list the Pareto front of a multi-objective run (export one with --trial)")
+    e.add_argument("--json", action="store_true", help="with --pareto: print JSON")
     return p
 
 
@@ -295,7 +298,26 @@ def _cmd_zoo(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from evomerge.export import export
+    from evomerge.export import export, pareto_members
+
+    if args.pareto:
+        import json
+
+        names, members = pareto_members(args.run_dir)
+        if args.json:
+            print(json.dumps([{"trial_id": m["trial_id"], "objectives": dict(zip(names, m["objectives"])),
+                               "fitness": m["fitness"], "recipe_hash": m["recipe_hash"]} for m in members], indent=2))
+            return EXIT_OK
+        width = max(8, *(len(n) for n in names))
+        print(f"{'trial':>6}  " + "  ".join(f"{n:>{width}}" for n in names) + f"  {'fitness':>8}  recipe")
+        for m in members:
+            print(f"{m['trial_id']:>6}  " + "  ".join(f"{v:>{width}.4f}" for v in m["objectives"])
+                  + f"  {m['fitness']:>8.4f}  {m['recipe_hash']}")
+        print(f"{len(members)} Pareto-optimal trial(s); export one with: evomerge export {args.run_dir} "
+              "--trial N --out DIR", file=sys.stderr)
+        return EXIT_OK
+    if args.out is None:
+        raise ConfigError(["--out: required (the directory to write the recipe to)"])
 
     path = export(args.run_dir, args.out, fmt=args.format, trial=args.trial)
     print(path)

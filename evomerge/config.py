@@ -76,22 +76,47 @@ class SuiteConfig(_Frozen):
         return self
 
 
-class OptimizerConfig(_Frozen):
-    """The evolutionary optimizer. Defaults follow the paper: x0 = 0.5, sigma0 = 1/6,
-    popsize 4 + floor(3 ln n)."""
+OPTIMIZERS = ("cma_es", "optuna_cmaes", "tpe", "nsga2", "random")
+MULTI_OBJECTIVE = ("nsga2", "random")
 
-    name: Literal["cma_es"] = "cma_es"
+
+class OptimizerConfig(_Frozen):
+    """The optimizer. Defaults follow the paper: x0 = 0.5, sigma0 = 1/6, popsize 4 + floor(3 ln n).
+
+    ``name``: ``cma_es`` (pycma, with IPOP restarts when a population stalls),
+    ``optuna_cmaes`` / ``tpe`` / ``nsga2`` (Optuna's samplers through its ask/tell API),
+    ``random`` (uniform random search, the baseline). ``objectives``: ``weighted`` (one
+    fitness, the suite's weighted mean) or ``per_task`` (one objective per search task;
+    a multi-objective optimizer — nsga2 or random — and the run keeps the Pareto front).
+    ``restarts`` (cma_es): ``ipop`` restarts a stalled population from a random point with
+    twice the population size, up to ``max_restarts`` times; a population has stalled when
+    pycma's termination criteria fire or its best has not improved for ``stall_generations``.
+    """
+
+    name: Literal["cma_es", "optuna_cmaes", "tpe", "nsga2", "random"] = "cma_es"
     x0: float = Field(default=0.5, ge=0, le=1)
     sigma0: float = Field(default=1 / 6, gt=0, le=1)
     popsize: Optional[int] = Field(default=None, ge=2)
     seed: int = Field(default=0, ge=0)
     failure_fitness: Optional[float] = None
     islands: int | Literal["auto"] = "auto"
+    objectives: Literal["weighted", "per_task"] = "weighted"
+    restarts: Literal["none", "ipop"] = "ipop"
+    max_restarts: int = Field(default=9, ge=0)
+    stall_generations: int = Field(default=20, ge=2)
 
     @model_validator(mode="after")
-    def _islands_positive(self) -> "OptimizerConfig":
+    def _consistent(self) -> "OptimizerConfig":
+        problems = []
         if self.islands != "auto" and self.islands < 1:
-            raise ValueError("islands: must be 'auto' or at least 1")
+            problems.append("islands: must be 'auto' or at least 1")
+        if self.objectives == "per_task" and self.name not in MULTI_OBJECTIVE:
+            problems.append(f"objectives: per_task needs a multi-objective optimizer ({' or '.join(MULTI_OBJECTIVE)}); "
+                            f"{self.name} optimizes one weighted fitness")
+        if self.name == "nsga2" and self.objectives != "per_task":
+            problems.append("objectives: nsga2 is multi-objective; set objectives: per_task")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def resolved_popsize(self, dim: int) -> int:
@@ -177,6 +202,8 @@ class Experiment(_Frozen):
         uses_zoo = any(m.path.startswith(ZOO_PREFIX) for m in self.models) or "zoo" in self.suite.task_paths
         if uses_zoo and self.zoo is None:
             problems.append("zoo: models or suite.task_paths refer to the zoo, but no `zoo:` section is given")
+        if self.optimizer.objectives == "per_task" and len(self.suite.tasks) < 2:
+            problems.append("suite.tasks: objectives per_task needs at least 2 search tasks (one objective each)")
         search = {t.name for t in self.suite.tasks}
         overlap = sorted(search & {t.name for t in self.suite.test_tasks})
         if overlap:

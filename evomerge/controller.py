@@ -35,6 +35,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
+from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe
 from evomerge.space import PSCodec
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
@@ -46,6 +47,7 @@ LEDGER = "ledger.jsonl"
 RUN_INFO = "run.json"
 SUMMARY = "summary.json"
 BEST_RECIPE = "best_recipe.yaml"
+PARETO = "pareto.json"
 EXPERIMENT_COPY = "experiment.yaml"
 
 
@@ -90,6 +92,7 @@ class RunSummary:
     controller_ms_per_trial: Optional[float] = None
     search_seconds: Optional[float] = None  # the search loop alone (no start-up, no test split)
     steady_busy_fraction: Optional[float] = None  # busy share until the budget was all handed out
+    pareto_trials: list[int] = field(default_factory=list)  # multi-objective runs: the Pareto front
 
     def to_json(self) -> dict[str, Any]:
         d = self.__dict__.copy()
@@ -323,8 +326,10 @@ class Controller:
         popsize = exp.optimizer.resolved_popsize(codec.dim)
         n_islands = int(info.get("islands") or min(exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize),
                                                    exp.budget.max_trials))
+        n_objectives = len(exp.suite.tasks) if exp.optimizer.objectives == "per_task" else 1
         scheduler = build_islands(
-            n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed), codec.decode,
+            n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives),
+            codec.decode,
             exp.budget.max_trials, exp.optimizer.failure_fitness, exp.optimizer.seed,
         )
         state = _RunState(self, exp, ledger, scheduler)
@@ -377,7 +382,7 @@ class Controller:
             summary.islands = n_islands
             summary.resumed = resuming
             write_json_atomic(self.run_dir / SUMMARY, summary.to_json())
-            for name in (SUMMARY, LEDGER, BEST_RECIPE):
+            for name in (SUMMARY, LEDGER, BEST_RECIPE, PARETO):
                 if (self.run_dir / name).exists():
                     tracker.log_artifact(self.run_dir / name)
             status = "FINISHED"
@@ -438,6 +443,8 @@ class _RunState:
         self.next_trial_id = 0
         self.redo: list[Candidate] = []
         self.missing_tells: list[Tell] = []
+        self.multi_objective = exp.optimizer.objectives == "per_task"
+        self.front = ParetoFront()
         self._tracker_backlog: list[tuple[int, dict[str, float]]] = []
 
     @property
@@ -468,32 +475,52 @@ class _RunState:
             elif kind == "test":
                 self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
         try:
-            self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells)
+            self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self._told_input)
         except ReplayError as exc:
             raise EvomergeError(f"cannot resume {self.ctl.run_id}: {exc}") from None
         for tell in self.missing_tells:
             self._record_tell(tell)
         if self.best is not None:
             self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
+        if self.multi_objective:
+            self._write_pareto()
 
-    def _note_trial(self, rec: dict) -> None:
-        """Count a finished trial and update the best (ties: the earliest finished)."""
+    def _told_input(self, rec: dict):
+        """What a trial record tells its island: the fitness, or the vector of objectives."""
+        return rec.get("objectives") if self.multi_objective else rec["fitness"]
+
+    def _note_trial(self, rec: dict) -> bool:
+        """Count a finished trial and update the best (ties: the earliest finished) and the
+        Pareto front; True if the front changed."""
         self.trial_records.append(rec)
-        if rec["state"] == "complete":
-            if self.best is None or rec["fitness"] > self.best[1]:
-                self.best = (rec["trial_id"], float(rec["fitness"]), Recipe.from_dict(rec["recipe"]))
-        else:
+        if rec["state"] != "complete":
             self.failed += 1
+            return False
+        if self.best is None or rec["fitness"] > self.best[1]:
+            self.best = (rec["trial_id"], float(rec["fitness"]), Recipe.from_dict(rec["recipe"]))
+        return self.multi_objective and self.front.add(rec["trial_id"], rec["objectives"])
+
+    def _write_pareto(self) -> None:
+        by_id = {r["trial_id"]: r for r in self.trial_records}
+        write_json_atomic(self.ctl.run_dir / PARETO, {
+            "objectives": [t.name for t in self.exp.suite.tasks],
+            "members": [{"trial_id": t, "objectives": self.front.members[t], "fitness": by_id[t]["fitness"],
+                         "recipe_hash": by_id[t]["recipe_hash"]} for t in self.front.trial_ids()],
+        })
 
     def catch_up_tracker(self) -> None:
         """Log the trials the tracker missed (it was down, or the process died between ledger and tracker)."""
         logged = self.tracker.logged_trials()
         best: Optional[float] = None
+        front = ParetoFront()
         for step, rec in enumerate(self.trial_records):
             if rec["state"] == "complete":
                 best = rec["fitness"] if best is None else max(best, rec["fitness"])
+                if self.multi_objective:
+                    front.add(rec["trial_id"], rec["objectives"])
             if step >= logged:
-                self._tracker_backlog.append((step, _trial_metrics(rec, best)))
+                self._tracker_backlog.append(
+                    (step, _trial_metrics(rec, best, len(front.members) if self.multi_objective else None)))
         self._flush_tracker()
 
     # ------------------------------------------------------------------ event loop
@@ -522,6 +549,7 @@ class _RunState:
             best_trial=best[0] if best else None, best_fitness=best[1] if best else None,
             best_recipe_hash=best[2].content_hash() if best else None,
             baselines=dict(self.baselines), test_scores=test_scores,
+            pareto_trials=self.front.trial_ids() if self.multi_objective else [],
         )
         if loop_s > 0 and handled:
             summary.search_seconds = loop_s
@@ -601,6 +629,9 @@ class _RunState:
     def _on_trial(self, work: _Work, res: EvalResult) -> None:
         """Ledger first (the source of truth), then best_recipe.yaml, tracker, optimizer, progress."""
         cand = work.candidate
+        objectives = None
+        if self.multi_objective and res.state == "complete":
+            objectives = [float(res.scores[t.name]) for t in self.exp.suite.tasks]
         rec = {
             "kind": "trial", "trial_id": res.trial_id, "island": cand.island, "generation": cand.generation,
             "member": cand.member, "genome": [float(x) for x in cand.genome],
@@ -609,14 +640,18 @@ class _RunState:
             "eval_seconds": res.eval_seconds, "error": res.error, "worker": res.worker,
             "attempts": res.attempts, "finished_at": time.time(),
         }
+        if self.multi_objective:
+            rec["objectives"] = objectives
         self.ledger.append(rec)
         previous_best = self.best
-        self._note_trial(rec)
+        if self._note_trial(rec):
+            self._write_pareto()
         if self.best is not previous_best:
             self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
         # tracking waits until the free workers have their next candidates (see _loop)
-        self._tracker_backlog.append((self.finished - 1, _trial_metrics(rec, self.best[1] if self.best else None)))
-        tell = self.scheduler.receive(cand, res.state, res.fitness)
+        self._tracker_backlog.append((self.finished - 1, _trial_metrics(
+            rec, self.best[1] if self.best else None, len(self.front.members) if self.multi_objective else None)))
+        tell = self.scheduler.receive(cand, res.state, self._told_input(rec))
         if tell is not None:
             self._record_tell(tell)
         if res.state != "complete":
@@ -667,12 +702,14 @@ class _RunState:
         return out
 
 
-def _trial_metrics(rec: dict, best: Optional[float]) -> dict[str, float]:
+def _trial_metrics(rec: dict, best: Optional[float], pareto_size: Optional[int] = None) -> dict[str, float]:
     metrics = {"trial_id": float(rec["trial_id"]), "island": float(rec["island"]),
                "generation": float(rec["generation"]), "merge_seconds": rec["merge_seconds"],
                "eval_seconds": rec["eval_seconds"], "failed": float(rec["state"] != "complete")}
     if best is not None:
         metrics["best_fitness"] = best
+    if pareto_size is not None:
+        metrics["pareto_size"] = float(pareto_size)
     if rec["fitness"] is not None:
         metrics["fitness"] = rec["fitness"]
         metrics.update({f"score.{k}": v for k, v in rec["scores"].items()})

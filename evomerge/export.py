@@ -33,6 +33,23 @@ def find_recipe(run_dir: Path, trial: Optional[int] = None) -> tuple[Recipe, dic
     return Recipe.from_dict(record["recipe"]), record
 
 
+def pareto_members(run_dir: Path) -> tuple[list[str], list[dict]]:
+    """The objective names and the Pareto-front trial records of a multi-objective run (from its ledger)."""
+    import yaml
+
+    from evomerge.pareto import front_of
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "ledger.jsonl").exists():
+        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no ledger.jsonl)")
+    exp = yaml.safe_load((run_dir / "experiment.yaml").read_text())
+    if exp.get("optimizer", {}).get("objectives") != "per_task":
+        raise EvomergeError(f"run {run_dir.name} is single-objective (optimizer.objectives: weighted); "
+                            "it has a best recipe, not a Pareto front")
+    names = [t["name"] for t in exp["suite"]["tasks"]]
+    return names, front_of(Ledger(run_dir / "ledger.jsonl").records("trial"))
+
+
 def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[int] = None) -> Path:
     """Write the recipe in ``fmt`` under ``out_dir``; returns the written path."""
     if fmt not in FORMATS:

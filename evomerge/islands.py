@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -45,7 +45,7 @@ class Candidate:
     recipe: Recipe
     trial_id: Optional[int] = None
     state: Optional[str] = None  # "complete" | "failed" once its result is in
-    fitness: Optional[float] = None
+    fitness: Any = None  # what is told before the penalty: a float, or a vector of objectives
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -59,24 +59,34 @@ class Tell:
     island: int
     generation: int
     trial_ids: tuple[int, ...]
-    values: tuple[float, ...]
+    values: tuple[Any, ...]
     state: dict = field(default_factory=dict)
 
 
-def penalized(state: Optional[str], fitness: Optional[float], successes: Sequence[float],
-              failure_fitness: Optional[float]) -> float:
-    """The one place a trial's outcome becomes the number told to the optimizer.
+def penalized(state: Optional[str], fitness: Any, successes: Sequence[Any],
+              failure_fitness: Optional[float], num_objectives: int = 1) -> Any:
+    """The one place a trial's outcome becomes the value told to the optimizer.
 
-    Complete trials pass their fitness through. Failed ones (exception, non-finite
-    fitness, worker death, timeout) get ``failure_fitness`` if the experiment sets it,
-    else one below the worst successful fitness of the island (-1 before any), so
-    failures always rank last.
+    Complete trials pass their fitness through (a float, or a vector of objectives).
+    Failed ones (exception, non-finite fitness, worker death, timeout) get
+    ``failure_fitness`` if the experiment sets it, else one below the island's worst
+    success, per objective (-1 before any), so failures always rank last.
     """
-    if state == "complete" and fitness is not None and math.isfinite(fitness):
-        return float(fitness)
+    if state == "complete" and fitness is not None and _finite(fitness):
+        return float(fitness) if num_objectives == 1 else [float(x) for x in fitness]
     if failure_fitness is not None:
-        return float(failure_fitness)
-    return (min(successes) if successes else 0.0) - 1.0
+        worst = [float(failure_fitness)] * num_objectives
+    else:
+        worst = []
+        for k in range(num_objectives):
+            column = [s if num_objectives == 1 else s[k] for s in successes]
+            worst.append((min(column) if column else 0.0) - 1.0)
+    return worst[0] if num_objectives == 1 else worst
+
+
+def _finite(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(v is not None and math.isfinite(v) for v in values)
 
 
 def island_quotas(max_trials: int, islands: int) -> list[int]:
@@ -140,20 +150,22 @@ class Island:
         """Quota used up and every issued candidate has its result."""
         return self.issued >= self.quota and all(c.state is not None for c in self.members)
 
-    def receive(self, cand: Candidate, state: str, fitness: Optional[float]) -> Optional[Tell]:
-        """Record a result; when the (full) generation is complete, tell the optimizer."""
+    def receive(self, cand: Candidate, state: str, fitness: Any) -> Optional[Tell]:
+        """Record a result (fitness: a float or a vector of objectives); when the (full)
+        generation is complete, tell the optimizer."""
         if cand.generation != self.generation or self.members[cand.member] is not cand:
             raise RuntimeError(f"result for {cand.key} does not belong to island {self.index}'s open generation")
         cand.state, cand.fitness = state, fitness
         if self._next < len(self.members) or any(c.state is None for c in self.members):
             return None
+        k = getattr(self.optimizer, "num_objectives", 1)
         for c in self.members:
-            if c.state == "complete":
-                self.successes.append(float(c.fitness))
+            if c.state == "complete" and c.fitness is not None and _finite(c.fitness):
+                self.successes.append(c.fitness)
         if not self.full:
             self.told = True  # cut by the quota: never told (the island is done)
             return None
-        values = [penalized(c.state, c.fitness, self.successes, self.failure_fitness) for c in self.members]
+        values = [penalized(c.state, c.fitness, self.successes, self.failure_fitness, k) for c in self.members]
         self.optimizer.tell([c.genome for c in self.members], values)
         self.told = True
         return Tell(self.index, self.generation, tuple(int(c.trial_id) for c in self.members), tuple(values),
@@ -182,7 +194,7 @@ class IslandScheduler:
         open_ = [isl for isl in ready if isl.has_open_generation]
         return min(open_ or ready, key=lambda isl: (isl.issued, isl.index)).issue()
 
-    def receive(self, cand: Candidate, state: str, fitness: Optional[float]) -> Optional[Tell]:
+    def receive(self, cand: Candidate, state: str, fitness: Any) -> Optional[Tell]:
         return self.islands[cand.island].receive(cand, state, fitness)
 
     @property
@@ -210,11 +222,13 @@ class ReplayError(RuntimeError):
 
 
 def replay(scheduler: IslandScheduler, dispatched: dict[tuple[int, int, int], dict],
-           finished: dict[int, dict], tells: dict[tuple[int, int], dict]) -> tuple[list[Candidate], list[Tell]]:
+           finished: dict[int, dict], tells: dict[tuple[int, int], dict],
+           told_input: Callable[[dict], Any] = lambda rec: rec["fitness"]) -> tuple[list[Candidate], list[Tell]]:
     """Rebuild the islands from a ledger.
 
     ``dispatched``: dispatch records by (island, generation, member); ``finished``:
-    trial records by trial id; ``tells``: tell records by (island, generation).
+    trial records by trial id; ``tells``: tell records by (island, generation);
+    ``told_input``: what a trial record tells (its fitness, or its objectives).
     Every recorded candidate is re-asked from its island's optimizer and checked
     against the ledger's genome; finished ones are received again (no evaluation),
     which re-tells the optimizers exactly as before. Returns the candidates that were
@@ -236,7 +250,7 @@ def replay(scheduler: IslandScheduler, dispatched: dict[tuple[int, int, int], di
             if result is None:
                 redo.append(cand)
                 continue
-            tell = isl.receive(cand, result["state"], result["fitness"])
+            tell = isl.receive(cand, result["state"], told_input(result))
             if tell is None:
                 continue
             recorded = tells.get((tell.island, tell.generation))

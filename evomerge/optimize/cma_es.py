@@ -1,4 +1,4 @@
-"""CMA-ES through pycma (the only module that imports ``cma``).
+"""CMA-ES through pycma (the only module that imports ``cma``), with IPOP restarts.
 
 Bounds are handled by pycma's BoundTransform (candidates are mapped into the
 box smoothly, not just clipped), the genome lives in [0, 1]^dim, and the same
@@ -6,6 +6,12 @@ seed gives the same sequence of genomes. Each instance samples from its own
 ``numpy.random.Generator`` (pycma's default draws from the global NumPy
 stream, so several instances in one process — islands — would perturb each
 other depending on the order of their asks).
+
+IPOP: when a population stalls — pycma's own termination criteria fire (e.g.
+tolx, tolfun, flat fitness) or the best fitness has not improved for
+``stall_generations`` generations — a new CMA-ES starts from a uniformly random
+point of the box (drawn from the same generator) with twice the population,
+up to ``max_restarts`` times. The best over all restarts is kept.
 """
 
 from __future__ import annotations
@@ -15,18 +21,34 @@ from typing import Sequence
 import cma
 import numpy as np
 
-from evomerge.optimize.base import Genome
+from evomerge.optimize.base import BestTracker, Fitness, Genome, check_finite
 
 
 class CMAESOptimizer:
     """Maximises fitness with pycma's CMAEvolutionStrategy (which minimises -fitness)."""
 
-    def __init__(self, dim: int, *, x0: float = 0.5, sigma0: float = 1 / 6, popsize: int, seed: int = 0) -> None:
+    num_objectives = 1
+
+    def __init__(self, dim: int, *, x0: float = 0.5, sigma0: float = 1 / 6, popsize: int, seed: int = 0,
+                 restarts: str = "ipop", max_restarts: int = 9, stall_generations: int = 20) -> None:
         if dim < 1:
             raise ValueError("dim must be >= 1")
+        if restarts not in ("none", "ipop"):
+            raise ValueError(f"unknown restart strategy {restarts!r}")
         self.dim = dim
+        self.sigma0 = float(sigma0)
+        self.restart_strategy = restarts
+        self.max_restarts = max_restarts
+        self.stall_generations = stall_generations
+        self._rng = np.random.default_rng(seed)
+        self.restarts = 0
+        self.generation = 0
+        self._best = BestTracker()
+        self._start(np.full(dim, float(x0)), popsize)
+
+    def _start(self, x0: np.ndarray, popsize: int) -> None:
         self.popsize = popsize
-        rng = np.random.default_rng(seed)
+        rng = self._rng
         options = {
             "bounds": [0.0, 1.0],
             "popsize": popsize,
@@ -36,43 +58,52 @@ class CMAESOptimizer:
             "verb_log": 0,
             "verb_disp": 0,
         }
-        x0_vec = np.full(dim, float(x0))
-        if dim == 1:
-            # pycma refuses 1-d problems; pad with an inert dimension.
-            x0_vec = np.full(2, float(x0))
-        self._es = cma.CMAEvolutionStrategy(x0_vec, float(sigma0), options)
-        self._best: tuple[Genome, float] | None = None
+        if self.dim == 1:
+            x0 = np.concatenate([x0, [0.5]])  # pycma refuses 1-d problems; pad with an inert dimension
+        self._es = cma.CMAEvolutionStrategy(x0, self.sigma0, options)
         self._asked: dict[bytes, np.ndarray] = {}
+        self._run_best = -np.inf
+        self._since_improvement = 0
 
     def ask(self) -> list[Genome]:
         out = []
         for x in self._es.ask():
-            g = np.clip(np.asarray(x[: self.dim], dtype=np.float64), 0.0, 1.0)
+            g = np.clip(np.asarray(x[: self.dim], dtype=np.float64), 0.0, 1.0)  # BoundTransform already maps in
             self._asked[g.tobytes()] = np.asarray(x, dtype=np.float64)
             out.append(g)
         return out
 
-    def tell(self, genomes: Sequence[Genome], fitness: Sequence[float]) -> None:
-        values = [float(f) for f in fitness]
-        if any(not np.isfinite(v) for v in values):
-            raise ValueError("fitness told to the optimizer must be finite (the controller applies the penalty)")
+    def tell(self, genomes: Sequence[Genome], fitness: Sequence[Fitness]) -> None:
+        values = check_finite(fitness, 1)
         xs = []
         for g in genomes:
             g = np.asarray(g, dtype=np.float64)
             # tell pycma the exact vector it sampled (incl. the pad dimension when dim == 1)
             xs.append(self._asked.pop(g.tobytes(), g if self.dim > 1 else np.concatenate([g, [0.5]])))
         self._es.tell(xs, [-v for v in values])
-        for g, v in zip(genomes, values):
-            if self._best is None or v > self._best[1]:
-                self._best = (np.asarray(g, dtype=np.float64).copy(), v)
+        self.generation += 1
+        self._best.update(genomes, values)
+        top = max(values)
+        if top > self._run_best + 1e-12:
+            self._run_best, self._since_improvement = top, 0
+        else:
+            self._since_improvement += 1
+        if self.restart_strategy == "ipop" and self.restarts < self.max_restarts and self._stalled():
+            self.restarts += 1
+            self._start(self._rng.uniform(0.0, 1.0, self.dim), 2 * self.popsize)
+
+    def _stalled(self) -> bool:
+        return bool(self._es.stop()) or self._since_improvement >= self.stall_generations
 
     def best(self) -> tuple[Genome, float] | None:
-        return self._best
+        return self._best.best
 
     def state(self) -> dict:
-        """A small JSON-able summary (generation, mean, step size) used to verify a replay."""
+        """A small JSON-able summary (generation, restarts, popsize, mean, step size) used to verify a replay."""
         return {
-            "generation": int(self._es.countiter),
+            "generation": int(self.generation),
+            "restarts": int(self.restarts),
+            "popsize": int(self.popsize),
             "mean": [float(x) for x in self._es.mean[: self.dim]],
             "sigma": float(self._es.sigma),
         }
