@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a run's best recipe")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("--format", default="recipe", choices=["recipe"])
+    e.add_argument("--format", default="recipe", choices=["recipe", "hf", "mergekit"],
+                   help="recipe: evomerge YAML; hf: a Hugging Face model dir; mergekit: a mergekit YAML")
     e.add_argument("--out", type=Path, help="directory to write to (required unless --pareto)")
     e.add_argument("--trial", type=int, help="export this trial instead of the best (e.g. a Pareto member)")
     e.add_argument("--pareto", action="store_true",
@@ -137,7 +138,9 @@ def _cmd_validate(args) -> int:
     from evomerge.config import load_experiment
 
     exp = load_experiment(args.experiment)
-    print(f"{args.experiment}: ok ({exp.name}: {len(exp.models)} models, method {exp.search_space.method}, "
+    space = exp.search_space
+    what = f"method {space.method}" if space.kind == "ps" else f"data-flow space, r = {space.repetitions}"
+    print(f"{args.experiment}: ok ({exp.name}: {len(exp.models)} models, {what}, "
           f"{exp.budget.max_trials} trials)")
     return EXIT_OK
 

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.space.schema import SearchSpace
+from evomerge.space.schema import SearchSpace, load_space_data
 
 ZOO_PREFIX = "zoo:"
 
@@ -208,6 +208,22 @@ class Experiment(_Frozen):
         overlap = sorted(search & {t.name for t in self.suite.test_tasks})
         if overlap:
             problems.append(f"suite.test_tasks: {overlap} are also search tasks; the test split must be held out")
+        space = self.search_space
+        if getattr(space, "kind", "ps") == "dfs":
+            for i, name in enumerate(space.models or ()):
+                if name not in names:
+                    problems.append(f"search_space.models.{i}: {name!r} is not one of models {names}")
+            if space.embed_from is not None and space.embed_from not in names + (
+                    [space.ps_donor.name] if space.ps_donor else []):
+                problems.append(f"search_space.embed_from: {space.embed_from!r} is not one of models {names}")
+            if space.ps_donor is not None:
+                if space.ps_donor.name in names:
+                    problems.append(f"search_space.ps_donor.name: {space.ps_donor.name!r} is already a source name")
+                recipe = Path(space.ps_donor.recipe)
+                if recipe.is_dir():
+                    recipe = recipe / "best_recipe.yaml"
+                if not recipe.is_file():
+                    problems.append(f"search_space.ps_donor.recipe: no recipe at {recipe}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -224,7 +240,10 @@ class Experiment(_Frozen):
 def _format_validation_error(err: ValidationError) -> list[str]:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        parts = list(e["loc"])
+        if len(parts) > 1 and parts[0] == "search_space" and parts[1] in ("ps", "dfs"):
+            del parts[1]  # the tagged union's tag is not a field the user wrote
+        loc = ".".join(str(p) for p in parts)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -252,7 +271,7 @@ def parse_experiment(data: Any, base_dir: Path) -> Experiment:
     if isinstance(space_ref, str):
         space_path = (base_dir / space_ref).resolve()
         try:
-            data["search_space"] = SearchSpace.load_data(space_path)
+            data["search_space"] = load_space_data(space_path)
         except FileNotFoundError:
             problems.append(f"search_space: file not found: {space_path}")
             data.pop("search_space")

@@ -36,8 +36,8 @@ from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, buil
 from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
-from evomerge.recipe import Recipe
-from evomerge.space import PSCodec
+from evomerge.recipe import Recipe, load_recipe, recipe_from_dict
+from evomerge.space import DFSCodec, PSCodec
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
 from evomerge.tracking.base import Tracker
 from evomerge.tracking.null import NullTracker
@@ -127,6 +127,13 @@ def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None
         raise ConfigError(problems)
     task_paths = tuple(str(zoo.tasks_dir) if p == "zoo" else p for p in exp.suite.task_paths)
     threads = exp.dispatch.threads_per_worker or max(1, (os.cpu_count() or 1) // exp.dispatch.num_workers)
+    space = exp.search_space
+    dfs = {}
+    if space.kind == "dfs":
+        donor = None
+        if space.ps_donor is not None:
+            donor = (space.ps_donor.name, ps_donor_recipe(space.ps_donor.recipe).to_dict())
+        dfs = {"mode": "dfs", "dfs_donors": space.models, "ps_donor": donor}
     return WorkerSpec(
         model_dirs=model_dirs,
         base_model=exp.base_model,
@@ -135,7 +142,37 @@ def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None
         device=exp.dispatch.device,
         threads=threads,
         trust_remote_code=any(m.trust_remote_code for m in exp.models),
+        **dfs,
     )
+
+
+def ps_donor_recipe(path: str) -> Recipe:
+    """The PS recipe of a PS+DFS donor: a recipe YAML, or a run dir's best_recipe.yaml."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / BEST_RECIPE
+    recipe = load_recipe(p)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError([f"search_space.ps_donor.recipe: {p} is a {recipe.kind} recipe; a PS recipe is needed"])
+    return recipe
+
+
+def build_codec(exp: Experiment, spec: WorkerSpec):
+    """The genome <-> recipe codec of the experiment's search space."""
+    space = exp.search_space
+    if space.kind == "ps":
+        return PSCodec(space=space, base_model=exp.base_model, models=exp.merged_models,
+                       num_layers=num_layers_of(spec.model_dirs[exp.base_model]), seed=exp.optimizer.seed)
+    donors = list(space.models or [m.name for m in exp.models])
+    layers = [num_layers_of(spec.model_dirs[d]) for d in donors]
+    recipes = {}
+    if spec.ps_donor is not None:
+        name, recipe = spec.ps_donor
+        donors.append(name)
+        layers.append(num_layers_of(spec.model_dirs[exp.base_model]))
+        recipes[name] = Recipe.from_dict(recipe)
+    return DFSCodec(space=space, donors=tuple(donors), layers_per_donor=tuple(layers),
+                    embed_from=space.embed_from or exp.base_model, donor_recipes=recipes)
 
 
 def num_layers_of(model_dir: str) -> int:
@@ -316,13 +353,7 @@ class Controller:
         ledger.repair()
 
         spec = resolve_worker_spec(exp, progress=self.progress.message)
-        codec = PSCodec(
-            space=exp.search_space,
-            base_model=exp.base_model,
-            models=exp.merged_models,
-            num_layers=num_layers_of(spec.model_dirs[exp.base_model]),
-            seed=exp.optimizer.seed,
-        )
+        codec = build_codec(exp, spec)
         popsize = exp.optimizer.resolved_popsize(codec.dim)
         n_islands = int(info.get("islands") or min(exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize),
                                                    exp.budget.max_trials))
@@ -400,12 +431,17 @@ class Controller:
             write_json_atomic(info_path, info)
             self.progress.close()
 
-    def _params(self, codec: PSCodec, popsize: int, islands: int) -> dict[str, Any]:
+    def _params(self, codec, popsize: int, islands: int) -> dict[str, Any]:
         exp = self.exp
+        space = exp.search_space
+        if space.kind == "ps":
+            shape = {"space": "ps", "method": space.method, "granularity": space.granularity}
+        else:
+            shape = {"space": "dfs", "repetitions": space.repetitions, "scaling": space.scaling,
+                     "layer_donors": ",".join(codec.donors), "max_path_length": space.max_path_length}
         return {
             "experiment": exp.name,
-            "method": exp.search_space.method,
-            "granularity": exp.search_space.granularity,
+            **shape,
             "dimensions": codec.dim,
             "popsize": popsize,
             "islands": islands,
@@ -497,7 +533,7 @@ class _RunState:
             self.failed += 1
             return False
         if self.best is None or rec["fitness"] > self.best[1]:
-            self.best = (rec["trial_id"], float(rec["fitness"]), Recipe.from_dict(rec["recipe"]))
+            self.best = (rec["trial_id"], float(rec["fitness"]), recipe_from_dict(rec["recipe"]))
         return self.multi_objective and self.front.add(rec["trial_id"], rec["objectives"])
 
     def _write_pareto(self) -> None:

@@ -131,3 +131,74 @@ def _tuplify(data: dict) -> dict:
         for m in data.get("models", [])
     ]
     return data
+
+
+class PathStep(_Frozen):
+    """One layer on a data-flow path: layer ``layer`` of ``model``, its input scaled by ``scale``."""
+
+    model: str
+    layer: int
+    scale: float = 1.0
+
+
+class DFSRecipe(_Frozen):
+    """A data-flow (layer path) plan: embeddings/head from ``embed_from``, then ``layers`` in order.
+
+    ``donors`` holds the PS recipes of merged layer donors (PS+DFS), so the recipe is
+    self-contained: the same sources reproduce it anywhere.
+    """
+
+    kind: Literal["dfs"] = "dfs"
+    embed_from: str
+    layers: tuple[PathStep, ...]
+    donors: dict[str, Recipe] = {}
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def content_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        data = self.model_dump(mode="json")
+        data["donors"] = {k: v.to_dict() for k, v in self.donors.items()}
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DFSRecipe":
+        data = dict(data)
+        data["donors"] = {k: Recipe.from_dict(v) for k, v in (data.get("donors") or {}).items()}
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "DFSRecipe":
+        return cls.from_dict(yaml.safe_load(text))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DFSRecipe":
+        return cls.from_yaml(Path(path).read_text())
+
+
+AnyRecipe = Union[Recipe, DFSRecipe]
+
+
+def recipe_from_dict(data: dict) -> AnyRecipe:
+    """A recipe of any kind from its dict (``kind: ps`` or ``kind: dfs``)."""
+    return DFSRecipe.from_dict(data) if data.get("kind") == "dfs" else Recipe.from_dict(data)
+
+
+def load_recipe(path: str | Path) -> AnyRecipe:
+    """A recipe of any kind from a YAML file."""
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping")
+    return recipe_from_dict(data)

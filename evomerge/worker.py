@@ -20,7 +20,7 @@ from typing import Literal, Optional
 from evomerge.config import SuiteConfig
 from evomerge.errors import EvaluationError, EvomergeError
 from evomerge.evaluate.suite import weighted_fitness
-from evomerge.recipe import Recipe
+from evomerge.recipe import DFSRecipe, Recipe, recipe_from_dict
 
 Split = Literal["search", "test"]
 
@@ -36,6 +36,10 @@ class WorkerSpec:
     device: str = "cpu"
     threads: Optional[int] = None
     trust_remote_code: bool = False
+    mode: Literal["ps", "dfs"] = "ps"
+    # DFS: sources that lend layers (default: all), and a PS-merged donor (name, recipe dict)
+    dfs_donors: Optional[tuple[str, ...]] = None
+    ps_donor: Optional[tuple[str, dict]] = None
 
 
 @dataclass(frozen=True)
@@ -85,14 +89,35 @@ class TrialWorker:
         base_dir = spec.model_dirs[spec.base_model]
         self.sources = ResidentSources.from_model_dirs(
             {k: Path(v) for k, v in spec.model_dirs.items()}, base_model=spec.base_model, device=spec.device
-        )
+        ) if spec.mode == "ps" or spec.ps_donor else None
         self.model = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=torch.float32, trust_remote_code=spec.trust_remote_code, use_safetensors=True
         ).to(spec.device)
         self.model.eval()
         self.target = self.model.state_dict()
+        self.dataflow = self._build_dataflow() if spec.mode == "dfs" else None
         tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=spec.trust_remote_code)
         self.evaluator = LmEvalEvaluator(self.model, tokenizer, spec.suite, spec.task_paths, device=spec.device)
+
+    def _build_dataflow(self):
+        """DFS: every source resident as a model (+ the PS-merged donor, merged once), and the shell."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from evomerge.merge.dataflow import DataFlowModel, load_donors
+
+        spec = self.spec
+        donors = load_donors(spec.model_dirs, spec.device, spec.trust_remote_code)
+        if spec.ps_donor is not None:
+            name, recipe = spec.ps_donor
+            merged = AutoModelForCausalLM.from_pretrained(
+                spec.model_dirs[spec.base_model], dtype=torch.float32, use_safetensors=True,
+                trust_remote_code=spec.trust_remote_code).to(spec.device)
+            merged.eval()
+            self.sources.merge_into(Recipe.from_dict(recipe), merged.state_dict())
+            donors[name] = merged
+            self.sources = None  # only needed to build the donor
+        return DataFlowModel(donors, self.model)
 
     def _load_source(self, name: str) -> None:
         import torch
@@ -107,7 +132,19 @@ class TrialWorker:
         try:
             t0 = time.perf_counter()
             if request.recipe is not None:
-                self.sources.merge_into(Recipe.from_dict(request.recipe), self.target)
+                recipe = recipe_from_dict(request.recipe)
+                if isinstance(recipe, DFSRecipe):
+                    if self.dataflow is None:
+                        raise EvaluationError("this worker was started for a PS search; it cannot run a DFS recipe")
+                    self.dataflow.assemble(recipe)
+                else:
+                    if self.sources is None:
+                        raise EvaluationError("this worker was started for a DFS search; it cannot run a PS recipe")
+                    self.sources.merge_into(recipe, self.target)
+            elif self.dataflow is not None:
+                from evomerge.merge.dataflow import identity_recipe
+
+                self.dataflow.assemble(identity_recipe(request.source, self.dataflow.num_layers(request.source)))
             else:
                 self._load_source(request.source)
             t1 = time.perf_counter()

@@ -1,6 +1,8 @@
-"""Search spaces: schema (what may vary) and codec (genome <-> recipe)."""
+"""Search spaces (schema) and genome <-> recipe codecs."""
 
 from evomerge.space.codec import PSCodec, group_names
-from evomerge.space.schema import Bounds, ParameterSpace, SearchSpace
+from evomerge.space.dfs_codec import DFSCodec
+from evomerge.space.schema import Bounds, DataFlowSpace, ParameterSpace, PSDonor, SearchSpace, load_space_data
 
-__all__ = ["Bounds", "PSCodec", "ParameterSpace", "SearchSpace", "group_names"]
+__all__ = ["Bounds", "DFSCodec", "DataFlowSpace", "PSCodec", "PSDonor", "ParameterSpace", "SearchSpace",
+           "group_names", "load_space_data"]

@@ -1,5 +1,8 @@
 """Search-space schema: what may vary in a search (a YAML under ``search_spaces/``).
 
+Two kinds: ``ps`` (parameter space: merge coefficients) and ``dfs`` (data-flow
+space: which layers of which models the hidden state passes through, in order).
+
 A parameter-space (PS) space names a merge method and, for every merged source
 model, the per-model parameters the optimizer controls (e.g. ``density`` and
 ``weight`` for DARE-TIES), each with bounds; ``granularity: per_layer`` gives
@@ -10,10 +13,10 @@ final norm + lm_head) instead of one value for the whole model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -75,4 +78,56 @@ class ParameterSpace(_Frozen):
         return data
 
 
-SearchSpace = ParameterSpace
+class PSDonor(_Frozen):
+    """A PS-merged model that joins the sources as a layer donor (the paper's PS+DFS).
+
+    ``recipe``: a recipe YAML, or a run directory (its ``best_recipe.yaml``); relative
+    paths resolve against the search-space file.
+    """
+
+    name: str = Field(default="ps_merged", pattern=r"^[A-Za-z0-9_.-]+$")
+    recipe: str
+
+
+class DataFlowSpace(_Frozen):
+    """DFS search space (the paper's data-flow space).
+
+    With M layers in total across the layer donors (``models``, default: every source;
+    plus the ``ps_donor``) and ``repetitions`` r, the genome holds an indicator array of
+    length T = M * r: position t stands for layer t mod M of the concatenated donors, and
+    it is on the path when its gene is above 0.5 (indicator > 0 after centring, as in the
+    paper). The path keeps at most ``max_path_length`` layers. With ``scaling`` the genome
+    also holds W (M x M): the hidden state passed from layer i to layer j is scaled by
+    W[i, j] in ``scale`` (the first layer receives the embeddings unscaled). Embeddings,
+    final norm and lm_head come from ``embed_from`` (default: the base model).
+    """
+
+    kind: Literal["dfs"] = "dfs"
+    models: Optional[tuple[str, ...]] = None
+    repetitions: int = Field(default=3, ge=1)
+    max_path_length: Optional[int] = Field(default=None, ge=1)
+    scaling: bool = True
+    scale: Bounds = Bounds(low=0.5, high=1.5)
+    embed_from: Optional[str] = None
+    ps_donor: Optional[PSDonor] = None
+
+    @field_validator("scale")
+    @classmethod
+    def _positive_scales(cls, scale: Bounds) -> Bounds:
+        if scale.low <= 0:
+            raise ValueError("low must be positive (a layer input scaled by 0 or less cannot be "
+                             "folded into the exported weights)")
+        return scale
+
+
+SearchSpace = Annotated[Union[ParameterSpace, DataFlowSpace], Field(discriminator="kind")]
+
+
+def load_space_data(path: Path) -> dict[str, Any]:
+    """Read a search-space YAML; a ``ps_donor.recipe`` path resolves against the file's directory."""
+    data = ParameterSpace.load_data(path)
+    donor = data.get("ps_donor")
+    if isinstance(donor, dict) and isinstance(donor.get("recipe"), str):
+        data = {**data, "ps_donor": {**donor, "recipe": str((Path(path).parent / donor["recipe"]).resolve())}}
+    data.setdefault("kind", "ps")
+    return data
