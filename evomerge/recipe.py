@@ -59,7 +59,37 @@ class ModelParams(_Frozen):
         return float(v)
 
 
-class Recipe(_Frozen):
+class _RecipeIO(_Frozen):
+    """Identity and YAML I/O shared by every recipe kind (each defines to_dict / from_dict)."""
+
+    def canonical_json(self) -> str:
+        """Deterministic JSON text of the recipe (sorted keys, repr floats)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def content_hash(self) -> str:
+        """Stable content hash: equal recipes hash equal across processes and machines."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str):
+        return cls.from_dict(yaml.safe_load(text))
+
+    def save(self, path: str | Path) -> None:
+        """Write the YAML atomically (a reader never sees a half-written recipe)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_yaml(Path(path).read_text())
+
+
+class Recipe(_RecipeIO):
     """A parameter-space merge plan (the thing users export)."""
 
     kind: Literal["ps"] = "ps"
@@ -76,16 +106,6 @@ class Recipe(_Frozen):
                 return m
         raise KeyError(name)
 
-    # -- identity -----------------------------------------------------------
-    def canonical_json(self) -> str:
-        """Deterministic JSON text of the recipe (sorted keys, repr floats)."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-    def content_hash(self) -> str:
-        """Stable content hash: equal recipes hash equal across processes and machines."""
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
-
-    # -- YAML I/O -----------------------------------------------------------
     def to_dict(self) -> dict:
         data = self.model_dump(mode="json")
         for m in data["models"]:
@@ -94,28 +114,10 @@ class Recipe(_Frozen):
             }
         return data
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         """Inverse of ``to_dict`` (lists become per-group tuples)."""
         return cls.model_validate(_tuplify(data))
-
-    @classmethod
-    def from_yaml(cls, text: str) -> "Recipe":
-        return cls.from_dict(yaml.safe_load(text))
-
-    def save(self, path: str | Path) -> None:
-        """Write the YAML atomically (a reader never sees a half-written recipe)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
-        return cls.from_yaml(Path(path).read_text())
 
 
 def _tuplify(data: dict) -> dict:
@@ -141,7 +143,7 @@ class PathStep(_Frozen):
     scale: float = 1.0
 
 
-class DFSRecipe(_Frozen):
+class DFSRecipe(_RecipeIO):
     """A data-flow (layer path) plan: embeddings/head from ``embed_from``, then ``layers`` in order.
 
     ``donors`` holds the PS recipes of merged layer donors (PS+DFS), so the recipe is
@@ -153,39 +155,16 @@ class DFSRecipe(_Frozen):
     layers: tuple[PathStep, ...]
     donors: dict[str, Recipe] = {}
 
-    def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-    def content_hash(self) -> str:
-        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
-
     def to_dict(self) -> dict:
         data = self.model_dump(mode="json")
         data["donors"] = {k: v.to_dict() for k, v in self.donors.items()}
         return data
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> "DFSRecipe":
         data = dict(data)
         data["donors"] = {k: Recipe.from_dict(v) for k, v in (data.get("donors") or {}).items()}
         return cls.model_validate(data)
-
-    @classmethod
-    def from_yaml(cls, text: str) -> "DFSRecipe":
-        return cls.from_dict(yaml.safe_load(text))
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DFSRecipe":
-        return cls.from_yaml(Path(path).read_text())
 
 
 AnyRecipe = Union[Recipe, DFSRecipe]

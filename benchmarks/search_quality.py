@@ -1,0 +1,254 @@
+"""Search quality on the cross-skill zoo: what a search buys over sources, defaults and a grid.
+
+For each seed (the zoo is built with that seed and every search uses it too) it scores,
+on the held-out test split (600 items):
+
+- the source models; default-parameter merges (linear 0.5/0.5, task arithmetic 1/1, TIES
+  and DARE-TIES at density 0.5, weights 1/1, normalize); a small TIES grid (18 points,
+  chosen on the search split);
+- searches at equal trial budgets (``--trials``, default 96; 2 Ray workers): random search
+  and CMA-ES over the quickstart's DARE-TIES space, DFS (experiments/zoo_dfs.yaml) and
+  PS+DFS (experiments/zoo_ps_dfs.yaml with this seed's CMA-ES PS result as the donor, so
+  PS+DFS spends the PS budget plus its own).
+
+Every search reports the test score of its best-on-search recipe. Output: one table
+(mean ± std over seeds, trials used, per-seed values) printed and written to
+``benchmarks/results/search_quality.md`` with a plot (``.png``) and the raw ``.json``.
+Results are cached per (seed, method) in the JSON, so an interrupted run continues.
+
+Usage: python benchmarks/search_quality.py [--seeds 0,1,2] [--trials 96]   (~10 min per seed on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+from evomerge.config import parse_experiment  # noqa: E402
+from evomerge.controller import Controller, resolve_worker_spec  # noqa: E402
+from evomerge.recipe import ModelParams, Recipe  # noqa: E402
+
+METHODS = [  # (key, label, kind)
+    ("base", "source: base", "fixed"),
+    ("expert_a", "source: expert_a", "fixed"),
+    ("expert_b", "source: expert_b", "fixed"),
+    ("linear", "linear 0.5/0.5 (default)", "fixed"),
+    ("task_arithmetic", "task arithmetic 1/1 (default)", "fixed"),
+    ("ties", "TIES d=.5 w=1/1 (default)", "fixed"),
+    ("dare_ties", "DARE-TIES d=.5 w=1/1 (default)", "fixed"),
+    ("ties_grid", "TIES grid, 18 points (best on search)", "grid"),
+    ("random_ps", "random search, DARE-TIES space", "search"),
+    ("cma_ps", "CMA-ES PS, DARE-TIES space", "search"),
+    ("dfs", "CMA-ES DFS", "search"),
+    ("ps_dfs", "CMA-ES PS+DFS (donor: CMA-ES PS)", "search"),
+]
+
+
+def recipe(method: str, wa: float, wb: float, density: float | None = None, normalize: bool = True) -> Recipe:
+    def params(w):
+        return {"weight": w} if density is None else {"weight": w, "density": density}
+
+    glob = {} if method in ("linear",) else {"normalize": normalize}
+    return Recipe(method=method, base_model="base", seed=0, parameters=glob,
+                  models=(ModelParams(model="expert_a", parameters=params(wa)),
+                          ModelParams(model="expert_b", parameters=params(wb))))
+
+
+def experiment(template: str, seed: int, trials: int, name: str, **changes):
+    data = yaml.safe_load((ROOT / "experiments" / template).read_text())
+    data["name"] = name
+    data["zoo"] = {"kind": "cross-skill", "seed": seed}
+    data["optimizer"] = {**data["optimizer"], "seed": seed}
+    data["budget"] = {"max_trials": trials}
+    data["tracking"] = {"backend": "none"}
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_experiment(data, ROOT / "experiments")
+
+
+def fixed_scores(seed: int, log) -> dict[str, dict]:
+    """Sources, default merges and the TIES grid, scored in-process on both splits."""
+    from evomerge.worker import EvalRequest, TrialWorker
+
+    exp = experiment("quickstart.yaml", seed, 1, f"sq-fixed-{seed}")
+    spec = resolve_worker_spec(exp, progress=log)
+    worker = TrialWorker(dataclasses.replace(spec, threads=os.cpu_count() or 1))
+
+    def score(req_kwargs) -> tuple[float, float]:
+        out = []
+        for split in ("search", "test"):
+            res = worker.run(EvalRequest(trial_id=0, split=split, **req_kwargs))
+            if res.state != "complete":
+                raise RuntimeError(res.error)
+            out.append(res.fitness)
+        return out[0], out[1]
+
+    results = {}
+    for name in ("base", "expert_a", "expert_b"):
+        s, t = score({"source": name})
+        results[name] = {"search": s, "test": t, "trials": 0}
+    defaults = {
+        "linear": recipe("linear", 0.5, 0.5),
+        "task_arithmetic": recipe("task_arithmetic", 1.0, 1.0, normalize=False),
+        "ties": recipe("ties", 1.0, 1.0, density=0.5),
+        "dare_ties": recipe("dare_ties", 1.0, 1.0, density=0.5),
+    }
+    for key, r in defaults.items():
+        s, t = score({"recipe": r.to_dict()})
+        results[key] = {"search": s, "test": t, "trials": 0}
+    grid = []
+    for d in (0.3, 0.6, 0.9):
+        for wa in (0.5, 1.0):
+            for wb in (0.25, 0.5, 1.0):
+                r = recipe("ties", wa, wb, density=d, normalize=False)
+                s, t = score({"recipe": r.to_dict()})
+                grid.append((s, t, (d, wa, wb)))
+    best = max(grid, key=lambda g: g[0])
+    results["ties_grid"] = {"search": best[0], "test": best[1], "trials": len(grid), "choice": list(best[2])}
+    return results
+
+
+def run_search(exp, run_dir: Path) -> dict:
+    summary = Controller(exp, run_dir).run()
+    return {"search": summary.best_fitness, "test": summary.test_scores.get("best"), "trials": summary.trials,
+            "run_dir": str(run_dir)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--trials", type=int, default=96)
+    ap.add_argument("--work-dir", type=Path, default=Path("/tmp/evomerge-search-quality"))
+    args = ap.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw_path = RESULTS / "search_quality.json"
+    raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
+    if raw.get("trials") not in (None, args.trials):
+        raw = {}
+    raw["trials"] = args.trials
+    raw.setdefault("seeds", {})
+
+    def log(text):
+        print(text, file=sys.stderr, flush=True)
+
+    def save():
+        tmp = raw_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
+        os.replace(tmp, raw_path)
+
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        res = raw["seeds"].setdefault(str(seed), {})
+        t0 = time.perf_counter()
+        if "ties_grid" not in res:
+            log(f"seed {seed}: sources, defaults, grid")
+            res.update(fixed_scores(seed, log))
+            save()
+        work = args.work_dir / f"seed{seed}"
+        plans = [
+            ("random_ps", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-random-{seed}",
+                                             optimizer={"name": "random"})),
+            ("cma_ps", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cma-{seed}")),
+            ("dfs", lambda: experiment("zoo_dfs.yaml", seed, args.trials, f"sq-dfs-{seed}")),
+            ("ps_dfs", lambda: experiment(
+                "zoo_ps_dfs.yaml", seed, args.trials, f"sq-psdfs-{seed}",
+                search_space={**yaml.safe_load((ROOT / "search_spaces" / "ps_dfs.yaml").read_text()),
+                              "ps_donor": {"name": "ps_merged", "recipe": res["cma_ps"]["run_dir"]}})),
+        ]
+        for key, make in plans:
+            if key in res:
+                continue
+            log(f"seed {seed}: {key}")
+            run_dir = work / key
+            if run_dir.exists():
+                import shutil
+
+                shutil.rmtree(run_dir)
+            res[key] = run_search(make(), run_dir)
+            if key == "ps_dfs":
+                res[key]["trials_including_donor"] = res[key]["trials"] + res["cma_ps"]["trials"]
+            save()
+        log(f"seed {seed} done in {time.perf_counter() - t0:.0f} s")
+    write_report(raw)
+
+
+def write_report(raw: dict) -> None:
+    seeds = sorted(raw["seeds"], key=int)
+    rows = []
+    for key, label, kind in METHODS:
+        vals = [raw["seeds"][s][key] for s in seeds if key in raw["seeds"][s]]
+        if not vals:
+            continue
+        test = np.array([v["test"] for v in vals], dtype=float)
+        search = np.array([v["search"] for v in vals], dtype=float)
+        trials = vals[0].get("trials_including_donor", vals[0]["trials"])
+        rows.append((key, label, search, test, trials))
+    lines = [f"Cross-skill zoo, held-out test split (600 items), {len(seeds)} seed(s) ({', '.join(seeds)}); "
+             f"searches: {raw['trials']} trials each, 2 Ray workers.", "",
+             "| method | test (mean ± std) | search split | trials | test per seed |",
+             "|---|---|---|---|---|"]
+    for key, label, search, test, trials in rows:
+        lines.append(f"| {label} | {test.mean():.3f} ± {test.std():.3f} | {search.mean():.3f} | {trials} | "
+                     + ", ".join(f"{x:.3f}" for x in test) + " |")
+    by = {key: test for key, _, _, test, _ in rows}
+    lines += ["", "Targets (paired over seeds; 'clear' = the smallest per-seed gain is > 0 and the mean gain "
+              "exceeds the std of the gains):"]
+
+    def verdict(name, a, b):
+        if a not in by or b not in by:
+            return
+        gains = by[a] - by[b]
+        clear = gains.min() > 0 and gains.mean() > gains.std()
+        lines.append(f"- {name}: mean gain {gains.mean():+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}) "
+                     f"-> {'met' if clear else 'NOT met'}")
+
+    best_source = "expert_a"
+    defaults = [k for k in ("linear", "task_arithmetic", "ties", "dare_ties") if k in by]
+    best_default = max(defaults, key=lambda k: by[k].mean()) if defaults else None
+    verdict(f"CMA-ES PS beats the best source ({best_source})", "cma_ps", best_source)
+    if best_default:
+        verdict(f"CMA-ES PS beats the best default merge ({best_default})", "cma_ps", best_default)
+    verdict("CMA-ES PS beats random search at equal budget", "cma_ps", "random_ps")
+    if "ps_dfs" in by and "cma_ps" in by:
+        gains = by["ps_dfs"] - by["cma_ps"]
+        lines.append(f"- PS+DFS >= PS: mean {gains.mean():+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}) "
+                     f"-> {'met' if gains.mean() >= 0 else 'NOT met'}")
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "search_quality.md").write_text(text)
+    print(text)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
+    labels = [label for _, label, _, _, _ in rows][::-1]
+    means = [test.mean() for _, _, _, test, _ in rows][::-1]
+    stds = [test.std() for _, _, _, test, _ in rows][::-1]
+    ax.barh(labels, means, xerr=stds, color="#4c72b0")
+    ax.axvline(0.25, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("held-out test accuracy (mean ± std over seeds)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "search_quality.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
