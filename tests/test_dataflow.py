@@ -15,6 +15,7 @@ from evomerge.ledger import Ledger
 from evomerge.merge.dataflow import DataFlowModel, identity_recipe, load_donors
 from evomerge.recipe import DFSRecipe, PathStep, recipe_from_dict
 from evomerge.space import DataFlowSpace, DFSCodec
+from tiny import experiment_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,22 +133,11 @@ def test_codec_indicators_scales_and_truncation():
 
 
 def _experiment(tmp_path: Path, space: str, max_trials: int = 6) -> Path:
-    data = {
-        "name": f"tiny_{space}",
-        "zoo": {"kind": "tiny", "seed": 0},
-        "models": [{"name": n, "path": f"zoo:{n}"} for n in ("base", "expert_a", "expert_b")],
-        "base_model": "base",
-        "search_space": str(ROOT / "search_spaces" / f"{space}.yaml"),
-        "suite": {"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search"}],
-                  "test_tasks": [{"name": "zoo_arith_l2_test"}], "batch_size": 64},
-        "optimizer": {"popsize": 3, "seed": 0, "islands": 1},
-        "budget": {"max_trials": max_trials},
-        "dispatch": {"backend": "local", "num_workers": 1},
-        "tracking": {"backend": "none"},
-    }
-    path = tmp_path / f"{space}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return experiment_file(
+        tmp_path, f"tiny_{space}", search_space=str(ROOT / "search_spaces" / f"{space}.yaml"),
+        suite={"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search"}],
+               "test_tasks": [{"name": "zoo_arith_l2_test"}], "batch_size": 64},
+        optimizer={"popsize": 3, "seed": 0, "islands": 1}, budget={"max_trials": max_trials})
 
 
 @pytest.mark.parametrize("space", ["dfs", "ps_dfs"])

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from evomerge.cli import main
 from evomerge.config import load_experiment
@@ -26,28 +25,14 @@ from evomerge.errors import EvomergeError
 from evomerge.ledger import Ledger
 from evomerge.testing import FaultInjectingWorker
 from evomerge.tracking.mlflow_tracker import read_run
+from tiny import experiment_file
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _experiment(tmp_path: Path, name: str, **overrides) -> Path:
-    data = {
-        "name": name,
-        "zoo": {"kind": "tiny", "seed": 0},
-        "models": [{"name": n, "path": f"zoo:{n}"} for n in ("base", "expert_a", "expert_b")],
-        "base_model": "base",
-        "search_space": str(ROOT / "search_spaces" / "ps_ties_dare.yaml"),
-        "suite": {"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search", "metric": "acc"}],
-                  "batch_size": 64},
-        "optimizer": {"name": "cma_es", "popsize": 4, "seed": 3, "islands": 1},
-        "budget": {"max_trials": 8},
-        "dispatch": {"backend": "ray", "num_workers": 2},
-        "tracking": {"backend": "none"},
-    }
-    data.update(overrides)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    defaults = {"optimizer": {"name": "cma_es", "popsize": 4, "seed": 3, "islands": 1},
+                "dispatch": {"backend": "ray", "num_workers": 2}}
+    return experiment_file(tmp_path, name, **{**defaults, **overrides})
 
 
 def _by_key(run_dir: Path) -> dict:

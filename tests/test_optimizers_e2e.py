@@ -6,32 +6,19 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from evomerge.cli import main
 from evomerge.ledger import Ledger
 from evomerge.pareto import dominates, front_of
 from evomerge.recipe import Recipe
+from tiny import experiment_file
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _experiment(tmp_path: Path, name: str, optimizer: dict, tasks: list[str], max_trials: int) -> Path:
-    data = {
-        "name": name,
-        "zoo": {"kind": "tiny", "seed": 0},
-        "models": [{"name": n, "path": f"zoo:{n}"} for n in ("base", "expert_a", "expert_b")],
-        "base_model": "base",
-        "search_space": str(ROOT / "search_spaces" / "ps_ties_dare.yaml"),
-        "suite": {"task_paths": ["zoo"], "tasks": [{"name": t} for t in tasks], "batch_size": 64},
-        "optimizer": {"popsize": 4, "seed": 2, "islands": 1, **optimizer},
-        "budget": {"max_trials": max_trials},
-        "dispatch": {"backend": "local", "num_workers": 1},
-        "tracking": {"backend": "none"},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return experiment_file(tmp_path, name, budget={"max_trials": max_trials},
+                           optimizer={"popsize": 4, "seed": 2, "islands": 1, **optimizer},
+                           suite={"task_paths": ["zoo"], "tasks": [{"name": t} for t in tasks], "batch_size": 64})
 
 
 @pytest.mark.parametrize("name", ["tpe", "optuna_cmaes", "random"])
