@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from evomerge.errors import EvomergeError
-from evomerge.ledger import Ledger
+from evomerge.ledger import Ledger, best_trial
 from evomerge.recipe import AnyRecipe, recipe_from_dict
 
 FORMATS = ("recipe", "hf", "mergekit")
@@ -26,10 +26,9 @@ def find_recipe(run_dir: Path, trial: Optional[int] = None) -> tuple[AnyRecipe, 
             raise EvomergeError(f"run {run_dir.name} has no trial {trial} (it has {len(trials)} trials)")
         record = match[0]
     else:
-        complete = [r for r in trials if r["state"] == "complete"]
-        if not complete:
+        record = best_trial(trials)
+        if record is None:
             raise EvomergeError(f"run {run_dir.name} has no complete trial to export")
-        record = max(complete, key=lambda r: (r["fitness"], -r["trial_id"]))
     return recipe_from_dict(record["recipe"]), record
 
 

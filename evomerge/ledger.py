@@ -53,6 +53,16 @@ class Ledger:
         return [r for r in self if kind is None or r.get("kind") == kind]
 
 
+def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The complete trial record with the highest fitness; ties go to the one finished first
+    (ledger order) — the rule the controller uses for best_recipe.yaml."""
+    best = None
+    for r in trials:
+        if r.get("state") == "complete" and (best is None or r["fitness"] > best["fitness"]):
+            best = r
+    return best
+
+
 def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)

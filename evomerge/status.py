@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from evomerge.controller import LEDGER, RUN_INFO, RunLock
 from evomerge.errors import EvomergeError
-from evomerge.ledger import Ledger
+from evomerge.ledger import Ledger, best_trial
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             done.append(rec)
     finished_ids = {r["trial_id"] for r in done}
     complete = [r for r in done if r["state"] == "complete"]
-    best: Optional[dict] = max(complete, key=lambda r: (r["fitness"], -r["trial_id"])) if complete else None
+    best: Optional[dict] = best_trial(done)
     max_trials = int(info.get("max_trials") or 0)
     rate = eta = None
     times = sorted(r["finished_at"] for r in done)

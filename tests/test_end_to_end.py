@@ -9,7 +9,7 @@ import yaml
 
 from evomerge.cli import main
 from evomerge.controller import num_layers_of
-from evomerge.ledger import Ledger
+from evomerge.ledger import Ledger, best_trial
 from evomerge.recipe import Recipe
 from evomerge.tracking.mlflow_tracker import read_run
 
@@ -82,7 +82,7 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
     assert len(set(base_scores.values())) > 1 or len({t["fitness"] for t in trials}) > 1
 
     # the best recipe on disk is the best trial's
-    best = max(trials, key=lambda t: (t["fitness"], -t["trial_id"]))
+    best = best_trial(trials)  # ties: the first finished, as the controller keeps it
     assert Recipe.load(run_dir / "best_recipe.yaml").content_hash() == best["recipe_hash"]
 
     # MLflow: one run with params, the config artifact and a fitness curve over trials
