@@ -79,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-trials", type=int, help="override budget.max_trials")
     r.add_argument("--seed", type=int, help="override optimizer.seed")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--resume", action="store_true",
+                   help="if --run-dir already holds this run (a restarted job), resume it instead of failing")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the plan (dimensions, popsize, budget, memory, GPU-hours) and exit; "
+                        "nothing is downloaded, merged or evaluated")
+    r.add_argument("--calibrate", type=Path, metavar="RUN_DIR",
+                   help="with --dry-run: per-trial cost measured in this (pilot) run on the target hardware")
+    r.add_argument("--trial-seconds", type=float, metavar="S", help="with --dry-run: per-trial cost to assume")
+    r.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
     rs = sub.add_parser("resume", help="continue a run that was interrupted or crashed")
     rs.add_argument("run_dir", type=Path)
@@ -162,14 +171,45 @@ def _experiment_with_overrides(args):
 
 
 def _cmd_run(args) -> int:
-    from evomerge.controller import Controller, new_run_id
+    from evomerge.controller import LEDGER, Controller, new_run_id
 
+    if not args.dry_run and (args.calibrate or args.trial_seconds is not None or args.json):
+        raise ConfigError(["--calibrate, --trial-seconds and --json go with --dry-run"])
+    if args.resume and args.run_dir is None:
+        raise ConfigError(["--resume: needs --run-dir (the directory a restarted job finds its run in)"])
     exp = _experiment_with_overrides(args)
+    if args.dry_run:
+        return _dry_run(exp, args)
+    if args.resume and (args.run_dir / LEDGER).exists():
+        from evomerge.controller import load_run_experiment
+
+        held = load_run_experiment(args.run_dir)
+        if held.model_dump(exclude={"budget"}) != exp.model_dump(exclude={"budget"}):
+            raise ConfigError([f"--resume: {args.run_dir} holds a run of a different experiment (or other "
+                               f"settings); continue it with `evomerge resume {args.run_dir}`"])
+        progress = _BarProgress(args.quiet)
+        progress.message(f"{args.run_dir} holds a run already: resuming it")
+        extend = exp.budget.max_trials if exp.budget.max_trials > held.budget.max_trials else None
+        summary = Controller.for_resume(args.run_dir, max_trials=extend, progress=progress).resume()
+        _print_summary(summary)
+        return EXIT_OK
     run_dir = args.run_dir or Path("runs") / new_run_id(exp.name)
     progress = _BarProgress(args.quiet)
     progress.message(f"run {run_dir.name}: {run_dir}")
     summary = Controller(exp, run_dir, progress=progress).run()
     _print_summary(summary)
+    return EXIT_OK
+
+
+def _dry_run(exp, args) -> int:
+    from evomerge.plan import make_plan, plan_json
+
+    if args.trial_seconds is not None and args.trial_seconds <= 0:
+        raise ConfigError(["--trial-seconds: must be positive"])
+    if args.calibrate and args.trial_seconds is not None:
+        raise ConfigError(["--calibrate and --trial-seconds: give one per-trial cost, not both"])
+    plan = make_plan(exp, calibrate=args.calibrate, trial_seconds=args.trial_seconds)
+    print(plan_json(plan) if args.json else plan.render())
     return EXIT_OK
 
 
@@ -188,6 +228,9 @@ def _cmd_resume(args) -> int:
 def _cmd_submit(args) -> int:
     import json
 
+    import yaml
+
+    from evomerge.config import portable_experiment
     from evomerge.controller import new_run_id
     from evomerge.dispatch import ray_jobs
 
@@ -202,8 +245,9 @@ def _cmd_submit(args) -> int:
         if not sep or not key:
             raise ConfigError([f"--env: expected KEY=VALUE, got {item!r}"])
         env[key] = value
-    job = ray_jobs.submit(args.address, exp.to_yaml(), new_run_id(exp.name), run_dir=args.run_dir, env=env,
-                          python=args.python)
+    data, files = portable_experiment(exp)
+    job = ray_jobs.submit(args.address, yaml.safe_dump(data, sort_keys=False), new_run_id(exp.name),
+                          run_dir=args.run_dir, env=env, python=args.python, files=files)
     if args.json:
         print(json.dumps(job.__dict__))
     else:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.sources import is_hub, parse_hub
 from evomerge.space.schema import SearchSpace, load_space_data
 
 ZOO_PREFIX = "zoo:"
@@ -36,11 +37,16 @@ class ZooConfig(_Frozen):
 class SourceModel(_Frozen):
     """A source model: a name used in recipes and a Hugging Face model dir.
 
-    ``path`` is a directory, or ``zoo:<name>`` for a model of the embedded zoo.
+    ``path`` is a directory, ``zoo:<name>`` for a model of the embedded zoo, or
+    ``hf:<org>/<name>[@<revision>]`` for a Hugging Face Hub model (fetched by each worker
+    into its Hub cache, see :mod:`evomerge.sources`). ``config``: a local copy of the
+    model's ``config.json``, so that ``validate`` and ``run --dry-run`` know its shape
+    before anything is downloaded.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     path: str
+    config: Optional[str] = None
     trust_remote_code: bool = False
 
 
@@ -148,12 +154,16 @@ class DispatchConfig(_Frozen):
     ``max_retries``: how often a trial whose worker died (killed process, lost node) is
     retried on a fresh worker before it is recorded as failed. ``trial_timeout``: seconds
     after which a running trial is stopped (its worker replaced) and recorded as failed.
+    ``dtype``: the dtype the resident sources, the merged model and its evaluation use
+    (``bfloat16`` halves a 7B worker's memory; merges then round like mergekit's
+    ``dtype: bfloat16``).
     """
 
     backend: Literal["ray", "local"] = "ray"
     num_workers: int = Field(default=2, gt=0)
     address: Optional[str] = None
     device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads_per_worker: Optional[int] = Field(default=None, gt=0)
     max_retries: int = Field(default=2, ge=0)
     trial_timeout: Optional[float] = Field(default=None, gt=0)
@@ -278,15 +288,30 @@ def parse_experiment(data: Any, base_dir: Path) -> Experiment:
         except yaml.YAMLError as exc:
             problems.append(f"search_space: {space_path} is not valid YAML: {exc}")
             data.pop("search_space")
+    space = data.get("search_space")
+    if isinstance(space, dict) and isinstance(space.get("ps_donor"), dict):
+        recipe = space["ps_donor"].get("recipe")
+        if isinstance(recipe, str) and not Path(recipe).is_absolute():  # an inline space (e.g. a staged job)
+            data["search_space"] = {**space, "ps_donor": {**space["ps_donor"], "recipe": str((base_dir / recipe).resolve())}}
     models = data.get("models")
     if isinstance(models, list):
         resolved = []
         for i, m in enumerate(models):
-            if isinstance(m, dict) and isinstance(m.get("path"), str) and not m["path"].startswith(ZOO_PREFIX):
+            if isinstance(m, dict) and isinstance(m.get("path"), str) and is_hub(m["path"]):
+                try:
+                    parse_hub(m["path"])
+                except ConfigError as exc:
+                    problems.extend(f"models.{i}.path: {line}" for line in exc.problems)
+            elif isinstance(m, dict) and isinstance(m.get("path"), str) and not m["path"].startswith(ZOO_PREFIX):
                 p = (base_dir / Path(m["path"]).expanduser()).resolve()
                 if not p.is_dir():
                     problems.append(f"models.{i}.path: model directory not found: {p}")
                 m = {**m, "path": str(p)}
+            if isinstance(m, dict) and isinstance(m.get("config"), str):
+                c = (base_dir / Path(m["config"]).expanduser()).resolve()
+                if not c.is_file():
+                    problems.append(f"models.{i}.config: file not found: {c}")
+                m = {**m, "config": str(c)}
             resolved.append(m)
         data["models"] = resolved
     suite = data.get("suite")
@@ -307,6 +332,38 @@ def parse_experiment(data: Any, base_dir: Path) -> Experiment:
     if problems:
         raise ConfigError(problems)
     return exp
+
+
+def portable_experiment(exp: Experiment) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The experiment as data that loads on another machine, and the local files it needs there.
+
+    Task dirs, declared model configs and a PS donor's recipe are local files: they are listed
+    as ``{relative path: local path}`` and the data refers to them relatively (a job ships them
+    in its working dir). Hub and zoo sources travel as they are; a source given as a local
+    directory does not (weights are not shipped): it must exist at the same path on the cluster.
+    """
+    data = exp.model_dump(mode="json")
+    files: dict[str, Path] = {}
+    paths = []
+    for i, p in enumerate(data["suite"]["task_paths"]):
+        if p == "zoo":
+            paths.append(p)
+            continue
+        rel = f"files/tasks/{i}-{Path(p).name}"
+        files[rel] = Path(p)
+        paths.append(rel)
+    data["suite"]["task_paths"] = paths
+    for m in data["models"]:
+        if m.get("config"):
+            rel = f"files/configs/{m['name']}.json"
+            files[rel] = Path(m["config"])
+            m["config"] = rel
+    donor = data["search_space"].get("ps_donor")
+    if donor:
+        recipe = Path(donor["recipe"])
+        files["files/ps_donor.yaml"] = recipe / "best_recipe.yaml" if recipe.is_dir() else recipe
+        donor["recipe"] = "files/ps_donor.yaml"
+    return data, files
 
 
 def load_experiment(path: str | Path) -> Experiment:

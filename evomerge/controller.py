@@ -37,6 +37,7 @@ from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, load_recipe, recipe_from_dict
+from evomerge.sources import model_config
 from evomerge.space import DFSCodec, PSCodec
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
 from evomerge.tracking.base import Tracker
@@ -133,13 +134,14 @@ def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None
         donor = None
         if space.ps_donor is not None:
             donor = (space.ps_donor.name, ps_donor_recipe(space.ps_donor.recipe).to_dict())
-        dfs = {"mode": "dfs", "dfs_donors": space.models, "ps_donor": donor}
+        dfs = {"mode": "dfs", "dfs_donors": space.models, "dfs_embed_from": space.embed_from, "ps_donor": donor}
     return WorkerSpec(
         model_dirs=model_dirs,
         base_model=exp.base_model,
         suite=exp.suite,
         task_paths=task_paths,
         device=exp.dispatch.device,
+        dtype=exp.dispatch.dtype,
         threads=threads,
         trust_remote_code=any(m.trust_remote_code for m in exp.models),
         **dfs,
@@ -157,27 +159,35 @@ def ps_donor_recipe(path: str) -> Recipe:
     return recipe
 
 
-def build_codec(exp: Experiment, spec: WorkerSpec):
-    """The genome <-> recipe codec of the experiment's search space."""
+def build_codec(exp: Experiment, spec: WorkerSpec, download: bool = True):
+    """The genome <-> recipe codec of the experiment's search space.
+
+    Layer counts come from each model's config.json (see :func:`evomerge.sources.model_config`;
+    ``download=False`` for planning, which then needs local, cached or declared configs).
+    """
+    declared = {m.name: m.config for m in exp.models}
+
+    def layers(name: str) -> int:
+        return num_layers_of(spec.model_dirs[name], declared.get(name), download)
+
     space = exp.search_space
     if space.kind == "ps":
         return PSCodec(space=space, base_model=exp.base_model, models=exp.merged_models,
-                       num_layers=num_layers_of(spec.model_dirs[exp.base_model]), seed=exp.optimizer.seed)
+                       num_layers=layers(exp.base_model), seed=exp.optimizer.seed, dtype=exp.dispatch.dtype)
     donors = list(space.models or [m.name for m in exp.models])
-    layers = [num_layers_of(spec.model_dirs[d]) for d in donors]
+    per_donor = [layers(d) for d in donors]
     recipes = {}
     if spec.ps_donor is not None:
         name, recipe = spec.ps_donor
         donors.append(name)
-        layers.append(num_layers_of(spec.model_dirs[exp.base_model]))
+        per_donor.append(layers(exp.base_model))
         recipes[name] = Recipe.from_dict(recipe)
-    return DFSCodec(space=space, donors=tuple(donors), layers_per_donor=tuple(layers),
+    return DFSCodec(space=space, donors=tuple(donors), layers_per_donor=tuple(per_donor),
                     embed_from=space.embed_from or exp.base_model, donor_recipes=recipes)
 
 
-def num_layers_of(model_dir: str) -> int:
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(cfg["num_hidden_layers"])
+def num_layers_of(model_dir: str, declared: Optional[str] = None, download: bool = True) -> int:
+    return int(model_config(model_dir, declared, download)["num_hidden_layers"])
 
 
 def build_dispatcher(exp: Experiment, spec: WorkerSpec,

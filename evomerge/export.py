@@ -84,10 +84,11 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
 def _run_sources(run_dir: Path) -> tuple[dict[str, str], str]:
     """The run's source model dirs on this machine (building the embedded zoo if it used one)."""
     from evomerge.controller import load_run_experiment, resolve_worker_spec
+    from evomerge.sources import resolve_model_dir
 
     exp = load_run_experiment(run_dir)
     spec = resolve_worker_spec(exp)
-    return dict(spec.model_dirs), exp.base_model
+    return {k: str(resolve_model_dir(v)) for k, v in spec.model_dirs.items()}, exp.base_model
 
 
 def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path) -> Path:
@@ -100,8 +101,10 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
     from evomerge.recipe import DFSRecipe, Recipe
 
     def merged(ps: Recipe):
-        sources = ResidentSources.from_model_dirs({k: Path(v) for k, v in model_dirs.items()}, base_model=ps.base_model)
-        model = AutoModelForCausalLM.from_pretrained(model_dirs[ps.base_model], dtype=torch.float32,
+        dtype = getattr(torch, ps.dtype)
+        sources = ResidentSources.from_model_dirs({k: Path(v) for k, v in model_dirs.items()}, base_model=ps.base_model,
+                                                  dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dirs[ps.base_model], dtype=dtype,
                                                      use_safetensors=True)
         sources.merge_into(ps, model.state_dict())
         return model

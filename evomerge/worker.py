@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -34,11 +34,13 @@ class WorkerSpec:
     suite: SuiteConfig
     task_paths: tuple[str, ...]
     device: str = "cpu"
+    dtype: str = "float32"
     threads: Optional[int] = None
     trust_remote_code: bool = False
     mode: Literal["ps", "dfs"] = "ps"
     # DFS: sources that lend layers (default: all), and a PS-merged donor (name, recipe dict)
     dfs_donors: Optional[tuple[str, ...]] = None
+    dfs_embed_from: Optional[str] = None
     ps_donor: Optional[tuple[str, dict]] = None
 
 
@@ -81,42 +83,77 @@ class TrialWorker:
 
         from evomerge.evaluate.lm_eval_runner import LmEvalEvaluator
         from evomerge.merge.backend import ResidentSources
+        from evomerge.sources import resolve_model_dir
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        # Hub models are fetched here, on the worker's node (a cache lookup when already there)
+        spec = replace(spec, model_dirs={k: str(resolve_model_dir(v)) for k, v in spec.model_dirs.items()})
+        dtype = getattr(torch, spec.dtype)
         self.spec = spec
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         base_dir = spec.model_dirs[spec.base_model]
-        self.sources = ResidentSources.from_model_dirs(
-            {k: Path(v) for k, v in spec.model_dirs.items()}, base_model=spec.base_model, device=spec.device
-        ) if spec.mode == "ps" or spec.ps_donor else None
-        self.model = AutoModelForCausalLM.from_pretrained(
-            base_dir, dtype=torch.float32, trust_remote_code=spec.trust_remote_code, use_safetensors=True
-        ).to(spec.device)
-        self.model.eval()
-        self.target = self.model.state_dict()
-        self.dataflow = self._build_dataflow() if spec.mode == "dfs" else None
+        self.sources = None
+        self.dataflow = None
+        self._parked: set[str] = set()
+        if spec.mode == "ps":
+            self.sources = ResidentSources.from_model_dirs(
+                {k: Path(v) for k, v in spec.model_dirs.items()}, base_model=spec.base_model, device=spec.device,
+                dtype=dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                base_dir, dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True
+            ).to(spec.device)
+            self.model.eval()
+            self.target = self.model.state_dict()
+        else:
+            self.model = self._shell(base_dir, dtype)
+            self.dataflow = self._build_dataflow(dtype)
         tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=spec.trust_remote_code)
         self.evaluator = LmEvalEvaluator(self.model, tokenizer, spec.suite, spec.task_paths, device=spec.device)
 
-    def _build_dataflow(self):
-        """DFS: every source resident as a model (+ the PS-merged donor, merged once), and the shell."""
-        import torch
+    def _shell(self, base_dir: str, dtype):
+        """DFS: the model candidates are assembled into. Its layers, embeddings and head are always
+        the donors' (by reference), so it is built without layers and never loads weights."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=self.spec.trust_remote_code)
+        cfg.num_hidden_layers = 0
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = []
+        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=self.spec.trust_remote_code)
+        return shell.to(self.spec.device).eval()
+
+    def _build_dataflow(self, dtype):
+        """DFS: the layer donors resident on the device (+ the PS-merged donor, merged once on the host).
+
+        Sources that lend no layers and no embeddings are only scored as baselines; they wait on the
+        host and visit the device one at a time (see :meth:`run`), so a worker's device holds the
+        donors and one model more at most.
+        """
         from transformers import AutoModelForCausalLM
 
+        from evomerge.merge.backend import ResidentSources
         from evomerge.merge.dataflow import DataFlowModel, load_donors
 
         spec = self.spec
-        donors = load_donors(spec.model_dirs, spec.device, spec.trust_remote_code)
+        onboard = set(spec.dfs_donors or spec.model_dirs) | {spec.dfs_embed_from or spec.base_model}
+        donors = {}
         if spec.ps_donor is not None:
+            # merged on the host: the sources as base + task vectors would not fit beside the donors
             name, recipe = spec.ps_donor
+            sources = ResidentSources.from_model_dirs(
+                {k: Path(v) for k, v in spec.model_dirs.items()}, base_model=spec.base_model, dtype=dtype)
             merged = AutoModelForCausalLM.from_pretrained(
-                spec.model_dirs[spec.base_model], dtype=torch.float32, use_safetensors=True,
-                trust_remote_code=spec.trust_remote_code).to(spec.device)
-            merged.eval()
-            self.sources.merge_into(Recipe.from_dict(recipe), merged.state_dict())
-            donors[name] = merged
-            self.sources = None  # only needed to build the donor
+                spec.model_dirs[spec.base_model], dtype=dtype, use_safetensors=True,
+                trust_remote_code=spec.trust_remote_code)
+            sources.merge_into(Recipe.from_dict(recipe), merged.state_dict())
+            del sources
+            donors[name] = merged.to(spec.device).eval()
+        donors.update(load_donors({k: v for k, v in spec.model_dirs.items() if k in onboard}, spec.device,
+                                  spec.trust_remote_code, dtype=dtype))
+        parked = {k: v for k, v in spec.model_dirs.items() if k not in onboard}
+        donors.update(load_donors(parked, "cpu", spec.trust_remote_code, dtype=dtype))
+        self._parked = set(parked)
         return DataFlowModel(donors, self.model)
 
     def _load_source(self, name: str) -> None:
@@ -129,6 +166,7 @@ class TrialWorker:
     def run(self, request: EvalRequest) -> EvalResult:
         """Merge (or load) and score; any failure becomes a failed result with its reason."""
         result = EvalResult(trial_id=request.trial_id, state="failed", worker=self.name, split=request.split)
+        visiting = None
         try:
             t0 = time.perf_counter()
             if request.recipe is not None:
@@ -144,6 +182,8 @@ class TrialWorker:
             elif self.dataflow is not None:
                 from evomerge.merge.dataflow import identity_recipe
 
+                if request.source in self._parked:
+                    visiting = self.dataflow.donors[request.source].to(self.spec.device)
                 self.dataflow.assemble(identity_recipe(request.source, self.dataflow.num_layers(request.source)))
             else:
                 self._load_source(request.source)
@@ -165,6 +205,10 @@ class TrialWorker:
             tb = traceback.format_exc(limit=3)
             result.error = f"{type(exc).__name__}: {exc}\n{tb}"
             self._release_cached_memory()
+        finally:
+            if visiting is not None:
+                visiting.to("cpu")  # back to the host; the device keeps room for the donors
+                self._release_cached_memory()
         return result
 
     def _release_cached_memory(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +43,18 @@ def _client(address: Optional[str]) -> JobSubmissionClient:
 
 
 def submit(address: Optional[str], experiment_yaml: str, run_id: str, *, run_dir: Optional[str] = None,
-           env: Optional[Mapping[str, str]] = None, python: str = "python") -> SubmittedJob:
-    """Submit a validated experiment (as resolved YAML text) as a Ray Job; returns its id and run dir."""
+           env: Optional[Mapping[str, str]] = None, python: str = "python",
+           files: Optional[Mapping[str, Path]] = None) -> SubmittedJob:
+    """Submit a validated experiment (as resolved YAML text) as a Ray Job; returns its id and run dir.
+
+    ``files`` (``{relative path: local file or dir}``, see ``config.portable_experiment``) are
+    staged next to the experiment in the job's working dir.
+    """
     run_dir = run_dir or f"~/evomerge-runs/{run_id}"
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="evomerge-job-") as staging:
         (Path(staging) / STAGED_EXPERIMENT).write_text(experiment_yaml)
+        stage_files(Path(staging), files or {})
         # a leading ~ must stay unquoted for the shell to expand it
         target = run_dir if run_dir.startswith("~/") and " " not in run_dir else shlex.quote(run_dir)
         entrypoint = f"{shlex.quote(python)} -m evomerge.cli run {STAGED_EXPERIMENT} --run-dir {target}"
@@ -61,6 +68,17 @@ def submit(address: Optional[str], experiment_yaml: str, run_id: str, *, run_dir
         except Exception as exc:
             raise EvomergeError(f"the Ray Jobs API refused the job: {exc}") from None
     return SubmittedJob(job_id=job_id, run_dir=run_dir, address=address or "")
+
+
+def stage_files(staging: Path, files: Mapping[str, Path]) -> None:
+    """Copy each local file or directory to ``staging / relative path``."""
+    for rel, src in files.items():
+        dest = staging / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if Path(src).is_dir():
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dest)
 
 
 def job_info(address: Optional[str], job_id: str) -> dict:

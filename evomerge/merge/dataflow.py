@@ -144,13 +144,14 @@ class DataFlowModel:
         return out_dir
 
 
-def load_donors(model_dirs: Mapping[str, str], device: str = "cpu", trust_remote_code: bool = False) -> dict:
+def load_donors(model_dirs: Mapping[str, str], device: str = "cpu", trust_remote_code: bool = False,
+                dtype: torch.dtype = torch.float32) -> dict:
     """Each donor as a resident model (safetensors only), in eval mode."""
     from transformers import AutoModelForCausalLM
 
     donors = {}
     for name, path in model_dirs.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code).to(device)
         model.eval()
         donors[name] = model

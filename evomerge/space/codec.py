@@ -32,6 +32,7 @@ class PSCodec:
     models: tuple[str, ...]
     num_layers: int
     seed: int = 0
+    dtype: str = "float32"  # the dtype candidates are merged in (the run's dispatch.dtype)
 
     @property
     def groups(self) -> int:
@@ -77,6 +78,7 @@ class PSCodec:
             models=tuple(models),
             parameters=dict(self.space.fixed),
             seed=self.seed,
+            dtype=self.dtype,
         )
 
     def encode(self, recipe: Recipe) -> np.ndarray:

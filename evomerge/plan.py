@@ -1,0 +1,322 @@
+"""Planning a search before it runs (``evomerge run --dry-run``).
+
+A plan says what the search will do and what it will cost: the genome's dimensions
+and what they are, population size, islands and generations, the trial budget,
+each worker's resident memory, and GPU-hours from a per-trial cost. That cost is,
+in order of preference:
+
+1. *measured*: the median merge and eval seconds of the completed trials of a
+   pilot run on the target hardware (``--calibrate RUN_DIR``; a pilot is
+   ``evomerge run EXP --max-trials 8`` on one node);
+2. *given*: ``--trial-seconds S``;
+3. *roofline*: a lower bound from the model's size and the suite's items on a
+   device with the given memory bandwidth and compute (an H100 by default):
+   merging reads every resident source once and writes one model; generation
+   reads the weights once per decoding step per batch; prompts cost 2 FLOPs per
+   parameter per token. Real runs are slower; the plan says it is a bound.
+
+Nothing here downloads: model shapes come from local dirs, the Hub cache, or a
+source's declared ``config`` file (:func:`evomerge.sources.model_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from evomerge.config import Experiment, TaskSpec
+from evomerge.errors import ConfigError
+from evomerge.sources import model_config
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A GPU's figures for the roofline bound (default: H100 SXM, HBM3, dense bf16)."""
+
+    name: str = "H100 SXM"
+    bandwidth_gbs: float = 3350.0
+    tflops: float = 989.0
+
+
+@dataclass
+class TrialCost:
+    merge_seconds: float
+    eval_seconds: float
+    basis: str  # "measured" | "given" | "roofline"
+    detail: str
+
+    @property
+    def seconds(self) -> float:
+        return self.merge_seconds + self.eval_seconds
+
+
+@dataclass
+class Plan:
+    experiment: str
+    space: str
+    dim: int
+    dim_detail: str
+    optimizer: str
+    popsize: int
+    islands: int
+    generations: int
+    max_trials: int
+    extra_evaluations: int
+    num_workers: int
+    device: str
+    dtype: str
+    models: list[dict[str, Any]]
+    worker_memory_gib: float
+    memory_detail: str
+    search_tasks: list[dict[str, Any]]
+    test_tasks: list[dict[str, Any]]
+    cost: Optional[TrialCost]
+    gpu_hours: Optional[float]
+    wall_hours: Optional[float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.cost is not None:
+            d["cost"]["seconds"] = self.cost.seconds
+        return d
+
+    def render(self) -> str:
+        rows = [
+            ("experiment", f"{self.experiment} ({self.space})"),
+            ("models", "; ".join(f"{m['name']} {_params(m['params_b'])}, {m['layers']} layers" for m in self.models)),
+            ("genome", f"{self.dim} dimensions = {self.dim_detail}"),
+            ("optimizer", f"{self.optimizer}, popsize {self.popsize}, {self.islands} island(s), "
+                          f"~{self.generations} generations each"),
+            ("budget", f"{self.max_trials} trials (+ {self.extra_evaluations} source/test evaluations)"),
+            ("workers", f"{self.num_workers} x {self.device}, {self.dtype}; "
+                        f"~{self.worker_memory_gib:.3g} GiB of weights per worker ({self.memory_detail})"),
+            ("search", ", ".join(_task_line(t) for t in self.search_tasks)),
+            ("test", ", ".join(_task_line(t) for t in self.test_tasks) or "none (no held-out split)"),
+        ]
+        if self.cost is None:
+            rows.append(("per trial", "unknown: pass --calibrate RUN_DIR (a pilot run on the target hardware) "
+                                      "or --trial-seconds S"))
+        else:
+            bound = ">= " if self.cost.basis == "roofline" else ""
+            rows.append(("per trial", f"{bound}{self.cost.seconds:.3g} s = merge {self.cost.merge_seconds:.3g} s "
+                                      f"+ eval {self.cost.eval_seconds:.3g} s [{self.cost.basis}: {self.cost.detail}]"))
+            rows.append(("GPU-hours", f"{bound}{self.gpu_hours:.3g}"))
+            rows.append(("wall-clock", f"{bound}{self.wall_hours:.3g} h on {self.num_workers} worker(s) at 95 % busy"))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _params(billions: float) -> str:
+    return f"{billions:.2f} B params" if billions >= 1 else f"{billions * 1e3:.2f} M params"
+
+
+def _task_line(t: dict[str, Any]) -> str:
+    items = f"{t['items']} items" if t.get("items") else "items unknown"
+    kind = t.get("output_type") or "?"
+    return f"{t['name']} ({t['metric']}, {kind}, {items})"
+
+
+def param_count(cfg: dict[str, Any]) -> int:
+    """Parameters of a Llama/Mistral-shaped decoder from its config.json (embeddings included)."""
+    h = int(cfg["hidden_size"])
+    layers = int(cfg["num_hidden_layers"])
+    inter = int(cfg["intermediate_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or h // heads)
+    vocab = int(cfg["vocab_size"])
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    per_layer = attn + 3 * h * inter + 2 * h
+    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
+    return embed + layers * per_layer + h
+
+
+def _task_info(task: TaskSpec, task_paths: tuple[str, ...], batch_size: int) -> dict[str, Any]:
+    """What a task's YAML (in the suite's task dirs) says about its size; no dataset is loaded."""
+    info: dict[str, Any] = {"name": task.name, "metric": task.metric, "items": task.limit}
+    for d in task_paths:
+        for file in sorted(Path(d).rglob("*.yaml")):
+            try:
+                doc = yaml.safe_load(file.read_text())
+            except yaml.YAMLError:
+                continue
+            if not isinstance(doc, dict) or doc.get("task") != task.name:
+                continue
+            doc = _with_includes(doc, file.parent)
+            info["output_type"] = doc.get("output_type", "loglikelihood")
+            gen = doc.get("generation_kwargs") or {}
+            info["max_gen_toks"] = int(gen.get("max_gen_toks", 256)) if info["output_type"] == "generate_until" else 0
+            files = ((doc.get("dataset_kwargs") or {}).get("data_files") or {})
+            split = doc.get("test_split") or doc.get("validation_split")
+            local = files.get(split) if isinstance(files, dict) else None
+            if info["items"] is None and isinstance(local, str):
+                path = Path(local) if Path(local).is_absolute() else file.parent / local
+                if path.is_file():
+                    info["items"] = sum(1 for line in path.open() if line.strip())
+            return info
+    return info
+
+
+def _with_includes(doc: dict[str, Any], folder: Path, depth: int = 0) -> dict[str, Any]:
+    """A task YAML with its ``include:`` file(s) under it (lm-eval's rule: the including file wins)."""
+    inc = doc.get("include")
+    if not inc or depth > 5:
+        return doc
+    merged: dict[str, Any] = {}
+    for name in ([inc] if isinstance(inc, str) else inc):
+        path = folder / name
+        if path.is_file():
+            base = yaml.safe_load(path.read_text())
+            if isinstance(base, dict):
+                merged.update(_with_includes(base, path.parent, depth + 1))
+    merged.update({k: v for k, v in doc.items() if k != "include"})
+    return merged
+
+
+def calibrated_cost(run_dir: Path) -> TrialCost:
+    """Median merge / eval seconds of the completed search trials of a (pilot) run."""
+    from evomerge.controller import LEDGER
+    from evomerge.ledger import Ledger
+
+    path = Path(run_dir) / LEDGER
+    if not path.is_file():
+        raise ConfigError([f"--calibrate: {run_dir} is not a run directory (no {LEDGER})"])
+    trials = [r for r in Ledger(path).records("trial") if r.get("state") == "complete"]
+    if not trials:
+        raise ConfigError([f"--calibrate: {run_dir} has no completed trials to measure"])
+    merge = statistics.median(float(r["merge_seconds"]) for r in trials)
+    evals = statistics.median(float(r["eval_seconds"]) for r in trials)
+    workers = sorted({str(r.get("worker", "")).split(":")[0] for r in trials} - {""})
+    return TrialCost(merge, evals, "measured",
+                     f"median of {len(trials)} trials of {run_dir} on {', '.join(workers) or 'unknown host'}")
+
+
+def roofline_cost(exp: Experiment, params: int, n_sources: int, tasks: list[dict[str, Any]],
+                  path_fraction: float, device: Device, prompt_tokens: int) -> Optional[TrialCost]:
+    """A lower bound on a trial's seconds on ``device``; None when a task's size is unknown."""
+    wbytes = params * DTYPE_BYTES[exp.dispatch.dtype]
+    bw = device.bandwidth_gbs * 1e9
+    flops = device.tflops * 1e12
+    merge = (n_sources + 1) * wbytes / bw if exp.search_space.kind == "ps" else 0.0
+    evals = 0.0
+    for t in tasks:
+        if not t.get("items") or "output_type" not in t:
+            return None
+        items = int(t["items"])
+        run_params = params * path_fraction
+        evals += items * prompt_tokens * 2 * run_params / flops
+        if t["output_type"] == "generate_until":
+            steps = math.ceil(items / exp.suite.batch_size) * t["max_gen_toks"]
+            evals += steps * wbytes * path_fraction / bw
+    detail = (f"{device.name}, {device.bandwidth_gbs:g} GB/s, {device.tflops:g} TFLOP/s, "
+              f"{prompt_tokens} prompt tokens per item, every generation at max length")
+    return TrialCost(merge, evals, "roofline", detail)
+
+
+def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: Optional[float] = None,
+              device: Device = Device(), prompt_tokens: int = 256) -> Plan:
+    """The plan of ``exp``; builds the embedded zoo if the experiment uses it, downloads nothing."""
+    from evomerge.controller import build_codec, resolve_worker_spec
+
+    spec = resolve_worker_spec(exp)
+    codec = build_codec(exp, spec, download=False)
+    declared = {m.name: m.config for m in exp.models}
+    configs = {m.name: model_config(spec.model_dirs[m.name], declared[m.name], download=False) for m in exp.models}
+    space = exp.search_space
+    dim = codec.dim
+    base_cfg = configs[exp.base_model]
+    params = param_count(base_cfg)
+    wbytes = params * DTYPE_BYTES[exp.dispatch.dtype]
+    gib = 1024 ** 3
+    notes: list[str] = []
+    if space.kind == "ps":
+        groups = codec.groups
+        dim_detail = (f"{len(codec.models)} merged models x {len(space.parameters)} parameters "
+                      f"({', '.join(space.parameters)}) x {groups} group{'s' * (groups > 1)}"
+                      + (" (embeddings, each block, head)" if groups > 1 else ""))
+        space_line = f"PS: {space.method}, {space.granularity}"
+        resident = len(exp.models) + 1
+        memory_detail = f"{len(exp.models)} sources as base + task vectors, 1 model to merge into"
+        path_fraction = 1.0
+    else:
+        m = codec.total_layers
+        dim_detail = (f"{codec.path_genes} path genes (M = {m} layers x r = {space.repetitions})"
+                      + (f" + {m * m} scales (W, {m} x {m})" if space.scaling else ""))
+        space_line = f"DFS over {', '.join(codec.donors)}"
+        onboard = set(space.models or [m.name for m in exp.models]) | {space.embed_from or exp.base_model}
+        onboard_sources = len(onboard & {m.name for m in exp.models})
+        parked = len(exp.models) - onboard_sources
+        on_device = onboard_sources + (1 if spec.ps_donor else 0)
+        resident = on_device + (1 if parked else 0)
+        memory_detail = (f"{on_device} resident donor{'s' * (on_device != 1)}"
+                         + (" + 1 visiting source (baseline scores)" if parked else "")
+                         + (f"; {parked} source{'s' * (parked != 1)} wait on the host" if parked else ""))
+        if spec.ps_donor:
+            host = (len(exp.models) + 1) * wbytes / gib
+            memory_detail += f"; the PS donor is merged on the host once (~{host:.0f} GiB of host memory)"
+        expected = codec.path_genes / 2
+        if space.max_path_length:
+            expected = min(expected, space.max_path_length)
+        path_fraction = expected / int(base_cfg["num_hidden_layers"])
+    popsize = exp.optimizer.resolved_popsize(dim)
+    islands = exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize)
+    generations = math.ceil(exp.budget.max_trials / islands / popsize)
+    task_paths = spec.task_paths
+    search = [_task_info(t, task_paths, exp.suite.batch_size) for t in exp.suite.tasks]
+    test = [_task_info(t, task_paths, exp.suite.batch_size) for t in exp.suite.test_tasks]
+    # the controller scores every source on the search split first, and at the end the best
+    # recipe and every source on the test split
+    extra = len(exp.models) + ((len(exp.models) + 1) if test else 0)
+
+    if calibrate is not None:
+        cost: Optional[TrialCost] = calibrated_cost(calibrate)
+    elif trial_seconds is not None:
+        cost = TrialCost(0.0, float(trial_seconds), "given", "--trial-seconds")
+    elif not exp.dispatch.device.startswith("cuda"):
+        cost = None
+        notes.append(f"workers run on {exp.dispatch.device}: the roofline bound is for GPUs; "
+                     "calibrate with a pilot run (--calibrate RUN_DIR)")
+    else:
+        cost = roofline_cost(exp, params, len(exp.models), search, path_fraction, device, prompt_tokens)
+        if cost is None:
+            notes.append("a task's size or type is unknown (not in the suite's task dirs and no `limit`), "
+                         "so there is no roofline bound; calibrate with a pilot run")
+    gpu_hours = wall_hours = None
+    if cost is not None:
+        test_ratio = 1.0
+        s_items = sum(t.get("items") or 0 for t in search)
+        t_items = sum(t.get("items") or 0 for t in test)
+        if s_items and t_items:
+            test_ratio = t_items / s_items
+        extra_seconds = len(exp.models) * cost.eval_seconds
+        if test:
+            extra_seconds += (len(exp.models) + 1) * cost.eval_seconds * test_ratio
+        gpu_hours = (exp.budget.max_trials * cost.seconds + extra_seconds) / 3600
+        wall_hours = gpu_hours / (exp.dispatch.num_workers * 0.95)
+    if exp.dispatch.device == "cpu" and params > 1e9:
+        notes.append("dispatch.device is cpu for a model of over 1 B parameters; set device: cuda")
+    return Plan(
+        experiment=exp.name, space=space_line, dim=dim, dim_detail=dim_detail, optimizer=exp.optimizer.name,
+        popsize=popsize, islands=islands, generations=generations, max_trials=exp.budget.max_trials,
+        extra_evaluations=extra, num_workers=exp.dispatch.num_workers, device=exp.dispatch.device,
+        dtype=exp.dispatch.dtype,
+        models=[{"name": m.name, "path": m.path, "params_b": param_count(configs[m.name]) / 1e9,
+                 "layers": int(configs[m.name]["num_hidden_layers"])} for m in exp.models],
+        worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail,
+        search_tasks=search, test_tasks=test, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
+    )
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan.to_json(), indent=2)
