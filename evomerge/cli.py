@@ -146,7 +146,12 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     from evomerge.config import load_experiment
 
+    from evomerge.controller import suite_problems
+
     exp = load_experiment(args.experiment)
+    problems = suite_problems(exp)
+    if problems:
+        raise ConfigError(problems)
     space = exp.search_space
     what = f"method {space.method}" if space.kind == "ps" else f"data-flow space, r = {space.repetitions}"
     print(f"{args.experiment}: ok ({exp.name}: {len(exp.models)} models, {what}, "
@@ -318,7 +323,8 @@ def _print_rows(rows) -> None:
 
 
 def _print_summary(s) -> None:
-    rows = [("trials", f"{s.trials} ({s.failed} failed)")]
+    cached = f", {s.cached_trials} cached" if s.cached_trials else ""
+    rows = [("trials", f"{s.trials} ({s.failed} failed{cached})")]
     if s.best_fitness is not None:
         rows.append(("best fitness (search)", f"{s.best_fitness:.4f}  trial {s.best_trial}, recipe {s.best_recipe_hash}"))
     for name, value in sorted(s.baselines.items()):

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.sources import is_hub, parse_hub
@@ -51,12 +51,31 @@ class SourceModel(_Frozen):
 
 
 class TaskSpec(_Frozen):
-    """One lm-eval task of a suite: its metric, weight and sample limit."""
+    """One lm-eval task (or group) of a suite: its metric, weight and items.
+
+    ``limit``: the first N items. ``subsample``: N items drawn once per run, stratified by
+    the items' targets (or by prompt length when targets are mostly distinct) with
+    ``suite.subsample_seed``; every candidate is scored on the same items, so ranks stay
+    comparable at a fraction of the cost (``benchmarks/fitness_fidelity.py`` measures the
+    fidelity). ``num_fewshot`` overrides the suite's for this task.
+    """
 
     name: str
     metric: str = "acc"
     weight: float = Field(default=1.0, gt=0)
     limit: Optional[int] = Field(default=None, gt=0)
+    subsample: Optional[int] = Field(default=None, gt=0)
+    num_fewshot: Optional[int] = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_item_rule(self) -> "TaskSpec":
+        if self.limit is not None and self.subsample is not None:
+            raise ValueError("subsample: give limit (the first N items) or subsample (N stratified items), not both")
+        return self
+
+
+# HFLM arguments the suite sets itself (model_args may not repeat them)
+_OWN_MODEL_ARGS = ("pretrained", "tokenizer", "device", "batch_size", "add_bos_token", "dtype")
 
 
 class SuiteConfig(_Frozen):
@@ -73,6 +92,14 @@ class SuiteConfig(_Frozen):
     batch_size: int = Field(default=64, gt=0)
     num_fewshot: Optional[int] = Field(default=None, ge=0)
     add_bos_token: Optional[bool] = None
+    # passed through to lm-eval
+    gen_kwargs: dict[str, Any] = {}
+    apply_chat_template: Union[bool, str] = False
+    fewshot_as_multiturn: bool = False
+    system_instruction: Optional[str] = None
+    model_args: dict[str, Any] = {}
+    subsample_seed: int = Field(default=0, ge=0)
+    cache: Literal["run", "shared", "off"] = "run"
 
     @model_validator(mode="after")
     def _has_tasks(self) -> "SuiteConfig":
@@ -80,6 +107,31 @@ class SuiteConfig(_Frozen):
         if not self.tasks:
             raise ValueError("tasks: at least one search task is needed")
         return self
+
+    # field validators, so that these are reported even when a task has problems too
+    @field_validator("fewshot_as_multiturn")
+    @classmethod
+    def _multiturn_needs_chat(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("apply_chat_template"):
+            raise ValueError("needs apply_chat_template")
+        return value
+
+    @field_validator("model_args")
+    @classmethod
+    def _not_our_model_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        own = [k for k in value if k in _OWN_MODEL_ARGS]
+        if own:
+            raise ValueError("\n".join(f"{k}: set by evomerge (use suite.{k} or dispatch.{k} where it exists)"
+                                       for k in own))
+        return value
+
+    def content_hash(self) -> str:
+        """Hash of everything in the suite that changes a score (not the cache policy)."""
+        import hashlib
+        import json
+
+        data = self.model_dump(mode="json", exclude={"cache"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 OPTIMIZERS = ("cma_es", "optuna_cmaes", "tpe", "nsga2", "random")

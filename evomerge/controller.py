@@ -32,6 +32,7 @@ from evomerge import __version__
 from evomerge.config import ZOO_PREFIX, Experiment, parse_experiment
 from evomerge.dispatch.base import Dispatcher
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.fitness_cache import FitnessCache
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
@@ -94,6 +95,7 @@ class RunSummary:
     search_seconds: Optional[float] = None  # the search loop alone (no start-up, no test split)
     steady_busy_fraction: Optional[float] = None  # busy share until the budget was all handed out
     pareto_trials: list[int] = field(default_factory=list)  # multi-objective runs: the Pareto front
+    cached_trials: int = 0  # trials answered by the fitness cache (no worker)
 
     def to_json(self) -> dict[str, Any]:
         d = self.__dict__.copy()
@@ -146,6 +148,44 @@ def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None
         trust_remote_code=any(m.trust_remote_code for m in exp.models),
         **dfs,
     )
+
+
+def suite_problems(exp: Experiment, task_paths: Optional[tuple[str, ...]] = None) -> list[str]:
+    """What is wrong with the experiment's fitness suite (see ``lm_eval_runner.check_suite``).
+
+    ``task_paths``: the resolved task dirs; by default the zoo's (``zoo``) is used if it is
+    built, and if not, zoo tasks are checked by name only (the zoo's tasks are fixed).
+    """
+    from evomerge.evaluate.lm_eval_runner import check_suite
+
+    suite = exp.suite
+    problems: list[str] = []
+    if task_paths is None:
+        paths = []
+        for p in suite.task_paths:
+            if p != "zoo":
+                paths.append(p)
+                continue
+            from evomerge.zoo import zoo_dir
+            from evomerge.zoo.tasks import LANGUAGES, task_name
+
+            tasks_dir = zoo_dir(exp.zoo.kind, exp.zoo.seed) / "tasks"
+            if any(tasks_dir.glob("*.yaml")):
+                paths.append(str(tasks_dir))
+                continue
+            known = {task_name(lang, split) for lang in LANGUAGES for split in ("search", "test")}
+            for part in ("tasks", "test_tasks"):
+                for i, t in enumerate(getattr(suite, part)):
+                    if t.name.startswith("zoo_") and t.name not in known:
+                        problems.append(f"suite.{part}.{i}.name: the zoo has no task {t.name!r}; it has {sorted(known)}")
+                    elif t.name in known and t.metric != "acc":
+                        problems.append(f"suite.{part}.{i}.metric: {t.name} reports 'acc', not {t.metric!r}")
+            suite = suite.model_copy(update={f: tuple(t for t in getattr(suite, f) if not t.name.startswith("zoo_"))
+                                             for f in ("tasks", "test_tasks")})
+        task_paths = tuple(paths)
+        if not suite.tasks and not suite.test_tasks and not suite.model_args:
+            return problems
+    return problems + check_suite(suite, task_paths)
 
 
 def ps_donor_recipe(path: str) -> Recipe:
@@ -281,6 +321,13 @@ def _normalized(res: EvalResult) -> EvalResult:
     return res
 
 
+def _cache_key(work: "_Work") -> tuple[str, str]:
+    """(what was scored, split): a recipe by its content hash, a source by its name."""
+    if work.request.recipe is not None:
+        return f"recipe:{work.recipe_hash or work.candidate.recipe.content_hash()}", work.request.split
+    return f"source:{work.request.source}", work.request.split
+
+
 @dataclass
 class _Work:
     """A request in flight and what it is for."""
@@ -363,6 +410,9 @@ class Controller:
         ledger.repair()
 
         spec = resolve_worker_spec(exp, progress=self.progress.message)
+        problems = suite_problems(exp, spec.task_paths)
+        if problems:  # before any worker starts
+            raise ConfigError(problems)
         codec = build_codec(exp, spec)
         popsize = exp.optimizer.resolved_popsize(codec.dim)
         n_islands = int(info.get("islands") or min(exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize),
@@ -374,6 +424,9 @@ class Controller:
             exp.budget.max_trials, exp.optimizer.failure_fitness, exp.optimizer.seed,
         )
         state = _RunState(self, exp, ledger, scheduler)
+        from evomerge.zoo.build import default_cache_dir
+
+        state.cache = FitnessCache.for_run(exp.suite.cache, default_cache_dir(), exp, spec.model_dirs, spec.task_paths)
         state.load(resuming)
 
         tracking_uri = info.get("tracking_uri") or default_tracking_uri(exp.tracking, self.run_dir)
@@ -492,6 +545,8 @@ class _RunState:
         self.multi_objective = exp.optimizer.objectives == "per_task"
         self.front = ParetoFront()
         self._tracker_backlog: list[tuple[int, dict[str, float]]] = []
+        self.cache: Optional[FitnessCache] = None
+        self.cached_trials = 0
 
     @property
     def finished(self) -> int:
@@ -512,14 +567,19 @@ class _RunState:
             elif kind == "trial":
                 finished[rec["trial_id"]] = rec
                 self._note_trial(rec)
+                self.cached_trials += bool(rec.get("cached_from"))
+                self._remember(f"recipe:{rec['recipe_hash']}", "search", rec)
             elif kind == "tell":
                 tells[(rec["island"], rec["generation"])] = rec
             elif kind == "baseline":
                 self.baselines_done.add(rec["model"])
+                self._remember(f"source:{rec['model']}", "search", rec)
                 if rec["state"] == "complete":
                     self.baselines[rec["model"]] = float(rec["fitness"])
             elif kind == "test":
                 self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
+                key = f"recipe:{rec['recipe_hash']}" if rec.get("recipe_hash") else f"source:{rec['model']}"
+                self._remember(key, "test", rec)
         try:
             self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self._told_input)
         except ReplayError as exc:
@@ -596,6 +656,7 @@ class _RunState:
             best_recipe_hash=best[2].content_hash() if best else None,
             baselines=dict(self.baselines), test_scores=test_scores,
             pareto_trials=self.front.trial_ids() if self.multi_objective else [],
+            cached_trials=self.cached_trials,
         )
         if loop_s > 0 and handled:
             summary.search_seconds = loop_s
@@ -643,6 +704,11 @@ class _RunState:
                     break
                 if work.kind == "trial":
                     self._record_dispatch(work.candidate)
+                hit = self._from_cache(work)
+                if hit is not None:  # a score already known: no worker needed
+                    handled += 1
+                    getattr(self, f"_on_{work.kind}")(work, hit)
+                    continue
                 inflight[(work.request.split, work.request.trial_id)] = work
                 dispatcher.submit(work.request)
             self._flush_tracker()
@@ -656,6 +722,8 @@ class _RunState:
             for res in results:
                 work = inflight.pop((res.split, res.trial_id))
                 res = _normalized(res)
+                if self.cache is not None and res.state == "complete":
+                    self.cache.put(*_cache_key(work), res.fitness, res.scores, origin=self._origin(work))
                 busy += res.merge_seconds + res.eval_seconds
                 if steady_s is None:
                     steady_busy += res.merge_seconds + res.eval_seconds
@@ -663,6 +731,26 @@ class _RunState:
                 getattr(self, f"_on_{work.kind}")(work, res)
         return {"busy": busy, "loop_s": time.perf_counter() - t0, "wait_s": wait_s, "handled": handled,
                 "steady_busy": steady_busy, "steady_s": steady_s or 0.0}
+
+    # ------------------------------------------------------------------ fitness cache
+    def _from_cache(self, work: _Work) -> Optional[EvalResult]:
+        if self.cache is None:
+            return None
+        rec = self.cache.get(*_cache_key(work))
+        if rec is None:
+            return None
+        return EvalResult(trial_id=work.request.trial_id, state="complete", fitness=rec["fitness"],
+                          scores=dict(rec["scores"]), worker="cache", split=work.request.split,
+                          cached_from=rec.get("origin") or "cache")
+
+    def _remember(self, key: str, split: str, rec: dict) -> None:
+        """A score from this run's ledger (resume): in memory only, it is in the shared file already."""
+        if self.cache is not None and rec.get("state") == "complete":
+            self.cache.put(key, split, rec["fitness"], rec.get("scores") or {}, origin="ledger", persist=False)
+
+    def _origin(self, work: _Work) -> str:
+        what = f"trial {work.request.trial_id}" if work.kind == "trial" else f"{work.kind} {work.label}"
+        return f"{self.ctl.run_id}: {what}"
 
     # ------------------------------------------------------------------ records
     def _record_dispatch(self, cand: Candidate) -> None:
@@ -686,6 +774,9 @@ class _RunState:
             "eval_seconds": res.eval_seconds, "error": res.error, "worker": res.worker,
             "attempts": res.attempts, "finished_at": time.time(),
         }
+        if res.cached_from:
+            rec["cached_from"] = res.cached_from
+            self.cached_trials += 1
         if self.multi_objective:
             rec["objectives"] = objectives
         self.ledger.append(rec)
@@ -717,7 +808,8 @@ class _RunState:
     def _on_baseline(self, work: _Work, res: EvalResult) -> None:
         self.ledger.append({"kind": "baseline", "model": work.label, "split": res.split, "state": res.state,
                             "fitness": res.fitness, "scores": res.scores, "eval_seconds": res.eval_seconds,
-                            "error": res.error, "finished_at": time.time()})
+                            "error": res.error, "finished_at": time.time(),
+                            **({"cached_from": res.cached_from} if res.cached_from else {})})
         self.baselines_done.add(work.label)
         if res.state == "complete":
             self.baselines[work.label] = float(res.fitness)
@@ -728,7 +820,7 @@ class _RunState:
         rec = {"kind": "test", "model": work.label, "trial_id": self.best[0] if work.label == "best" else None,
                "recipe_hash": work.recipe_hash, "split": "test", "state": res.state, "fitness": res.fitness,
                "scores": res.scores, "eval_seconds": res.eval_seconds, "error": res.error,
-               "finished_at": time.time()}
+               "finished_at": time.time(), **({"cached_from": res.cached_from} if res.cached_from else {})}
         self.ledger.append(rec)
         self.tests_done[(work.label, work.recipe_hash)] = rec
 
@@ -751,7 +843,8 @@ class _RunState:
 def _trial_metrics(rec: dict, best: Optional[float], pareto_size: Optional[int] = None) -> dict[str, float]:
     metrics = {"trial_id": float(rec["trial_id"]), "island": float(rec["island"]),
                "generation": float(rec["generation"]), "merge_seconds": rec["merge_seconds"],
-               "eval_seconds": rec["eval_seconds"], "failed": float(rec["state"] != "complete")}
+               "eval_seconds": rec["eval_seconds"], "failed": float(rec["state"] != "complete"),
+               "cached": float(bool(rec.get("cached_from")))}
     if best is not None:
         metrics["best_fitness"] = best
     if pareto_size is not None:

@@ -45,6 +45,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "state": state,
         "trials_done": len(done),
         "trials_failed": len(done) - len(complete),
+        "trials_cached": sum(1 for r in done if r.get("cached_from")),
         "trials_running": len(dispatched - finished_ids) if held else 0,
         "max_trials": max_trials,
         "islands": info.get("islands"),
@@ -65,7 +66,8 @@ def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("state", s["state"] + ("  -> continue with: evomerge resume " + s["run_dir"]
                                 if s["state"] in ("interrupted", "killed", "failed") else "")),
         ("trials", f"{s['trials_done']}/{s['max_trials']} done, {s['trials_failed']} failed, "
-                   f"{s['trials_running']} running ({s['islands']} island(s))"),
+                   + (f"{s['trials_cached']} from the fitness cache, " if s.get("trials_cached") else "")
+                   + f"{s['trials_running']} running ({s['islands']} island(s))"),
     ]
     if s["best_fitness"] is not None:
         rows.append(("best", f"{s['best_fitness']:.4f}  trial {s['best_trial']}, recipe {s['best_recipe_hash']}"))

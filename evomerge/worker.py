@@ -72,6 +72,7 @@ class EvalResult:
     worker: str = ""
     split: Split = "search"
     attempts: int = 1  # > 1 when the request was retried after its worker died
+    cached_from: Optional[str] = None  # answered by the fitness cache: where the score came from
 
 
 class TrialWorker:

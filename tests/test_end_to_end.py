@@ -125,20 +125,35 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
 
 
 def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, capsys):
-    """Every evaluation fails (the task lacks the metric): the run still completes and records why."""
-    run_dir, trials = _run_local(
-        tmp_path,
-        suite={"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search", "metric": "bleu"}]},
-        budget={"max_trials": 5},
-        optimizer={"name": "cma_es", "popsize": 4, "seed": 1, "islands": 1},
-    )
+    """Every candidate fails (its worker raises while scoring): the run still completes and records why."""
+    from functools import partial
+
+    from evomerge.config import load_experiment
+    from evomerge.controller import Controller
+    from evomerge.testing import FaultInjectingWorker
+
+    exp = load_experiment(_experiment(tmp_path, **LOCAL, budget={"max_trials": 5},
+                                      optimizer={"name": "cma_es", "popsize": 4, "seed": 1, "islands": 1}))
+    run_dir = tmp_path / "run"
+    factory = partial(FaultInjectingWorker, faults={i: "raise" for i in range(5)}, marker_dir=str(tmp_path))
+    Controller(exp, run_dir, worker_factory=factory).run()
+    trials = Ledger(run_dir / "ledger.jsonl").records("trial")
     assert len(trials) == 5
-    assert all(t["state"] == "failed" and "has no metric 'bleu'" in t["error"] for t in trials)
+    assert all(t["state"] == "failed" and "injected failure" in t["error"] for t in trials), trials[0]["error"]
     tells = Ledger(run_dir / "ledger.jsonl").records("tell")
     assert [t["values"] for t in tells] == [[-1.0] * 4]  # one full generation told, with the penalty
     assert not (run_dir / "best_recipe.yaml").exists()
     assert main(["export", str(run_dir), "--out", str(tmp_path / "x")]) == 1
     assert "no complete trial" in capsys.readouterr().err
+
+
+def test_a_suite_whose_task_lacks_the_metric_is_refused_before_any_worker_starts(tmp_path, session_tiny_zoo, capsys):
+    exp_path = _experiment(tmp_path, **LOCAL, suite={
+        "task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search", "metric": "bleu"}]})
+    assert main(["run", str(exp_path), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "suite.tasks.0.metric: zoo_arith_l2_search does not produce 'bleu'; it reports ['acc']" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "run" / "ledger.jsonl").exists()
 
 
 def test_run_refuses_an_existing_run_dir(tmp_path, session_tiny_zoo, capsys):

@@ -13,7 +13,8 @@ import contextlib
 import io
 import logging
 import os
-from typing import Literal, Sequence
+from pathlib import Path
+from typing import Literal, Optional, Sequence
 
 from evomerge.config import SuiteConfig, TaskSpec
 from evomerge.errors import EvaluationError
@@ -34,7 +35,7 @@ class LmEvalEvaluator:
 
     def __init__(self, model, tokenizer, suite: SuiteConfig, task_paths: Sequence[str], device: str = "cpu") -> None:
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import get_task_dict
 
         _quiet_lm_eval()
         self.suite = suite
@@ -44,9 +45,11 @@ class LmEvalEvaluator:
             device=device,
             batch_size=suite.batch_size,
             add_bos_token=suite.add_bos_token,
+            **suite.model_args,
         )
-        self._manager = TaskManager(include_path=[str(p) for p in task_paths] or None, include_defaults=not task_paths)
-        self._splits: dict[str, tuple[Sequence[TaskSpec], dict]] = {}
+        every = [t.name for t in (*suite.tasks, *suite.test_tasks)]
+        self._manager = task_manager(task_paths, every)
+        self._splits: dict[str, tuple[Sequence[TaskSpec], dict, Optional[dict[str, list[int]]]]] = {}
         for split, tasks in (("search", suite.tasks), ("test", suite.test_tasks)):
             if not tasks:
                 continue
@@ -56,13 +59,37 @@ class LmEvalEvaluator:
                 raise EvaluationError(f"unknown lm-eval task(s) {unknown} in {list(task_paths) or 'lm-eval catalogue'}")
             with contextlib.redirect_stdout(io.StringIO()):
                 task_dict = get_task_dict(names, self._manager)
-            if suite.num_fewshot is not None:
-                for task in _leaf_tasks(task_dict).values():
-                    task.set_config(key="num_fewshot", value=suite.num_fewshot)
-            self._splits[split] = (tasks, task_dict)
+            for spec in tasks:
+                for task in _leaves_of(task_dict, spec.name).values():
+                    fewshot = spec.num_fewshot if spec.num_fewshot is not None else suite.num_fewshot
+                    if fewshot is not None:
+                        task.set_config(key="num_fewshot", value=fewshot)
+                    if suite.gen_kwargs and task.OUTPUT_TYPE == "generate_until":
+                        task.set_config(key="generation_kwargs", value=dict(suite.gen_kwargs), update=True)
+            self._splits[split] = (tasks, task_dict, self._items(tasks, task_dict))
+
+    def _items(self, tasks: Sequence[TaskSpec], task_dict: dict) -> Optional[dict[str, list[int]]]:
+        """Which documents each leaf task scores (None: all of them)."""
+        if not any(t.limit or t.subsample for t in tasks):
+            return None
+        items: dict[str, list[int]] = {}
+        for spec in tasks:
+            for name, task in _leaves_of(task_dict, spec.name).items():
+                n = len(task.eval_docs)
+                if spec.subsample:
+                    items[name] = stratified_subsample(task, spec.subsample, self.suite.subsample_seed, name)
+                else:
+                    items[name] = list(range(min(spec.limit or n, n)))
+        return items
 
     def has_split(self, split: Split) -> bool:
         return split in self._splits
+
+    def items(self, split: Split = "search") -> dict[str, int]:
+        """Documents scored per leaf task on ``split``."""
+        tasks, task_dict, chosen = self._splits[split]
+        return {name: len(chosen[name]) if chosen and name in chosen else len(task.eval_docs)
+                for spec in tasks for name, task in _leaves_of(task_dict, spec.name).items()}
 
     def evaluate(self, split: Split = "search") -> dict[str, float]:
         """Per-task metric values of the model as its weights are *now*."""
@@ -70,14 +97,7 @@ class LmEvalEvaluator:
 
         if split not in self._splits:
             raise EvaluationError(f"the suite has no {split} tasks")
-        tasks, task_dict = self._splits[split]
-        leaves = _leaf_tasks(task_dict)
-        samples = None
-        if any(t.limit for t in tasks):
-            samples = {
-                t.name: list(range(min(t.limit or len(leaves[t.name].eval_docs), len(leaves[t.name].eval_docs))))
-                for t in tasks
-            }
+        tasks, task_dict, samples = self._splits[split]
         with contextlib.redirect_stdout(io.StringIO()):
             out = evaluate(
                 lm=self._lm,
@@ -86,6 +106,9 @@ class LmEvalEvaluator:
                 bootstrap_iters=0,
                 log_samples=False,
                 verbosity="ERROR",
+                system_instruction=self.suite.system_instruction,
+                apply_chat_template=self.suite.apply_chat_template,
+                fewshot_as_multiturn=self.suite.fewshot_as_multiturn,
             )
         if out is None:
             raise EvaluationError("lm-eval returned no results")
@@ -99,6 +122,136 @@ class LmEvalEvaluator:
                 raise EvaluationError(f"task {t.name!r} has no metric {t.metric!r}; it reports {have}")
             scores[t.name] = float(task_results[key])
         return scores
+
+
+def task_manager(task_paths: Sequence[str], names: Sequence[str] = ()):
+    """A TaskManager over the suite's task dirs only (fast); with lm-eval's own catalogue (~14 s
+    to index) only when a task is not found there, or when there are no task dirs."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(p) for p in task_paths]
+    if paths:
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if all(n in manager.all_tasks for n in names):
+            return manager
+    return TaskManager(include_path=paths or None, include_defaults=True)
+
+
+def stratified_subsample(task, n: int, seed: int, name: str) -> list[int]:
+    """``n`` document indices of ``task``, drawn in proportion to strata, the same for every call.
+
+    Strata are the documents' targets when they are few (labels, answer letters), else five
+    prompt-length bins; each stratum gets its share of ``n`` (largest remainders), drawn with a
+    generator seeded by (seed, task name).
+    """
+    import zlib
+
+    import numpy as np
+
+    docs = task.eval_docs
+    total = len(docs)
+    if n >= total:
+        return list(range(total))
+    targets = [str(task.doc_to_target(d)) for d in docs]
+    if len(set(targets)) <= max(2, n // 4):
+        keys = targets
+    else:
+        lengths = np.array([len(str(task.doc_to_text(d))) for d in docs])
+        edges = np.quantile(lengths, [0.2, 0.4, 0.6, 0.8])
+        keys = [str(int(np.searchsorted(edges, x, side="right"))) for x in lengths]
+    strata: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        strata.setdefault(k, []).append(i)
+    order = sorted(strata)
+    exact = [n * len(strata[k]) / total for k in order]
+    take = [int(x) for x in exact]
+    for j in sorted(range(len(order)), key=lambda j: (take[j] - exact[j], order[j]))[: n - sum(take)]:
+        take[j] += 1
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    chosen: list[int] = []
+    for k, m in zip(order, take):
+        chosen.extend(int(i) for i in rng.choice(strata[k], size=m, replace=False))
+    return sorted(chosen)
+
+
+# the metrics lm-eval computes for a task without a metric_list, by output type
+_DEFAULT_METRICS = {
+    "loglikelihood": ("perplexity", "acc"),
+    "multiple_choice": ("acc", "acc_norm", "acc_mutual_info"),
+    "generate_until": ("exact_match",),
+    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
+}
+
+
+def check_suite(suite: SuiteConfig, task_paths: Sequence[str]) -> list[str]:
+    """Problems of a suite found without loading any dataset: unknown tasks (with the closest
+    names), local data files that do not exist, and metrics the task does not produce;
+    unknown ``model_args``. One line each, naming the field."""
+    import difflib
+    import inspect
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    problems: list[str] = []
+    params = inspect.signature(HFLM.__init__).parameters
+    for key in suite.model_args:
+        if key not in params:
+            problems.append(f"suite.model_args.{key}: not an argument of lm-eval's HFLM")
+    manager = task_manager(task_paths, [t.name for t in (*suite.tasks, *suite.test_tasks)])
+    where = ", ".join(str(p) for p in task_paths) + " or lm-eval's catalogue" if task_paths else "lm-eval's catalogue"
+    for field, tasks in (("tasks", suite.tasks), ("test_tasks", suite.test_tasks)):
+        for i, spec in enumerate(tasks):
+            at = f"suite.{field}.{i}"
+            entry = manager.task_index.get(spec.name)
+            if entry is None:
+                close = difflib.get_close_matches(spec.name, manager.all_tasks, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                problems.append(f"{at}.name: no lm-eval task {spec.name!r} in {where}{hint}")
+                continue
+            if entry.kind not in (Kind.TASK,) or entry.yaml_path is None:
+                continue  # groups, tags and Python tasks: checked when they run
+            try:
+                cfg = load_yaml(entry.yaml_path, resolve_func=False)
+            except Exception as exc:
+                problems.append(f"{at}.name: {spec.name}'s YAML ({entry.yaml_path}) does not load: {exc}")
+                continue
+            for path in _local_data_files(cfg):
+                problems.append(f"{at}.name: {spec.name}'s data file {path} does not exist"
+                                + ("" if Path(path).is_absolute() else
+                                   " (relative paths are read from the working directory; use an absolute path)"))
+            metrics = [m.get("metric") for m in cfg.get("metric_list") or [] if isinstance(m, dict)]
+            if not metrics:
+                metrics = list(_DEFAULT_METRICS.get(cfg.get("output_type", "loglikelihood"), ()))
+            if metrics and spec.metric not in metrics:
+                problems.append(f"{at}.metric: {spec.name} does not produce {spec.metric!r}; it reports {metrics}")
+    return problems
+
+
+def _local_data_files(cfg: dict) -> list[str]:
+    """Data files a task names on the local disk that are missing (URLs and globs are not checked)."""
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    flat: list[str] = []
+    if isinstance(files, str):
+        flat = [files]
+    elif isinstance(files, (list, tuple)):
+        flat = [f for f in files if isinstance(f, str)]
+    elif isinstance(files, dict):
+        for v in files.values():
+            flat.extend([v] if isinstance(v, str) else [f for f in v if isinstance(f, str)] if isinstance(v, list) else [])
+    return [f for f in flat if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists()]
+
+
+def _leaves_of(task_dict: dict, name: str) -> dict:
+    """The leaf tasks a suite task name stands for (itself, or a group's members)."""
+    leaves = _leaf_tasks(task_dict)
+    if name in leaves:
+        return {name: leaves[name]}
+    for key, obj in (task_dict.get("tasks", task_dict) if isinstance(task_dict, dict) else {}).items():
+        if (getattr(key, "group_name", None) or str(key)) == name and isinstance(obj, dict):
+            return {n: t for n, t in _leaf_tasks(obj).items() if n == getattr(t, "task_name", n)}
+    return {}
 
 
 def _leaf_tasks(task_dict: dict) -> dict:

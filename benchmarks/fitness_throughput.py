@@ -1,0 +1,134 @@
+"""Fitness throughput: lm-eval scoring vs a bare forward pass over the same tokens.
+
+A worker scores the search task through lm-eval (``HFLM`` on the in-memory model, as in a
+search). The same loglikelihood requests — each (context, continuation) pair of the task —
+are then run as bare forward passes: the sequences tokenized once, sorted by length, padded
+per batch of ``--batch-size``, one ``model(input_ids)`` per batch. Both count the same
+tokens (every request's context + continuation), so tokens/s compare like for like; the
+bare pass is the floor of what scoring these requests costs on this device. It also prints
+the padding share of the bare batches.
+
+- CPU (default): the cross-skill zoo's expert_a on its search task (300 items x 4 choices).
+- ``--shape 1b --device cuda``: a randomly initialised ~1B Llama-shaped model (hidden 2048,
+  16 layers, GQA 32/8, the zoo's tokenizer) in bf16 on the GPU, same task, built in memory.
+
+Usage: python benchmarks/fitness_throughput.py [--device cpu|cuda] [--shape zoo|1b] [--batch-size 64] [--repeats 3]
+       [--items N]   (a smoke run on the first N items)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evomerge.config import load_experiment  # noqa: E402
+from evomerge.evaluate.lm_eval_runner import LmEvalEvaluator  # noqa: E402
+from evomerge.zoo import build_zoo  # noqa: E402
+
+
+def requests_of(evaluator: LmEvalEvaluator) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs lm-eval scores for the search split."""
+    _, task_dict, _ = evaluator._splits["search"]
+    pairs = []
+    limit = evaluator.suite.tasks[0].limit
+    for task in task_dict.values():
+        task.build_all_requests(rank=0, world_size=1, limit=limit)
+        pairs += [inst.arguments for inst in task.instances]
+    return pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", choices=["zoo", "1b"], default="zoo")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
+    ap.add_argument("--items", type=int, default=None, help="score only the first N items (a smoke run)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    exp = load_experiment(ROOT / "experiments" / "quickstart.yaml")
+    zoo = build_zoo(kind=exp.zoo.kind, seed=exp.zoo.seed)
+    model_dir = zoo.models["expert_a"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dtype = torch.float32
+    if args.shape == "zoo":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    else:
+        dtype = torch.bfloat16
+        base = LlamaConfig.from_pretrained(model_dir)
+        cfg = LlamaConfig(vocab_size=base.vocab_size, hidden_size=2048, intermediate_size=8192,
+                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                          max_position_embeddings=base.max_position_embeddings,
+                          bos_token_id=base.bos_token_id, eos_token_id=base.eos_token_id,
+                          pad_token_id=base.pad_token_id)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model = model.to(args.device).eval()
+    params = sum(p.numel() for p in model.parameters())
+    tasks = tuple(t.model_copy(update={"limit": args.items}) for t in exp.suite.tasks)
+    suite = exp.suite.model_copy(update={"batch_size": args.batch_size, "test_tasks": (), "tasks": tasks})
+    evaluator = LmEvalEvaluator(model, tokenizer, suite, [str(zoo.tasks_dir)], device=args.device)
+
+    pairs = requests_of(evaluator)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    seqs = [bos + tokenizer(c, add_special_tokens=False).input_ids + tokenizer(x, add_special_tokens=False).input_ids
+            for c, x in pairs]
+    tokens = sum(len(s) for s in seqs)
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    evaluator.evaluate("search")  # warm-up
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.repeats):
+        evaluator.evaluate("search")
+    sync()
+    lm_eval_s = (time.perf_counter() - t) / args.repeats
+
+    ordered = sorted(seqs, key=len, reverse=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches, padded = [], 0
+    for i in range(0, len(ordered), args.batch_size):
+        chunk = ordered[i:i + args.batch_size]
+        width = len(chunk[0])
+        padded += width * len(chunk)
+        batches.append(torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=args.device))
+
+    with torch.inference_mode():
+        for b in batches:
+            model(b)  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.repeats):
+            for b in batches:
+                model(b)
+        sync()
+    bare_s = (time.perf_counter() - t) / args.repeats
+
+    print(f"model: {args.shape} ({params / 1e6:.1f} M params, {dtype}), device {args.device}, "
+          f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
+    print(f"requests: {len(pairs)} loglikelihood, {tokens} tokens (context + continuation)")
+    print("| path | seconds per evaluation | tokens/s | share of bare forward |")
+    print("|---|---|---|---|")
+    print(f"| bare forward (sorted, padded batches) | {bare_s:.3f} | {tokens / bare_s:,.0f} | 100 % |")
+    print(f"| lm-eval (HFLM, as in a search) | {lm_eval_s:.3f} | {tokens / lm_eval_s:,.0f} | "
+          f"{100 * bare_s / lm_eval_s:.0f} % |")
+    print(f"padding in the bare batches: {100 * (1 - tokens / padded):.1f} % of the positions")
+
+
+if __name__ == "__main__":
+    main()
