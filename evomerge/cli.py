@@ -1,4 +1,4 @@
-"""Command line: evomerge run | resume | submit | status | logs | stop | validate | zoo build | export.
+"""Command line: evomerge run | resume | submit | status | logs | stop | validate | zoo build | export | ui | sync.
 
 Exit codes: 0 success; 1 a run or command failed; 2 invalid input (bad config,
 missing file, unknown option); 130 interrupted. Errors are one line (or one
@@ -87,12 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--calibrate", type=Path, metavar="RUN_DIR",
                    help="with --dry-run: per-trial cost measured in this (pilot) run on the target hardware")
     r.add_argument("--trial-seconds", type=float, metavar="S", help="with --dry-run: per-trial cost to assume")
-    r.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    r.add_argument("--json", action="store_true", help="print the summary (with --dry-run: the plan) as JSON")
 
     rs = sub.add_parser("resume", help="continue a run that was interrupted or crashed")
     rs.add_argument("run_dir", type=Path)
     rs.add_argument("--max-trials", type=int, help="extend the budget (at least the run's max_trials)")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
+    rs.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     sb = sub.add_parser("submit", help="run an experiment on a Ray cluster as a Ray Job")
     sb.add_argument("experiment", type=Path)
@@ -123,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check an experiment YAML and report every problem")
     v.add_argument("experiment", type=Path)
+    v.add_argument("--json", action="store_true", help='print {"ok": ..., "problems": [...]} (exit code as usual)')
 
     z = sub.add_parser("zoo", help="the embedded tiny model zoo")
     zsub = z.add_subparsers(dest="zoo_command", required=True)
@@ -130,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     zb.add_argument("--kind", default="cross-skill", choices=["cross-skill", "cross-skill-full", "tiny"])
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
+    zb.add_argument("--json", action="store_true", help="print the zoo's models and tasks as JSON")
 
     e = sub.add_parser("export", help="export a run's best recipe")
     e.add_argument("run_dir", type=Path)
@@ -139,7 +142,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--trial", type=int, help="export this trial instead of the best (e.g. a Pareto member)")
     e.add_argument("--pareto", action="store_true",
                    help="list the Pareto front of a multi-objective run (export one with --trial)")
-    e.add_argument("--json", action="store_true", help="with --pareto: print JSON")
+    e.add_argument("--json", action="store_true", help="print JSON (the written path, or the Pareto front)")
+    e.add_argument("--register", metavar="NAME",
+                   help="with --format hf: register the model in the run's MLflow model registry as NAME")
+
+    u = sub.add_parser("ui", help="open a run's MLflow UI (starts `mlflow ui` on its store) and print the URL")
+    u.add_argument("run_dir", type=Path)
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+
+    sy = sub.add_parser("sync", help="upload a run's ledger to MLflow (after the server was unreachable)")
+    sy.add_argument("run_dir", type=Path)
+    sy.add_argument("--tracking-uri", help="upload to this MLflow store instead of the run's own")
+    sy.add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -148,10 +163,23 @@ def _cmd_validate(args) -> int:
 
     from evomerge.controller import suite_problems
 
-    exp = load_experiment(args.experiment)
-    problems = suite_problems(exp)
-    if problems:
-        raise ConfigError(problems)
+    try:
+        exp = load_experiment(args.experiment)
+        problems = suite_problems(exp)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        if args.json:
+            import json
+
+            print(json.dumps({"ok": False, "experiment": str(args.experiment), "problems": exc.problems}, indent=2))
+            return EXIT_USAGE
+        raise
+    if args.json:
+        import json
+
+        print(json.dumps({"ok": True, "experiment": str(args.experiment), "problems": [], "name": exp.name}, indent=2))
+        return EXIT_OK
     space = exp.search_space
     what = f"method {space.method}" if space.kind == "ps" else f"data-flow space, r = {space.repetitions}"
     print(f"{args.experiment}: ok ({exp.name}: {len(exp.models)} models, {what}, "
@@ -178,8 +206,8 @@ def _experiment_with_overrides(args):
 def _cmd_run(args) -> int:
     from evomerge.controller import LEDGER, Controller, new_run_id
 
-    if not args.dry_run and (args.calibrate or args.trial_seconds is not None or args.json):
-        raise ConfigError(["--calibrate, --trial-seconds and --json go with --dry-run"])
+    if not args.dry_run and (args.calibrate or args.trial_seconds is not None):
+        raise ConfigError(["--calibrate and --trial-seconds go with --dry-run"])
     if args.resume and args.run_dir is None:
         raise ConfigError(["--resume: needs --run-dir (the directory a restarted job finds its run in)"])
     exp = _experiment_with_overrides(args)
@@ -196,13 +224,13 @@ def _cmd_run(args) -> int:
         progress.message(f"{args.run_dir} holds a run already: resuming it")
         extend = exp.budget.max_trials if exp.budget.max_trials > held.budget.max_trials else None
         summary = Controller.for_resume(args.run_dir, max_trials=extend, progress=progress).resume()
-        _print_summary(summary)
+        _print_summary(summary, args.json)
         return EXIT_OK
     run_dir = args.run_dir or Path("runs") / new_run_id(exp.name)
     progress = _BarProgress(args.quiet)
     progress.message(f"run {run_dir.name}: {run_dir}")
-    summary = Controller(exp, run_dir, progress=progress).run()
-    _print_summary(summary)
+    summary = Controller(exp, run_dir, progress=progress, source=args.experiment).run()
+    _print_summary(summary, args.json)
     return EXIT_OK
 
 
@@ -226,7 +254,7 @@ def _cmd_resume(args) -> int:
     progress = _BarProgress(args.quiet)
     controller = Controller.for_resume(args.run_dir, max_trials=args.max_trials, progress=progress)
     summary = controller.resume()
-    _print_summary(summary)
+    _print_summary(summary, args.json)
     return EXIT_OK
 
 
@@ -322,7 +350,12 @@ def _print_rows(rows) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-def _print_summary(s) -> None:
+def _print_summary(s, as_json: bool = False) -> None:
+    if as_json:
+        import json
+
+        print(json.dumps(s.to_json(), indent=2))
+        return
     cached = f", {s.cached_trials} cached" if s.cached_trials else ""
     rows = [("trials", f"{s.trials} ({s.failed} failed{cached})")]
     if s.best_fitness is not None:
@@ -346,6 +379,13 @@ def _cmd_zoo(args) -> int:
 
     zoo = build_zoo(kind=args.kind, seed=args.seed, force=args.force,
                     progress=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:
+        import json
+
+        print(json.dumps({"root": str(zoo.root), "kind": zoo.kind, "models": {k: str(v) for k, v in zoo.models.items()},
+                          "tasks_dir": str(zoo.tasks_dir), "search_tasks": list(zoo.search_tasks),
+                          "test_tasks": list(zoo.test_tasks)}, indent=2))
+        return EXIT_OK
     print(zoo.root)
     return EXIT_OK
 
@@ -372,14 +412,94 @@ def _cmd_export(args) -> int:
     if args.out is None:
         raise ConfigError(["--out: required (the directory to write the recipe to)"])
 
+    if args.register and args.format != "hf":
+        raise ConfigError(["--register: registers a model directory; use it with --format hf"])
     path = export(args.run_dir, args.out, fmt=args.format, trial=args.trial)
+    out = {"path": str(path), "format": args.format}
+    if args.register:
+        from evomerge.export import register
+
+        name, version = register(args.run_dir, path, args.register)
+        out["registered"] = {"name": name, "version": version}
+    if args.json:
+        import json
+
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
     print(path)
+    if args.register:
+        print(f"registered in MLflow as {name} version {version}", file=sys.stderr)
     return EXIT_OK
+
+
+def _cmd_sync(args) -> int:
+    import json
+
+    from evomerge.tracking.sync import sync_run
+
+    res = sync_run(args.run_dir, tracking_uri=args.tracking_uri)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{res['run_dir']}: {res['trials_uploaded']} of {res['trials']} trials uploaded to "
+              f"{res['tracking_uri']} (run {res['mlflow_run_id']}, {res['status']})")
+    return EXIT_OK
+
+
+def _cmd_ui(args) -> int:
+    import json
+    import subprocess
+    import time
+    import urllib.request
+
+    info_path = args.run_dir / "run.json"
+    if not info_path.exists():
+        raise EvomergeError(f"{args.run_dir} is not an evomerge run directory (no run.json)")
+    info = json.loads(info_path.read_text())
+    uri = info.get("tracking_uri") or ""
+    route = (f"#/experiments/{info['mlflow_experiment_id']}/runs/{info['mlflow_run_id']}"
+             if info.get("mlflow_experiment_id") and info.get("mlflow_run_id") else "")
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri.rstrip('/')}/{route}")  # a tracking server already serves the UI
+        return EXIT_OK
+    if not uri:
+        raise EvomergeError(f"{args.run_dir} was not tracked (tracking.backend: none); `evomerge sync "
+                            f"{args.run_dir} --tracking-uri ...` uploads it")
+    base = f"http://{args.host}:{args.port}"
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                             "--host", args.host, "--port", str(args.port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                raise EvomergeError(f"mlflow ui exited ({proc.returncode}): "
+                                    f"{(proc.stderr.read() or '').strip().splitlines()[-1:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise EvomergeError(f"mlflow ui did not answer on {base} within 90 s")
+            time.sleep(0.5)
+        print(f"{base}/{route}", flush=True)
+        print("MLflow UI running; Ctrl-C stops it", file=sys.stderr, flush=True)
+        proc.wait()
+        return EXIT_OK
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 COMMANDS = {"run": _cmd_run, "resume": _cmd_resume, "submit": _cmd_submit, "status": _cmd_status,
             "logs": _cmd_logs, "stop": _cmd_stop, "validate": _cmd_validate, "zoo": _cmd_zoo,
-            "export": _cmd_export}
+            "export": _cmd_export, "ui": _cmd_ui, "sync": _cmd_sync}
 
 
 def _sigterm_as_interrupt(signum, frame):

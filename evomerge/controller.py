@@ -51,6 +51,7 @@ SUMMARY = "summary.json"
 BEST_RECIPE = "best_recipe.yaml"
 PARETO = "pareto.json"
 EXPERIMENT_COPY = "experiment.yaml"
+EXPERIMENT_SOURCE = "experiment.source.yaml"  # the file as the user wrote it (paths unresolved)
 
 
 class Progress(Protocol):
@@ -350,10 +351,13 @@ class Controller:
         progress: Optional[Progress] = None,
         worker_factory: Callable[[WorkerSpec], Any] = TrialWorker,
         dispatcher_factory: Optional[Callable[[Experiment, WorkerSpec], Dispatcher]] = None,
+        source: Optional[Path] = None,
     ) -> None:
         """``worker_factory`` builds a worker from its spec inside each worker process;
-        ``dispatcher_factory`` replaces the experiment's dispatcher (simulations)."""
+        ``dispatcher_factory`` replaces the experiment's dispatcher (simulations); ``source``:
+        the experiment file as the user wrote it (kept and logged next to the resolved config)."""
         self.exp = exp
+        self.source = Path(source) if source else None
         self.run_dir = Path(run_dir)
         self.run_id = self.run_dir.name
         self.progress = progress or _NoProgress()
@@ -444,7 +448,8 @@ class Controller:
         ) or info.get("mlflow_run_id", "")
         info.update({
             "run_id": self.run_id, "experiment": exp.name, "tracking_uri": tracking_uri,
-            "mlflow_run_id": mlflow_run_id, "status": "running", "dimension_names": list(codec.names),
+            "mlflow_run_id": mlflow_run_id, "mlflow_experiment_id": getattr(tracker.inner, "experiment_id", "")
+            or info.get("mlflow_experiment_id", ""), "status": "running", "dimension_names": list(codec.names),
             "popsize": popsize, "islands": n_islands, "max_trials": exp.budget.max_trials,
             "num_workers": exp.dispatch.num_workers, "pid": os.getpid(), "host": socket.gethostname(),
             "updated_at": _dt.datetime.now().isoformat(),
@@ -456,6 +461,10 @@ class Controller:
         state.tracker = tracker
         if not resuming:
             tracker.log_artifact(self.run_dir / EXPERIMENT_COPY)
+            if self.source is not None and self.source.is_file():
+                kept = self.run_dir / EXPERIMENT_SOURCE
+                kept.write_text(self.source.read_text())
+                tracker.log_artifact(kept)
         state.catch_up_tracker()
         if resuming:
             self.progress.message(f"resuming {self.run_id}: {state.finished} trials done, "
@@ -479,6 +488,9 @@ class Controller:
             for name in (SUMMARY, LEDGER, BEST_RECIPE, PARETO):
                 if (self.run_dir / name).exists():
                     tracker.log_artifact(self.run_dir / name)
+            best = (state.best[0], state.best[2].to_dict()) if state.best else None
+            for plot in write_plots(self.run_dir, self.run_id, state.trial_records, state.baselines, best):
+                tracker.log_artifact(plot)
             status = "FINISHED"
             return summary
         except KeyboardInterrupt:
@@ -617,16 +629,7 @@ class _RunState:
     def catch_up_tracker(self) -> None:
         """Log the trials the tracker missed (it was down, or the process died between ledger and tracker)."""
         logged = self.tracker.logged_trials()
-        best: Optional[float] = None
-        front = ParetoFront()
-        for step, rec in enumerate(self.trial_records):
-            if rec["state"] == "complete":
-                best = rec["fitness"] if best is None else max(best, rec["fitness"])
-                if self.multi_objective:
-                    front.add(rec["trial_id"], rec["objectives"])
-            if step >= logged:
-                self._tracker_backlog.append(
-                    (step, _trial_metrics(rec, best, len(front.members) if self.multi_objective else None)))
+        self._tracker_backlog.extend(trial_metric_rows(self.trial_records, self.multi_objective, logged))
         self._flush_tracker()
 
     # ------------------------------------------------------------------ event loop
@@ -840,6 +843,42 @@ class _RunState:
         return out
 
 
+def write_plots(run_dir: Path, run_id: str, trials: list[dict], baselines: dict[str, float],
+                best: Optional[tuple[int, dict]]) -> list[Path]:
+    """The run's plots (``plots/*.svg``): fitness over trials, and the best recipe's
+    coefficients (PS) or layer path (DFS). ``best``: (trial id, recipe dict)."""
+    from evomerge import plots
+
+    folder = run_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    out = [folder / "fitness.svg"]
+    out[0].write_text(plots.fitness_svg(trials, baselines, title=f"{run_id}: fitness over trials"))
+    if best is not None:
+        trial_id, recipe = best
+        if recipe.get("kind", "ps") == "ps":
+            out.append(folder / "coefficients.svg")
+            out[-1].write_text(plots.coefficients_svg(recipe, title=f"best recipe (trial {trial_id}): coefficients"))
+        else:
+            out.append(folder / "layer_path.svg")
+            out[-1].write_text(plots.path_svg(recipe, title=f"best recipe (trial {trial_id}): layer path"))
+    return out
+
+
+def trial_metric_rows(trials: list[dict], multi_objective: bool, start: int = 0) -> list[tuple[int, dict[str, float]]]:
+    """(step, metrics) of each trial record from ``start`` on, with the best so far (and Pareto size)."""
+    rows = []
+    best: Optional[float] = None
+    front = ParetoFront()
+    for step, rec in enumerate(trials):
+        if rec["state"] == "complete":
+            best = rec["fitness"] if best is None else max(best, rec["fitness"])
+            if multi_objective:
+                front.add(rec["trial_id"], rec["objectives"])
+        if step >= start:
+            rows.append((step, _trial_metrics(rec, best, len(front.members) if multi_objective else None)))
+    return rows
+
+
 def _trial_metrics(rec: dict, best: Optional[float], pareto_size: Optional[int] = None) -> dict[str, float]:
     metrics = {"trial_id": float(rec["trial_id"]), "island": float(rec["island"]),
                "generation": float(rec["generation"]), "merge_seconds": rec["merge_seconds"],
@@ -852,4 +891,25 @@ def _trial_metrics(rec: dict, best: Optional[float], pareto_size: Optional[int] 
     if rec["fitness"] is not None:
         metrics["fitness"] = rec["fitness"]
         metrics.update({f"score.{k}": v for k, v in rec["scores"].items()})
+    metrics.update(_recipe_metrics(rec.get("recipe") or {}))
     return metrics
+
+
+MAX_PARAM_METRICS = 64  # more per-trial curves than this would slow the MLflow UI down for nothing
+
+
+def _recipe_metrics(recipe: dict) -> dict[str, float]:
+    """A trial's recipe as MLflow curves: PS coefficients (``param.<model>.<name>[.<group>]``,
+    up to MAX_PARAM_METRICS values; all are in the ledger), DFS path length and mean scale."""
+    if recipe.get("kind") == "dfs":
+        scales = [s["scale"] for s in recipe.get("layers", [])]
+        return {"path_length": float(len(scales)), "path_mean_scale": sum(scales) / len(scales) if scales else 0.0}
+    out: dict[str, float] = {}
+    for m in recipe.get("models", []):
+        for name, v in m.get("parameters", {}).items():
+            if isinstance(v, (list, tuple)):
+                groups = ["embed", *(f"block{i}" for i in range(len(v) - 2)), "head"]
+                out.update({f"param.{m['model']}.{name}.{g}": float(x) for g, x in zip(groups, v)})
+            else:
+                out[f"param.{m['model']}.{name}"] = float(v)
+    return out if len(out) <= MAX_PARAM_METRICS else {}

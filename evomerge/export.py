@@ -75,20 +75,94 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
         return path
     model_dirs, base_model = _run_sources(Path(run_dir))
     if fmt == "hf":
-        return export_hf(recipe, model_dirs, base_model, out_dir)
+        path = export_hf(recipe, model_dirs, base_model, out_dir)
+        (path / "README.md").write_text(model_card(Path(run_dir), recipe, record))
+        (path / "evomerge_recipe.yaml").write_text(header + recipe.to_yaml())
+        return path
     path = out_dir / "mergekit.yaml"
-    path.write_text(header + mergekit_yaml(recipe, model_dirs))
+    path.write_text(header + mergekit_yaml(recipe, _run_sources(Path(run_dir), resolve=False)[0]))
     return path
 
 
-def _run_sources(run_dir: Path) -> tuple[dict[str, str], str]:
-    """The run's source model dirs on this machine (building the embedded zoo if it used one)."""
+def register(run_dir: Path, model_dir: Path, name: str) -> tuple[str, str]:
+    """Register an exported model dir in the run's MLflow model registry (as a version of ``name``)."""
+    import json
+
+    info = json.loads((Path(run_dir) / "run.json").read_text())
+    if not info.get("mlflow_run_id") or not info.get("tracking_uri"):
+        raise EvomergeError(f"run {Path(run_dir).name} has no MLflow run to register under; "
+                            f"`evomerge sync {run_dir} --tracking-uri URI` uploads it first")
+    from evomerge.tracking.mlflow_tracker import register_model
+
+    return register_model(info["tracking_uri"], info["mlflow_run_id"], Path(model_dir), name)
+
+
+def _run_sources(run_dir: Path, resolve: bool = True) -> tuple[dict[str, str], str]:
+    """The run's source model dirs on this machine (building the embedded zoo if it used one).
+
+    ``resolve=False`` keeps Hub models as ids (``org/name@rev``), for files read elsewhere.
+    """
     from evomerge.controller import load_run_experiment, resolve_worker_spec
-    from evomerge.sources import resolve_model_dir
+    from evomerge.sources import is_hub, resolve_model_dir
 
     exp = load_run_experiment(run_dir)
     spec = resolve_worker_spec(exp)
+    if not resolve:
+        return {k: v[3:] if is_hub(v) else v for k, v in spec.model_dirs.items()}, exp.base_model
     return {k: str(resolve_model_dir(v)) for k, v in spec.model_dirs.items()}, exp.base_model
+
+
+def model_card(run_dir: Path, recipe, record: dict) -> str:
+    """README.md of an exported model: sources, method, recipe, fitness and test scores, MLflow link."""
+    import json
+
+    import yaml
+
+    from evomerge.recipe import DFSRecipe
+
+    exp = yaml.safe_load((run_dir / "experiment.yaml").read_text())
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    sources = {m["name"]: m["path"] for m in exp["models"]}
+    tests = {r["model"]: r for r in Ledger(run_dir / "ledger.jsonl").records("test") if r["state"] == "complete"}
+    baselines = {r["model"]: r for r in Ledger(run_dir / "ledger.jsonl").records("baseline")
+                 if r["state"] == "complete"}
+    hub = [p[3:].split("@")[0] for p in sources.values() if p.startswith("hf:")]
+    front = {"library_name": "transformers", "tags": ["merge", "evomerge"] + (["dfs"] if isinstance(recipe, DFSRecipe)
+                                                                            else [recipe.method])}
+    if hub:
+        front["base_model"] = hub
+    kind = ("data-flow (layer path) merge" if isinstance(recipe, DFSRecipe)
+            else f"parameter-space merge, method `{recipe.method}`")
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {exp['name']}: evolved merge (trial {record['trial_id']})", "",
+             f"A {kind} found by [evomerge](https://github.com/) ({info.get('popsize', '?')}-candidate generations, "
+             f"{info.get('max_trials', '?')} trials, optimizer `{exp['optimizer']['name']}`, seed "
+             f"{exp['optimizer']['seed']}).", "", "## Sources", "", "| name | model |", "|---|---|"]
+    lines += [f"| {n} | `{p}` |" for n, p in sources.items()]
+    search = [t["name"] for t in exp["suite"]["tasks"]]
+    test_names = [t["name"] for t in exp["suite"].get("test_tasks") or []]
+    lines += ["", "## Scores", "",
+              f"Search split ({', '.join(search)}; drove the search) and held-out test split "
+              f"({', '.join(test_names) or 'none'}; never seen by the search):", "",
+              "| model | search fitness | test fitness |", "|---|---|---|"]
+    best_test = tests.get("best", {}) if tests.get("best", {}).get("recipe_hash") == record["recipe_hash"] else {}
+    lines.append(f"| **this merge** | {record['fitness']:.4f} | "
+                 f"{best_test['fitness']:.4f} |" if best_test else f"| **this merge** | {record['fitness']:.4f} | - |")
+    for name in sources:
+        b = baselines.get(name)
+        t = tests.get(name)
+        lines.append(f"| {name} | {b['fitness']:.4f} | " if b else f"| {name} | - | ")
+        lines[-1] += f"{t['fitness']:.4f} |" if t else "- |"
+    lines += ["", "## Recipe", "", f"Recipe hash `{recipe.content_hash()}`; the exact recipe "
+              "(`evomerge_recipe.yaml`, also below) rebuilds these weights with `evomerge merge`-equivalent "
+              "`evomerge export --format hf`.", "", "```yaml", recipe.to_yaml().strip(), "```", "",
+              "## Provenance", "", f"- evomerge run `{info.get('run_id', run_dir.name)}` ({run_dir.resolve()})"]
+    uri, run_id = info.get("tracking_uri"), info.get("mlflow_run_id")
+    if uri and run_id:
+        link = f"{uri.rstrip('/')}/#/experiments/{info.get('mlflow_experiment_id', '')}/runs/{run_id}" \
+            if uri.startswith("http") and info.get("mlflow_experiment_id") else f"{uri}, run {run_id}"
+        lines.append(f"- MLflow: {link}")
+    return "\n".join(lines) + "\n"
 
 
 def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path) -> Path:
@@ -121,8 +195,45 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
     return Path(out_dir)
 
 
+def _mergekit_value(value):
+    """A recipe value as a mergekit parameter: a per-group tuple becomes conditional filters (the
+    first match wins), because mergekit reads a plain list as a gradient interpolated over layers."""
+    if not isinstance(value, tuple):
+        return value
+    layers = len(value) - 2
+    return ([{"filter": "model.embed_tokens.", "value": value[0]}]
+            + [{"filter": f"model.layers.{i}.", "value": value[i + 1]} for i in range(layers)]
+            + [{"value": value[-1]}])
+
+
+def _mergekit_ps(recipe, model_dirs: dict[str, str]) -> str:
+    """A mergekit YAML of a PS recipe: the same method, parameters and dtype.
+
+    TIES, linear and task arithmetic give the same tensors as evomerge (tests/test_mergekit_parity.py).
+    DARE draws random masks: mergekit from one global generator (``mergekit-yaml --random-seed``),
+    evomerge per tensor from (recipe seed, tensor name), so DARE merges agree in distribution
+    (keep rate, rescale), not bit for bit.
+    """
+    import yaml
+
+    from evomerge.merge.methods import METHODS
+
+    config: dict = {
+        "merge_method": recipe.method,
+        "dtype": recipe.dtype,
+        "models": [{"model": model_dirs[m.model],
+                    "parameters": {k: _mergekit_value(v) for k, v in m.parameters.items()}} for m in recipe.models],
+    }
+    if METHODS[recipe.method].needs_base:
+        config["base_model"] = model_dirs[recipe.base_model]
+    if recipe.parameters:
+        config["parameters"] = dict(recipe.parameters)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def mergekit_yaml(recipe, model_dirs: dict[str, str]) -> str:
-    """A mergekit YAML for a data-flow recipe, where mergekit can express it.
+    """A mergekit YAML for a recipe: PS recipes as the same merge; data-flow recipes where
+    mergekit can express them.
 
     mergekit's passthrough takes the embeddings from the first slice's model and the final
     norm / lm_head from the last slice's, and knows nothing of evomerge's PS donors, so the
@@ -133,8 +244,7 @@ def mergekit_yaml(recipe, model_dirs: dict[str, str]) -> str:
     from evomerge.recipe import DFSRecipe
 
     if not isinstance(recipe, DFSRecipe):
-        raise EvomergeError("mergekit export of parameter-space recipes is not implemented yet; "
-                            "use --format recipe or hf")
+        return _mergekit_ps(recipe, model_dirs)
     steps = recipe.layers
     if recipe.donors or any(s.model not in model_dirs for s in steps):
         raise EvomergeError("this path uses a PS-merged donor, which mergekit cannot express; use --format hf")

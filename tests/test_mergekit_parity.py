@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 pytest.importorskip("mergekit")
 from mergekit.merge_methods import merge_tensors  # noqa: E402
@@ -32,7 +31,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from evomerge.merge.backend import ResidentSources  # noqa: E402
-from evomerge.merge.methods import METHODS  # noqa: E402
+from evomerge.export import mergekit_yaml  # noqa: E402
 from evomerge.merge.methods.linear import linear  # noqa: E402
 from evomerge.merge.parameter_space import merge_tensor, tensor_group  # noqa: E402
 from evomerge.recipe import ModelParams, Recipe  # noqa: E402
@@ -155,35 +154,9 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def mergekit_value(value: float | tuple[float, ...]) -> object:
-    """A recipe value as a mergekit parameter setting (per-group tuple -> filter list).
-
-    mergekit reads a plain list as a *gradient* interpolated over the layers, so a
-    per-group tuple must be spelled as conditional filters; the first match wins.
-    """
-    if not isinstance(value, tuple):
-        return value
-    return (
-        [{"filter": "model.embed_tokens.", "value": value[0]}]
-        + [{"filter": f"model.layers.{i}.", "value": value[i + 1]} for i in range(NUM_LAYERS)]
-        + [{"value": value[NUM_LAYERS + 1]}]
-    )
-
-
 def run_mergekit(recipe: Recipe, dirs: dict[str, Path], out: Path) -> dict[str, torch.Tensor]:
-    config: dict = {
-        "merge_method": recipe.method,
-        "dtype": recipe.dtype,
-        "models": [
-            {"model": str(dirs[m.model]), "parameters": {k: mergekit_value(v) for k, v in m.parameters.items()}}
-            for m in recipe.models
-        ],
-    }
-    if METHODS[recipe.method].needs_base:
-        config["base_model"] = str(dirs[recipe.base_model])
-    if recipe.parameters:
-        config["parameters"] = dict(recipe.parameters)
-    (out.parent / f"{out.name}.yml").write_text(yaml.safe_dump(config))
+    """mergekit-yaml on the YAML `evomerge export --format mergekit` writes for ``recipe``."""
+    (out.parent / f"{out.name}.yml").write_text(mergekit_yaml(recipe, {k: str(v) for k, v in dirs.items()}))
     cli = Path(sys.executable).parent / "mergekit-yaml"
     subprocess.run(
         [str(cli), str(out.parent / f"{out.name}.yml"), str(out), "--random-seed", str(recipe.seed),

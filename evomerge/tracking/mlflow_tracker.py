@@ -7,7 +7,9 @@ run (step = order of completion; the trial id is the metric `trial_id`), drawn a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -24,6 +26,7 @@ class MlflowTracker:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_id = run_id
+        self.experiment_id = ""
         self._lazy_client: Optional[MlflowClient] = None
 
     @property
@@ -36,14 +39,17 @@ class MlflowTracker:
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         if self.run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment_name)
-            exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment_name)
+            exp_id = exp.experiment_id if exp else self._client.create_experiment(
+                self.experiment_name, artifact_location=_artifact_location(self.tracking_uri))
             run = self._client.create_run(exp_id, run_name=run_name, tags=dict(tags))
             self.run_id = run.info.run_id
+            self.experiment_id = exp_id
             items = [Param(k, _param_text(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 self._client.log_batch(self.run_id, params=items[i : i + 100])
         else:
             self._client.update_run(self.run_id, status="RUNNING")
+            self.experiment_id = self._client.get_run(self.run_id).info.experiment_id
         return self.run_id
 
     def logged_trials(self) -> int:
@@ -63,11 +69,22 @@ class MlflowTracker:
         self._client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str) -> None:
-        self._client.set_terminated(self.run_id, status=status)
+        # MLflow prints "View run at ..." on stdout for server stores; stdout is for results (--json)
+        with contextlib.redirect_stdout(sys.stderr):
+            self._client.set_terminated(self.run_id, status=status)
 
     @property
     def run_url_hint(self) -> str:
         return f"{self.tracking_uri} (experiment {self.experiment_name!r}, run {self.run_id})"
+
+
+def _artifact_location(tracking_uri: str) -> Optional[str]:
+    """Artifacts of a sqlite store go next to its database (``<db dir>/mlartifacts``), not into
+    ``./mlruns`` under whatever directory the run was started from (MLflow's default); a
+    server decides for itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
 
 
 def _param_text(v: Any) -> str:
@@ -89,3 +106,20 @@ def read_run(tracking_uri: str, run_id: str) -> dict:
         "artifacts": [a.path for a in client.list_artifacts(run_id)],
         "experiment_name": client.get_experiment(run.info.experiment_id).name,
     }
+
+
+def register_model(tracking_uri: str, run_id: str, model_dir: Path, name: str) -> tuple[str, str]:
+    """Log a model dir as the run's ``model`` artifacts and register it as a new version of
+    ``name`` in the MLflow model registry; returns (name, version)."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Merged model found by evomerge")
+    source = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/model"
+    version = client.create_model_version(name, source=source, run_id=run_id,
+                                          tags={"evomerge.model_dir": str(model_dir)})
+    return name, str(version.version)

@@ -1,0 +1,76 @@
+"""`evomerge sync RUN_DIR`: upload what a run's ledger holds and its tracker lacks.
+
+A run whose MLflow server was unreachable (at the start, or for a while) went on with its
+ledger (``GuardedTracker``). ``sync_run`` opens the run's MLflow run — or creates it, when
+the server was down from the start — logs every trial from the first step MLflow lacks,
+the baseline and test scores, the artifacts (experiment, summary, ledger, best recipe,
+Pareto front, plots) and the run's final status, and records the MLflow run in ``run.json``.
+It does not touch a run that is still in progress (that run logs itself).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from evomerge.errors import EvomergeError
+
+_STATUS = {"finished": "FINISHED", "killed": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any]:
+    from evomerge import __version__
+    from evomerge.controller import (BEST_RECIPE, EXPERIMENT_COPY, LEDGER, PARETO, RUN_INFO, SUMMARY, RunLock,
+                                     load_run_experiment, trial_metric_rows, write_json_atomic, write_plots)
+    from evomerge.ledger import Ledger, best_trial
+    from evomerge.tracking import build_tracker
+
+    run_dir = Path(run_dir)
+    exp = load_run_experiment(run_dir)
+    if RunLock.is_held(run_dir):
+        raise EvomergeError(f"{run_dir} is running; it logs to MLflow itself (sync it after it stops)")
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    uri = tracking_uri or info.get("tracking_uri")
+    if not uri:
+        raise EvomergeError(f"{run_dir} has no tracking URI; pass --tracking-uri")
+    if exp.tracking.backend == "none" and not tracking_uri:
+        raise EvomergeError(f"{run_dir} ran with tracking.backend: none; pass --tracking-uri to upload it anyway")
+    same_store = uri == info.get("tracking_uri")
+    cfg = exp.tracking.model_copy(update={"backend": "mlflow"})
+    tracker = build_tracker(cfg, tracking_uri=uri, experiment_name=exp.tracking.experiment_name or exp.name,
+                            run_id=(info.get("mlflow_run_id") or None) if same_store else None)
+    run_id = tracker.start(info.get("run_id", run_dir.name),
+                           params={"experiment": exp.name, "optimizer": exp.optimizer.name,
+                                   "max_trials": exp.budget.max_trials, "seed": exp.optimizer.seed,
+                                   "popsize": info.get("popsize"), "islands": info.get("islands")},
+                           tags={"evomerge.version": __version__, "evomerge.experiment": exp.name,
+                                 "evomerge.run_dir": str(run_dir.resolve()),
+                                 "evomerge.seed": str(exp.optimizer.seed), "evomerge.synced": "true"})
+    ledger = Ledger(run_dir / LEDGER)
+    trials = ledger.records("trial")
+    logged = tracker.logged_trials()
+    rows = trial_metric_rows(trials, exp.optimizer.objectives == "per_task", logged)
+    if rows:
+        tracker.log_trials(rows)
+    baselines = {r["model"]: r["fitness"] for r in ledger.records("baseline") if r["state"] == "complete"}
+    tests = {r["model"]: r["fitness"] for r in ledger.records("test") if r["state"] == "complete"}
+    best = best_trial(trials)
+    summary = {f"baseline.{k}": v for k, v in baselines.items()} | {f"test.{k}": v for k, v in tests.items()}
+    if best is not None:
+        summary["best_fitness_final"] = best["fitness"]
+    if summary:
+        tracker.log_summary(summary)
+    plots = write_plots(run_dir, info.get("run_id", run_dir.name), trials, baselines,
+                        (best["trial_id"], best["recipe"]) if best else None)
+    for path in [run_dir / n for n in (EXPERIMENT_COPY, SUMMARY, LEDGER, BEST_RECIPE, PARETO)] + plots:
+        if path.exists():
+            tracker.log_artifact(path)
+    state = info.get("status", "finished")
+    tracker.finish(_STATUS.get(state, "FINISHED"))
+    info.update({"tracking_uri": uri, "mlflow_run_id": run_id,
+                 "mlflow_experiment_id": getattr(tracker, "experiment_id", "") or info.get("mlflow_experiment_id", "")})
+    info.pop("tracking_error", None)
+    write_json_atomic(run_dir / RUN_INFO, info)
+    return {"run_dir": str(run_dir), "tracking_uri": uri, "mlflow_run_id": run_id,
+            "trials_uploaded": len(rows), "trials": len(trials), "status": state}
