@@ -1,4 +1,5 @@
-"""Command line: evomerge run | resume | submit | status | logs | stop | validate | zoo build | export | ui | sync.
+"""Command line: evomerge run | resume | submit | status | logs | stop | validate | zoo build | export | merge |
+ui | sync.
 
 Exit codes: 0 success; 1 a run or command failed; 2 invalid input (bad config,
 missing file, unknown option); 130 interrupted. Errors are one line (or one
@@ -145,6 +146,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON (the written path, or the Pareto front)")
     e.add_argument("--register", metavar="NAME",
                    help="with --format hf: register the model in the run's MLflow model registry as NAME")
+
+    mg = sub.add_parser("merge", help="materialise a recipe YAML as a Hugging Face model dir")
+    mg.add_argument("recipe", type=Path)
+    mg.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    mg.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                    help="where the recipe's model NAME is (a directory or hf:org/name); repeatable")
+    src = mg.add_mutually_exclusive_group()
+    src.add_argument("--run", type=Path, metavar="RUN_DIR", help="take the sources of this run")
+    src.add_argument("--experiment", type=Path, metavar="EXP.yaml", help="take the sources of this experiment")
+    mg.add_argument("--json", action="store_true", help="print JSON")
 
     u = sub.add_parser("ui", help="open a run's MLflow UI (starts `mlflow ui` on its store) and print the URL")
     u.add_argument("run_dir", type=Path)
@@ -432,6 +443,33 @@ def _cmd_export(args) -> int:
     return EXIT_OK
 
 
+def _cmd_merge(args) -> int:
+    import json
+
+    from evomerge.export import merge_recipe
+
+    dirs: dict[str, str] = {}
+    if args.run or args.experiment:
+        from evomerge.config import load_experiment
+        from evomerge.controller import load_run_experiment, resolve_worker_spec
+
+        exp = load_run_experiment(args.run) if args.run else load_experiment(args.experiment)
+        dirs.update(resolve_worker_spec(exp).model_dirs)
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError([f"--model: expected NAME=PATH, got {item!r}"])
+        if not path.startswith("hf:") and not Path(path).expanduser().is_dir():
+            raise ConfigError([f"--model {name}: no model directory {path}"])
+        dirs[name] = path if path.startswith("hf:") else str(Path(path).expanduser().resolve())
+    out = merge_recipe(args.recipe, args.out, dirs)
+    if args.json:
+        print(json.dumps({"path": str(out)}))
+    else:
+        print(out)
+    return EXIT_OK
+
+
 def _cmd_sync(args) -> int:
     import json
 
@@ -499,7 +537,7 @@ def _cmd_ui(args) -> int:
 
 COMMANDS = {"run": _cmd_run, "resume": _cmd_resume, "submit": _cmd_submit, "status": _cmd_status,
             "logs": _cmd_logs, "stop": _cmd_stop, "validate": _cmd_validate, "zoo": _cmd_zoo,
-            "export": _cmd_export, "ui": _cmd_ui, "sync": _cmd_sync}
+            "export": _cmd_export, "ui": _cmd_ui, "sync": _cmd_sync, "merge": _cmd_merge}
 
 
 def _sigterm_as_interrupt(signum, frame):

@@ -489,7 +489,12 @@ class Controller:
                 if (self.run_dir / name).exists():
                     tracker.log_artifact(self.run_dir / name)
             best = (state.best[0], state.best[2].to_dict()) if state.best else None
-            for plot in write_plots(self.run_dir, self.run_id, state.trial_records, state.baselines, best):
+            try:
+                plots = write_plots(self.run_dir, self.run_id, state.trial_records, state.baselines, best)
+            except Exception as exc:  # a plot must never fail a finished search
+                plots = []
+                self.progress.message(f"plots skipped: {type(exc).__name__}: {exc}")
+            for plot in plots:
                 tracker.log_artifact(plot)
             status = "FINISHED"
             return summary

@@ -84,6 +84,50 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     return path
 
 
+def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str]) -> Path:
+    """``evomerge merge``: materialise any recipe file (from a run, or written by hand) as a
+    Hugging Face model dir. ``model_dirs`` maps the recipe's model names to directories or
+    ``hf:`` ids."""
+    import yaml
+
+    from evomerge.recipe import DFSRecipe, load_recipe
+    from evomerge.sources import resolve_model_dir
+
+    path = Path(recipe_path)
+    if not path.is_file():
+        raise EvomergeError(f"no recipe file {path}")
+    try:
+        recipe = load_recipe(path)
+    except (ValueError, TypeError, yaml.YAMLError) as exc:
+        raise EvomergeError(f"{path} is not a valid recipe: {str(exc).splitlines()[0]}") from None
+    if isinstance(recipe, DFSRecipe):
+        needed = {s.model for s in recipe.layers} | {recipe.embed_from}
+        needed -= set(recipe.donors)
+        for donor in recipe.donors.values():
+            needed |= {m.model for m in donor.models} | {donor.base_model}
+        head = recipe.embed_from
+    else:
+        needed = {m.model for m in recipe.models} | {recipe.base_model}
+        head = recipe.base_model
+    missing = sorted(needed - set(model_dirs))
+    if missing:
+        raise EvomergeError(f"the recipe uses model(s) {missing} with no path; pass --model NAME=PATH for each "
+                            "(or --run RUN_DIR / --experiment EXP.yaml to take a run's or an experiment's sources)")
+    dirs = {k: str(resolve_model_dir(v)) for k, v in model_dirs.items() if k in needed}
+    if head not in dirs:  # a DFS recipe whose head is a PS donor: the tokenizer of that donor's base
+        head = next(iter(recipe.donors.values())).base_model if isinstance(recipe, DFSRecipe) else head
+    out = export_hf(recipe, dirs, head, Path(out_dir))
+    (out / "evomerge_recipe.yaml").write_text(f"# merged by `evomerge merge {path}`\n" + recipe.to_yaml())
+    kind = "data-flow (layer path)" if isinstance(recipe, DFSRecipe) else f"`{recipe.method}`"
+    lines = ["---", "library_name: transformers", "tags: [merge, evomerge]", "---", "",
+             f"# {path.stem}", "", f"A {kind} merge made with `evomerge merge` from `{path.name}` "
+             f"(recipe hash `{recipe.content_hash()}`).", "", "| name | model |", "|---|---|"]
+    lines += [f"| {k} | `{model_dirs[k]}` |" for k in sorted(needed)]
+    lines += ["", "```yaml", recipe.to_yaml().strip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
+    return out
+
+
 def register(run_dir: Path, model_dir: Path, name: str) -> tuple[str, str]:
     """Register an exported model dir in the run's MLflow model registry (as a version of ``name``)."""
     import json

@@ -242,9 +242,11 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
     notes: list[str] = []
     if space.kind == "ps":
         groups = codec.groups
-        dim_detail = (f"{len(codec.models)} merged models x {len(space.parameters)} parameters "
-                      f"({', '.join(space.parameters)}) x {groups} group{'s' * (groups > 1)}"
-                      + (" (embeddings, each block, head)" if groups > 1 else ""))
+        dim_detail = (f"{len(codec.models)} merged models x {len(codec.model_params)} parameters "
+                      f"({', '.join(codec.model_params)}) x {groups} group{'s' * (groups > 1)}"
+                      + (" (embeddings, each block, head)" if groups > 1 else "")
+                      + (f" + {len(codec.global_params)} global ({', '.join(codec.global_params)})"
+                         if codec.global_params else ""))
         space_line = f"PS: {space.method}, {space.granularity}"
         resident = len(exp.models) + 1
         memory_detail = f"{len(exp.models)} sources as base + task vectors, 1 model to merge into"

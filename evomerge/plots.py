@@ -95,6 +95,11 @@ def coefficients_svg(recipe: Mapping, title: str = "best recipe: coefficients pe
         for name, v in m["parameters"].items():
             vals = list(v) if isinstance(v, (list, tuple)) else [v]
             rows.append((f"{m['model']}.{name}", [float(x) for x in vals]))
+    for name, v in (recipe.get("parameters") or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            rows.append((f"global.{name}", [float(v)]))
+    if not rows:
+        return _svg(400, 80, ['<text x="200" y="55" text-anchor="middle">no numeric parameters</text>'], title)
     groups = max(len(v) for _, v in rows)
     labels = ["all"] if groups == 1 else ["embed", *(str(i) for i in range(groups - 2)), "head"]
     cell_w, cell_h, left, top = max(18, min(48, 640 // groups)), 26, 170, 50

@@ -233,9 +233,13 @@ def test_registry_defaults_follow_mergekit() -> None:
         assert default(m, "lambda") == 1.0 and default(m, "int8_mask") is False
         assert METHODS[m].model_parameters["density"].default == 1.0
         assert METHODS[m].needs_base
-    assert all(METHODS[m].model_parameters["weight"].required for m in METHODS)
+    assert all(METHODS[m].model_parameters["weight"].required for m in METHODS if m != "slerp")
     assert not METHODS["linear"].needs_base
-    assert [m for m in METHODS if METHODS[m].random] == ["dare_ties", "dare_linear"]
+    assert [m for m in METHODS if METHODS[m].random] == ["dare_ties", "dare_linear", "della", "della_linear"]
+    assert METHODS["breadcrumbs"].model_parameters["gamma"].default == 0.01
+    assert METHODS["della"].model_parameters["epsilon"].default == 0.15
+    assert default("della", "normalize") is True and default("della_linear", "normalize") is False
+    assert METHODS["slerp"].global_parameters["t"].required and not METHODS["slerp"].model_parameters
 
 
 def test_unknown_method_lists_known() -> None:

@@ -77,6 +77,27 @@ def check(results: list[tuple[float, int, float]], label: str) -> None:
     assert untied == 0.0
 
 
+def test_registry_matches_mergekits() -> None:
+    """Every evomerge method has mergekit's parameters, with its defaults (required = no default)."""
+    from mergekit import merge_methods
+
+    from evomerge.merge.methods import METHODS
+
+    for name, ours in METHODS.items():
+        spec = merge_methods.get(name).spec
+        theirs = {p.name: p for p in spec.parameters}
+        mine = {**ours.model_parameters, **ours.global_parameters}
+        assert set(mine) == set(theirs), name
+        for pname, p in mine.items():
+            their_default = theirs[pname].default
+            if p.required:
+                assert not isinstance(their_default, (bool, int, float)), f"{name}.{pname} has a default in mergekit"
+            else:
+                assert their_default == p.default, f"{name}.{pname}: {p.default} vs mergekit {their_default}"
+            per_model = pname in ours.model_parameters
+            assert per_model == (str(theirs[pname].scope).split(".")[-1] in ("NON_BASE", "INPUT")), f"{name}.{pname}"
+
+
 # -- per tensor -----------------------------------------------------------------
 TENSOR_CASES = [
     ("task_arithmetic", {}),
@@ -113,6 +134,71 @@ def test_tensor_parity(method: str, global_params: dict, dtype: torch.dtype) -> 
     )
     tied = threshold_ties([s - base for s in sources], densities) if method == "ties" else None
     check([compare(ours, theirs, tied)], f"{method} {global_params} {dtype}")
+
+
+def ties_in_magnitude(delta: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """Entries whose magnitude equals another entry's (in its row, with ``rows``): the only
+    ones where a rank-based method may differ (mergekit ranks ties by an unstable sort)."""
+    m = delta.abs().float()
+    m = m.reshape(m.shape[0], -1) if rows and m.dim() > 1 else m.reshape(1, -1)
+    out = torch.zeros_like(m, dtype=torch.bool)
+    for r in range(m.shape[0]):
+        values, counts = torch.unique(m[r], return_counts=True)
+        out[r] = torch.isin(m[r], values[counts > 1])
+    return out.reshape(delta.shape)
+
+
+SPARSE_CASES = [
+    ("breadcrumbs", {}, {"gamma": 0.05}),
+    ("breadcrumbs", {"normalize": True, "rescale": True}, {"gamma": 0.0}),
+    ("breadcrumbs_ties", {}, {"gamma": 0.02}),
+    ("breadcrumbs_ties", {"normalize": True, "lambda": 0.8}, {"gamma": 0.1}),
+    ("della", {}, {"epsilon": 0.1}),
+    ("della", {"normalize": False, "rescale": False}, {"epsilon": 0.18}),
+    ("della_linear", {}, {"epsilon": 0.15}),
+    ("della_linear", {"normalize": True}, {"epsilon": 0.05}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("method", "global_params", "extra"), SPARSE_CASES)
+def test_breadcrumbs_and_della_tensor_parity(method: str, global_params: dict, extra: dict, dtype) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(64, 48).to(dtype)
+    sources = [(base.float() + 0.05 * torch.randn(64, 48)).to(dtype) for _ in range(3)]
+    weights, densities = [0.6, -0.3, 0.9], [0.3, 0.55, 0.8]
+    ids = ["base", "x", "y", "z"]
+    params = {"weight": dict(zip(ids[1:], weights)), "density": dict(zip(ids[1:], densities)), **global_params}
+    params.update({k: dict.fromkeys(ids[1:], v) for k, v in extra.items()})
+    torch.manual_seed(99)
+    theirs = merge_tensors([base, *sources], method, parameters=params, ids=ids, base_index=0)
+    ours = merge_tensor(method, base, [s - base for s in sources],
+                        [{"weight": w, "density": d, **extra} for w, d in zip(weights, densities)],
+                        global_params, torch.Generator().manual_seed(99))
+    tied = None
+    if dtype == torch.bfloat16:  # many equal magnitudes: ranks among them are the sort's choice
+        tied = torch.zeros(base.shape, dtype=torch.bool)
+        for src in sources:
+            tied |= ties_in_magnitude(src - base, rows=method.startswith("della"))
+    check([compare(ours, theirs, tied)], f"{method} {global_params} {extra} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(64, 48), (48,), (8, 2, 3)], ids=str)
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("collinear", [False, True])
+def test_slerp_tensor_parity(t: float, shape: tuple, dtype, collinear: bool) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(*shape).to(dtype)
+    other = (base.float() * 2.5).to(dtype) if collinear else torch.randn(*shape).to(dtype)  # linear branch
+    theirs = merge_tensors([base, other], "slerp", parameters={"t": t}, ids=["base", "x"], base_index=0)
+    ours = merge_tensor("slerp", base, [other - base], [{}], {"t": t})
+    # ours rebuilds `other` as base + (other - base): exact in float32 up to 1 ulp of the inputs
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    diff = (ours.float() - theirs.float()).abs().max().item()
+    print(f"parity slerp t={t} {shape} {dtype}: max abs diff {diff:.3g}")
+    assert diff <= tol * max(1.0, theirs.float().abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -178,6 +264,15 @@ E2E = {
         {"a": {"weight": 0.7, "density": PER_GROUP_D}, "b": {"weight": 0.3, "density": 0.4}},
         {"normalize": True},
     ),
+    "breadcrumbs": ({"a": {"weight": PER_GROUP_W, "density": 0.6, "gamma": 0.05},
+                     "b": {"weight": 0.3, "density": PER_GROUP_D}}, {}),
+    "breadcrumbs_ties": ({"a": {"weight": 0.8, "density": PER_GROUP_D, "gamma": 0.02},
+                          "b": {"weight": 0.5, "density": 0.7, "gamma": 0.1}}, {"normalize": True}),
+    "della": ({"a": {"weight": PER_GROUP_W, "density": 0.5, "epsilon": 0.1},
+               "b": {"weight": 0.3, "density": PER_GROUP_D, "epsilon": 0.05}}, {}),
+    "della_linear": ({"a": {"weight": 0.7, "density": 0.4, "epsilon": 0.2},
+                      "b": {"weight": 0.3, "density": PER_GROUP_D, "epsilon": 0.05}}, {}),
+    "slerp": ({"a": {}}, {"t": 0.35}),
 }
 
 
@@ -195,7 +290,8 @@ def make_recipe(method: str, dtype: str = "float32") -> Recipe:
 
 @pytest.mark.parametrize(
     ("method", "dtype"),
-    [("linear", "float32"), ("task_arithmetic", "float32"), ("ties", "float32"), ("ties", "bfloat16")],
+    [("linear", "float32"), ("task_arithmetic", "float32"), ("ties", "float32"), ("ties", "bfloat16"),
+     ("breadcrumbs", "float32"), ("breadcrumbs_ties", "float32"), ("slerp", "float32")],
 )
 def test_backend_matches_mergekit_yaml(method: str, dtype: str, dirs, tmp_path: Path) -> None:
     recipe = make_recipe(method, dtype)
@@ -213,10 +309,15 @@ def test_backend_matches_mergekit_yaml(method: str, dtype: str, dirs, tmp_path: 
             deltas = [weights[m.model][key].to(base.dtype) - base for m in recipe.models]
             tied = threshold_ties(deltas, [m.value("density", g) for m in recipe.models])
         results.append(compare(ours[key], theirs[key], tied))
+    if method == "slerp":  # the other model is rebuilt as base + (other - base): within float32 rounding
+        worst = max(r[2] for r in results)
+        print(f"parity mergekit-yaml slerp: max abs diff {worst:.3g}")
+        assert worst < 1e-5
+        return
     check(results, f"mergekit-yaml {method} {dtype}")
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
 def test_dare_replays_mergekit_yaml(method: str, dirs, tmp_path: Path) -> None:
     recipe = make_recipe(method)
     theirs = run_mergekit(recipe, dirs, tmp_path / "out")

@@ -39,19 +39,32 @@ class PSCodec:
         return self.num_layers + 2 if self.space.granularity == "per_layer" else 1
 
     @property
+    def model_params(self) -> tuple[str, ...]:
+        """Searched per-model parameters (the rest of ``space.parameters`` are global)."""
+        from evomerge.merge.methods import METHODS
+
+        return tuple(p for p in self.space.parameters if p in METHODS[self.space.method].model_parameters)
+
+    @property
+    def global_params(self) -> tuple[str, ...]:
+        """Searched global parameters: one value each, after the per-model block of the genome."""
+        return tuple(p for p in self.space.parameters if p not in self.model_params)
+
+    @property
     def dim(self) -> int:
-        return len(self.models) * len(self.space.parameters) * self.groups
+        return len(self.models) * len(self.model_params) * self.groups + len(self.global_params)
 
     @property
     def names(self) -> tuple[str, ...]:
         """One human-readable name per genome dimension."""
         out = []
         for model in self.models:
-            for param in self.space.parameters:
+            for param in self.model_params:
                 if self.space.granularity == "per_layer":
                     out.extend(f"{model}.{param}[{g}]" for g in group_names(self.num_layers))
                 else:
                     out.append(f"{model}.{param}")
+        out.extend(f"global.{p}" for p in self.global_params)
         return tuple(out)
 
     def decode(self, genome: Sequence[float]) -> Recipe:
@@ -66,7 +79,8 @@ class PSCodec:
         i = 0
         for model in self.models:
             params = {}
-            for name, b in self.space.parameters.items():
+            for name in self.model_params:
+                b = self.space.parameters[name]
                 chunk = g[i : i + self.groups]
                 i += self.groups
                 values = [round(float(b.low + (b.high - b.low) * x), 12) for x in chunk]
@@ -76,7 +90,10 @@ class PSCodec:
             method=self.space.method,
             base_model=self.base_model,
             models=tuple(models),
-            parameters=dict(self.space.fixed),
+            parameters={**self.space.fixed, **{
+                name: round(float(self.space.parameters[name].low + (self.space.parameters[name].high
+                                                                       - self.space.parameters[name].low) * x), 12)
+                for name, x in zip(self.global_params, g[i:])}},
             seed=self.seed,
             dtype=self.dtype,
         )
@@ -86,10 +103,14 @@ class PSCodec:
         out = []
         for model in self.models:
             mp = recipe.model_params(model)
-            for name, b in self.space.parameters.items():
+            for name in self.model_params:
+                b = self.space.parameters[name]
                 v = mp.parameters[name]
                 values = v if isinstance(v, tuple) else (v,) * self.groups
                 if len(values) != self.groups:
                     raise ValueError(f"{model}.{name}: {len(values)} values, expected {self.groups}")
                 out.extend((x - b.low) / (b.high - b.low) for x in values)
+        for name in self.global_params:
+            b = self.space.parameters[name]
+            out.append((float(recipe.parameters[name]) - b.low) / (b.high - b.low))
         return np.asarray(out, dtype=np.float64)

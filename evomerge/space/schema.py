@@ -5,7 +5,8 @@ space: which layers of which models the hidden state passes through, in order).
 
 A parameter-space (PS) space names a merge method and, for every merged source
 model, the per-model parameters the optimizer controls (e.g. ``density`` and
-``weight`` for DARE-TIES), each with bounds; ``granularity: per_layer`` gives
+``weight`` for DARE-TIES), each with bounds; a *global* numeric parameter of the method
+(e.g. SLERP's ``t``, ``lambda``) may be searched too, with one value for the whole merge; ``granularity: per_layer`` gives
 each parameter one value per tensor group (embeddings, each transformer block,
 final norm + lm_head) instead of one value for the whole model.
 """
@@ -55,11 +56,15 @@ class ParameterSpace(_Frozen):
         else:
             spec = METHODS[self.method]
             for name in self.parameters:
-                if name not in spec.model_parameters:
+                if name in spec.global_parameters and spec.global_parameters[name].kind is bool:
+                    problems.append(f"parameters.{name}: {name!r} is true/false; set it under fixed")
+                elif name not in spec.model_parameters and name not in spec.global_parameters:
                     problems.append(
-                        f"parameters.{name}: method {self.method!r} has no per-model parameter "
-                        f"{name!r}; it has {sorted(spec.model_parameters)}"
+                        f"parameters.{name}: method {self.method!r} has no parameter {name!r}; it has "
+                        f"per model {sorted(spec.model_parameters)}, global {sorted(spec.global_parameters)}"
                     )
+                if name in self.fixed:
+                    problems.append(f"parameters.{name}: also under fixed; a parameter is searched or fixed")
             for name in self.fixed:
                 if name not in spec.global_parameters:
                     problems.append(

@@ -16,9 +16,12 @@ from typing import Union
 from torch import Tensor
 
 from evomerge.errors import MergeError
+from evomerge.merge.methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from evomerge.merge.methods.dare_linear import dare_linear
 from evomerge.merge.methods.dare_ties import dare_ties
+from evomerge.merge.methods.della import della, della_linear
 from evomerge.merge.methods.linear import linear
+from evomerge.merge.methods.slerp import slerp
 from evomerge.merge.methods.task_arithmetic import task_arithmetic
 from evomerge.merge.methods.ties import ties
 
@@ -85,6 +88,8 @@ def _gta_globals(*, normalize: bool, rescale: bool, consensus: bool, sparsify: b
 _WEIGHT = ParamSpec("weight", None, "weights")
 _DENSITY = ParamSpec("density", 1.0, "densities", bounds=(0.0, 1.0))
 _DENSITY_IGNORED = ParamSpec("density", 1.0, None, bounds=(0.0, 1.0))
+_GAMMA = ParamSpec("gamma", 0.01, "gammas", bounds=(0.0, 1.0))
+_EPSILON = ParamSpec("epsilon", 0.15, "epsilons", bounds=(0.0, 1.0))
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m
@@ -133,6 +138,51 @@ METHODS: dict[str, MergeMethod] = {
             needs_base=True,
             random=True,
             reference="https://arxiv.org/abs/2311.03099",
+        ),
+        MergeMethod(
+            name="breadcrumbs",
+            fn=breadcrumbs,
+            model_parameters=_specs(_WEIGHT, _DENSITY, _GAMMA),
+            global_parameters=_gta_globals(normalize=False, rescale=False, consensus=False, sparsify=True),
+            needs_base=True,
+            random=False,
+            reference="https://arxiv.org/abs/2312.06795",
+        ),
+        MergeMethod(
+            name="breadcrumbs_ties",
+            fn=breadcrumbs_ties,
+            model_parameters=_specs(_WEIGHT, _DENSITY, _GAMMA),
+            global_parameters=_gta_globals(normalize=False, rescale=False, consensus=True, sparsify=True),
+            needs_base=True,
+            random=False,
+            reference="https://arxiv.org/abs/2312.06795",
+        ),
+        MergeMethod(
+            name="della",
+            fn=della,
+            model_parameters=_specs(_WEIGHT, _DENSITY, _EPSILON),
+            global_parameters=_gta_globals(normalize=True, rescale=True, consensus=True, sparsify=True),
+            needs_base=True,
+            random=True,
+            reference="https://arxiv.org/abs/2406.11617",
+        ),
+        MergeMethod(
+            name="della_linear",
+            fn=della_linear,
+            model_parameters=_specs(_WEIGHT, _DENSITY, _EPSILON),
+            global_parameters=_gta_globals(normalize=False, rescale=True, consensus=False, sparsify=True),
+            needs_base=True,
+            random=True,
+            reference="https://arxiv.org/abs/2406.11617",
+        ),
+        MergeMethod(
+            name="slerp",
+            fn=slerp,
+            model_parameters={},
+            global_parameters=_specs(ParamSpec("t", None, "t", bounds=(0.0, 1.0))),
+            needs_base=True,
+            random=False,
+            reference="https://en.wikipedia.org/wiki/Slerp",
         ),
     )
 }

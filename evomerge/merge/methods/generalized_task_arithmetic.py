@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from evomerge.merge.methods.consensus import ConsensusMethod, sign_consensus_mask
-from evomerge.merge.methods.sparsify import bernoulli, magnitude
+from evomerge.merge.methods.sparsify import bernoulli, della_magprune, magnitude, magnitude_outliers
 
-Sparsification = Literal["magnitude", "random"]
+Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della"]
 
 WEIGHT_SUM_EPS = 1e-8
 """Without consensus, mergekit treats ``|sum of weights| < 1e-8`` as 1 when normalising."""
@@ -52,6 +52,8 @@ def generalized_task_arithmetic(
     int8_mask: bool = False,
     rescale: bool = False,
     generator: torch.Generator | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
 ) -> Tensor:
     """Merge task vectors ``deltas`` (each ``source - base``, same dtype as ``base``) into ``base``.
 
@@ -71,6 +73,13 @@ def generalized_task_arithmetic(
             raise ValueError(f"sparsification {sparsification!r} needs one density per delta")
         if sparsification == "magnitude":
             parts = [magnitude(deltas[i], densities[i], rescale=rescale) for i in range(n)]
+        elif sparsification == "magnitude_outliers":
+            g = list(gammas) if gammas is not None else [0.01] * n
+            parts = [magnitude_outliers(deltas[i], densities[i], gamma=g[i], rescale=rescale) for i in range(n)]
+        elif sparsification == "della":
+            e = list(epsilons) if epsilons is not None else [0.15] * n
+            parts = [della_magprune(deltas[i], densities[i], epsilon=e[i], rescale=rescale, generator=generator)
+                     for i in range(n)]
         else:
             parts = [
                 bernoulli(deltas[i], densities[i], rescale=rescale, generator=generator)
