@@ -155,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     src = mg.add_mutually_exclusive_group()
     src.add_argument("--run", type=Path, metavar="RUN_DIR", help="take the sources of this run")
     src.add_argument("--experiment", type=Path, metavar="EXP.yaml", help="take the sources of this experiment")
+    mg.add_argument("--stream", action="store_true",
+                    help="PS recipes: read sources tensor by tensor and write shards as they fill "
+                         "(for models larger than memory)")
+    mg.add_argument("--shard-size", type=int, default=2048, metavar="MB", help="with --stream: shard size")
     mg.add_argument("--json", action="store_true", help="print JSON")
 
     u = sub.add_parser("ui", help="open a run's MLflow UI (starts `mlflow ui` on its store) and print the URL")
@@ -462,7 +466,9 @@ def _cmd_merge(args) -> int:
         if not path.startswith("hf:") and not Path(path).expanduser().is_dir():
             raise ConfigError([f"--model {name}: no model directory {path}"])
         dirs[name] = path if path.startswith("hf:") else str(Path(path).expanduser().resolve())
-    out = merge_recipe(args.recipe, args.out, dirs)
+    if args.shard_size < 1:
+        raise ConfigError(["--shard-size: at least 1 (MB)"])
+    out = merge_recipe(args.recipe, args.out, dirs, stream=args.stream, shard_mb=args.shard_size)
     if args.json:
         print(json.dumps({"path": str(out)}))
     else:

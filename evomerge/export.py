@@ -84,7 +84,8 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     return path
 
 
-def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str]) -> Path:
+def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], stream: bool = False,
+                 shard_mb: int = 2048) -> Path:
     """``evomerge merge``: materialise any recipe file (from a run, or written by hand) as a
     Hugging Face model dir. ``model_dirs`` maps the recipe's model names to directories or
     ``hf:`` ids."""
@@ -116,7 +117,19 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str]) -
     dirs = {k: str(resolve_model_dir(v)) for k, v in model_dirs.items() if k in needed}
     if head not in dirs:  # a DFS recipe whose head is a PS donor: the tokenizer of that donor's base
         head = next(iter(recipe.donors.values())).base_model if isinstance(recipe, DFSRecipe) else head
-    out = export_hf(recipe, dirs, head, Path(out_dir))
+    if stream:
+        if isinstance(recipe, DFSRecipe):
+            raise EvomergeError("--stream merges parameter-space recipes; a data-flow recipe is exported whole")
+        from evomerge.merge.streaming import stream_merge
+
+        out = Path(out_dir)
+        stream_merge(recipe, {k: Path(v) for k, v in dirs.items()}, out, shard_bytes=shard_mb * 1024 ** 2)
+        if not (out / "tokenizer.json").exists() and not (out / "tokenizer.model").exists():
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(dirs[head]).save_pretrained(out)
+    else:
+        out = export_hf(recipe, dirs, head, Path(out_dir))
     (out / "evomerge_recipe.yaml").write_text(f"# merged by `evomerge merge {path}`\n" + recipe.to_yaml())
     kind = "data-flow (layer path)" if isinstance(recipe, DFSRecipe) else f"`{recipe.method}`"
     lines = ["---", "library_name: transformers", "tags: [merge, evomerge]", "---", "",

@@ -1,0 +1,165 @@
+"""Streaming merge: a PS recipe written to disk tensor by tensor, for models larger than memory.
+
+:class:`~evomerge.merge.backend.ResidentSources` keeps every source in memory (the search's
+fast path). ``stream_merge`` never does: it opens each source's safetensors files lazily,
+and for one tensor name at a time reads the base's and the sources' tensors, merges them with
+the same per-tensor function and the same per-tensor DARE/DELLA seeds (so its output equals
+the resident merge exactly), and appends the result to the current output shard, which is
+written out and released whenever it reaches ``shard_bytes``. Peak memory is one tensor per
+source, the merge's scratch, and one shard. The result is a standard sharded Hugging Face
+model dir (``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import weakref
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evomerge.errors import MergeError
+from evomerge.merge.backend import _DTYPES, ResidentSources, _check_same_tensors, _safetensors_files, tensor_seed
+from evomerge.merge.parameter_space import merge_tensor, tensor_group
+from evomerge.recipe import Recipe
+
+_BLOCK_PREFIX = "model.layers."
+# files of the base model's dir that describe the model rather than hold weights
+_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+@dataclass
+class StreamStats:
+    tensors: int = 0
+    shards: int = 0
+    max_resident_inputs: int = 0  # source tensors alive at once (read for the current tensor)
+    max_shard_bytes: int = 0
+    bytes_written: int = 0
+
+
+class _Alive:
+    """Counts the tensors read for the merge that are still alive (weak references)."""
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref] = []
+
+    def add(self, t: torch.Tensor) -> None:
+        self._refs.append(weakref.ref(t))
+
+    def count(self) -> int:
+        self._refs = [r for r in self._refs if r() is not None]
+        return len(self._refs)
+
+
+def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
+                 shard_bytes: int = 2 * 1024 ** 3) -> StreamStats:
+    """Merge ``recipe`` from the model dirs into ``out_dir`` without loading any model whole."""
+    dtype = _DTYPES[recipe.dtype]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = StreamStats()
+    alive = _Alive()
+    with ExitStack() as stack:
+        handles: dict[str, dict[str, object]] = {}
+        for model, directory in model_dirs.items():
+            handles[model] = {}
+            for file in _safetensors_files(Path(directory)):
+                h = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                for key in h.keys():
+                    handles[model][key] = h
+        if recipe.base_model not in handles:
+            raise MergeError(f"base model {recipe.base_model!r} is not among the sources {list(handles)}")
+        shapes = {m: {k: tuple(h.get_slice(k).get_shape()) for k, h in hs.items()} for m, hs in handles.items()}
+        _check_same_tensors(shapes, recipe.base_model)
+        names = tuple(handles)
+        layers = {int(k[len(_BLOCK_PREFIX):].split(".")[0]) for k in shapes[recipe.base_model]
+                  if k.startswith(_BLOCK_PREFIX)}
+        num_layers = max(layers) + 1 if layers else 0
+        # validation and input order exactly as the resident backend's (no tensors needed for that)
+        planner = ResidentSources(names=names, base_model=recipe.base_model, base={}, deltas={},
+                                  num_layers=num_layers, dtype=dtype)
+        plan = planner._plan(recipe)
+        inputs = [None if row is None else mp.model for mp, row in zip(plan.models, plan.delta_rows)]
+
+        def read(model: str, key: str) -> torch.Tensor:
+            t = handles[model][key].get_tensor(key)  # type: ignore[attr-defined]
+            alive.add(t)
+            return t
+
+        shard: dict[str, torch.Tensor] = {}
+        shard_size = 0
+        weight_map: dict[str, int] = {}
+
+        def flush() -> None:
+            nonlocal shard, shard_size
+            if not shard:
+                return
+            stats.shards += 1
+            save_file(shard, str(out_dir / f".shard-{stats.shards:05d}.safetensors"), metadata={"format": "pt"})
+            stats.bytes_written += shard_size
+            for k in shard:
+                weight_map[k] = stats.shards
+            shard, shard_size = {}, 0
+
+        for key in shapes[recipe.base_model]:
+            with torch.no_grad():
+                base = read(recipe.base_model, key)
+                if base.is_floating_point():
+                    base = base.to(dtype)
+                    alive.add(base)
+                    group = tensor_group(key, num_layers)
+                    deltas = []
+                    for model in inputs:
+                        if model is None:
+                            deltas.append(None)
+                        else:
+                            delta = read(model, key).to(dtype) - base
+                            alive.add(delta)
+                            deltas.append(delta)
+                    params = [{p: mp.value(p, group) for p in mp.parameters} for mp in plan.models]
+                    generator = None
+                    if plan.method.random:
+                        generator = torch.Generator().manual_seed(tensor_seed(plan.seed, key))
+                    stats.max_resident_inputs = max(stats.max_resident_inputs, alive.count())
+                    merged = merge_tensor(plan.method, base, deltas, params, plan.global_params, generator)
+                    del deltas
+                else:
+                    merged = base
+            merged = merged.contiguous()
+            if shard and shard_size + merged.numel() * merged.element_size() > shard_bytes:
+                flush()
+            shard[key] = merged
+            shard_size += merged.numel() * merged.element_size()
+            stats.max_shard_bytes = max(stats.max_shard_bytes, shard_size)
+            stats.tensors += 1
+            del merged, base
+        flush()
+
+    # final names: model.safetensors for one shard, else model-0000i-of-0000n + an index
+    if stats.shards == 1:
+        (out_dir / ".shard-00001.safetensors").rename(out_dir / "model.safetensors")
+    else:
+        names_of = {i: f"model-{i:05d}-of-{stats.shards:05d}.safetensors" for i in range(1, stats.shards + 1)}
+        for i, name in names_of.items():
+            (out_dir / f".shard-{i:05d}.safetensors").rename(out_dir / name)
+        index = {"metadata": {"total_size": stats.bytes_written},
+                 "weight_map": {k: names_of[i] for k, i in weight_map.items()}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    base_dir = Path(model_dirs[recipe.base_model])
+    for name in _COPY:
+        if (base_dir / name).is_file():
+            shutil.copy(base_dir / name, out_dir / name)
+    config = out_dir / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["dtype"] = recipe.dtype
+        data.pop("torch_dtype", None)
+        config.write_text(json.dumps(data, indent=2))
+    return stats
