@@ -192,7 +192,7 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
             else f"parameter-space merge, method `{recipe.method}`")
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {exp['name']}: evolved merge (trial {record['trial_id']})", "",
-             f"A {kind} found by [evomerge](https://github.com/) ({info.get('popsize', '?')}-candidate generations, "
+             f"A {kind} found by evomerge's evolutionary search ({info.get('popsize', '?')}-candidate generations, "
              f"{info.get('max_trials', '?')} trials, optimizer `{exp['optimizer']['name']}`, seed "
              f"{exp['optimizer']['seed']}).", "", "## Sources", "", "| name | model |", "|---|---|"]
     lines += [f"| {n} | `{p}` |" for n, p in sources.items()]

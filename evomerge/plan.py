@@ -142,7 +142,7 @@ def param_count(cfg: dict[str, Any]) -> int:
     return embed + layers * per_layer + h
 
 
-def _task_info(task: TaskSpec, task_paths: tuple[str, ...], batch_size: int) -> dict[str, Any]:
+def _task_info(task: TaskSpec, task_paths: tuple[str, ...]) -> dict[str, Any]:
     """What a task's YAML (in the suite's task dirs) says about its size; no dataset is loaded."""
     info: dict[str, Any] = {"name": task.name, "metric": task.metric, "items": task.limit}
     for d in task_paths:
@@ -275,8 +275,8 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
     islands = exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize)
     generations = math.ceil(exp.budget.max_trials / islands / popsize)
     task_paths = spec.task_paths
-    search = [_task_info(t, task_paths, exp.suite.batch_size) for t in exp.suite.tasks]
-    test = [_task_info(t, task_paths, exp.suite.batch_size) for t in exp.suite.test_tasks]
+    search = [_task_info(t, task_paths) for t in exp.suite.tasks]
+    test = [_task_info(t, task_paths) for t in exp.suite.test_tasks]
     # the controller scores every source on the search split first, and at the end the best
     # recipe and every source on the test split
     extra = len(exp.models) + ((len(exp.models) + 1) if test else 0)

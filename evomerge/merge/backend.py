@@ -40,6 +40,21 @@ def tensor_seed(seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def open_tensor_handles(dirs: Mapping[str, Path], stack: ExitStack) -> dict[str, dict[str, object]]:
+    """``{model: {tensor name: open safetensors handle}}`` over each model dir's files (lazy:
+    nothing is read until ``get_tensor``); the handles close with ``stack``."""
+    handles: dict[str, dict[str, object]] = {}
+    for model, directory in dirs.items():
+        handles[model] = {}
+        for file in _safetensors_files(Path(directory)):
+            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            for key in handle.keys():
+                if key in handles[model]:
+                    raise MergeError(f"{model}: tensor {key!r} appears in more than one file")
+                handles[model][key] = handle
+    return handles
+
+
 def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -111,15 +126,7 @@ class ResidentSources:
         time, so peak memory is the resident result plus one tensor per model.
         """
         with ExitStack() as stack:
-            handles: dict[str, dict[str, object]] = {}
-            for model, directory in dirs.items():
-                handles[model] = {}
-                for file in _safetensors_files(Path(directory)):
-                    handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                    for key in handle.keys():
-                        if key in handles[model]:
-                            raise MergeError(f"{model}: tensor {key!r} appears in more than one file")
-                        handles[model][key] = handle
+            handles = open_tensor_handles(dirs, stack)
             shapes = {
                 model: {k: tuple(h.get_slice(k).get_shape()) for k, h in hs.items()}  # type: ignore[attr-defined]
                 for model, hs in handles.items()

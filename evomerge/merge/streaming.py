@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from evomerge.errors import MergeError
-from evomerge.merge.backend import _DTYPES, ResidentSources, _check_same_tensors, _safetensors_files, tensor_seed
+from evomerge.merge.backend import _DTYPES, ResidentSources, _check_same_tensors, open_tensor_handles, tensor_seed
 from evomerge.merge.parameter_space import merge_tensor, tensor_group
 from evomerge.recipe import Recipe
 
@@ -67,13 +66,7 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
     stats = StreamStats()
     alive = _Alive()
     with ExitStack() as stack:
-        handles: dict[str, dict[str, object]] = {}
-        for model, directory in model_dirs.items():
-            handles[model] = {}
-            for file in _safetensors_files(Path(directory)):
-                h = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-                for key in h.keys():
-                    handles[model][key] = h
+        handles = open_tensor_handles(model_dirs, stack)
         if recipe.base_model not in handles:
             raise MergeError(f"base model {recipe.base_model!r} is not among the sources {list(handles)}")
         shapes = {m: {k: tuple(h.get_slice(k).get_shape()) for k, h in hs.items()} for m, hs in handles.items()}
