@@ -32,7 +32,7 @@ from evomerge import __version__
 from evomerge.config import ZOO_PREFIX, Experiment, parse_experiment
 from evomerge.dispatch.base import Dispatcher
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.fitness_cache import FitnessCache
+from evomerge.fitness_cache import FitnessCache, recipe_key, source_key
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
@@ -325,8 +325,8 @@ def _normalized(res: EvalResult) -> EvalResult:
 def _cache_key(work: "_Work") -> tuple[str, str]:
     """(what was scored, split): a recipe by its content hash, a source by its name."""
     if work.request.recipe is not None:
-        return f"recipe:{work.recipe_hash or work.candidate.recipe.content_hash()}", work.request.split
-    return f"source:{work.request.source}", work.request.split
+        return recipe_key(work.recipe_hash or work.candidate.recipe.content_hash()), work.request.split
+    return source_key(work.request.source), work.request.split
 
 
 @dataclass
@@ -585,17 +585,17 @@ class _RunState:
                 finished[rec["trial_id"]] = rec
                 self._note_trial(rec)
                 self.cached_trials += bool(rec.get("cached_from"))
-                self._remember(f"recipe:{rec['recipe_hash']}", "search", rec)
+                self._remember(recipe_key(rec["recipe_hash"]), "search", rec)
             elif kind == "tell":
                 tells[(rec["island"], rec["generation"])] = rec
             elif kind == "baseline":
                 self.baselines_done.add(rec["model"])
-                self._remember(f"source:{rec['model']}", "search", rec)
+                self._remember(source_key(rec["model"]), "search", rec)
                 if rec["state"] == "complete":
                     self.baselines[rec["model"]] = float(rec["fitness"])
             elif kind == "test":
                 self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
-                key = f"recipe:{rec['recipe_hash']}" if rec.get("recipe_hash") else f"source:{rec['model']}"
+                key = recipe_key(rec["recipe_hash"]) if rec.get("recipe_hash") else source_key(rec["model"])
                 self._remember(key, "test", rec)
         try:
             self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self._told_input)

@@ -73,8 +73,8 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
         if experiment.exists():
             shutil.copy(experiment, out_dir / "experiment.yaml")
         return path
-    model_dirs, base_model = _run_sources(Path(run_dir))
     if fmt == "hf":
+        model_dirs, base_model = _run_sources(Path(run_dir))
         path = export_hf(recipe, model_dirs, base_model, out_dir)
         (path / "README.md").write_text(model_card(Path(run_dir), recipe, record))
         (path / "evomerge_recipe.yaml").write_text(header + recipe.to_yaml())

@@ -23,6 +23,14 @@ from typing import Any, Iterable, Mapping, Optional
 from evomerge.config import Experiment
 
 
+def recipe_key(recipe_hash: str) -> str:
+    return f"recipe:{recipe_hash}"
+
+
+def source_key(model: str) -> str:
+    return f"source:{model}"
+
+
 def fingerprint(exp: Experiment, model_dirs: Mapping[str, str], task_paths: Iterable[str]) -> str:
     """What the scores of this experiment depend on, besides the recipe itself."""
     h = hashlib.sha256()

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from evomerge.config import Experiment, TaskSpec
 from evomerge.errors import ConfigError
 from evomerge.sources import model_config
@@ -142,46 +140,21 @@ def param_count(cfg: dict[str, Any]) -> int:
     return embed + layers * per_layer + h
 
 
-def _task_info(task: TaskSpec, task_paths: tuple[str, ...]) -> dict[str, Any]:
-    """What a task's YAML (in the suite's task dirs) says about its size; no dataset is loaded."""
+def _task_info(task: TaskSpec, cfg: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What a task's config says about its size (``cfg``: its YAML, includes merged)."""
     info: dict[str, Any] = {"name": task.name, "metric": task.metric, "items": task.limit}
-    for d in task_paths:
-        for file in sorted(Path(d).rglob("*.yaml")):
-            try:
-                doc = yaml.safe_load(file.read_text())
-            except yaml.YAMLError:
-                continue
-            if not isinstance(doc, dict) or doc.get("task") != task.name:
-                continue
-            doc = _with_includes(doc, file.parent)
-            info["output_type"] = doc.get("output_type", "loglikelihood")
-            gen = doc.get("generation_kwargs") or {}
-            info["max_gen_toks"] = int(gen.get("max_gen_toks", 256)) if info["output_type"] == "generate_until" else 0
-            files = ((doc.get("dataset_kwargs") or {}).get("data_files") or {})
-            split = doc.get("test_split") or doc.get("validation_split")
-            local = files.get(split) if isinstance(files, dict) else None
-            if info["items"] is None and isinstance(local, str):
-                path = Path(local) if Path(local).is_absolute() else file.parent / local
-                if path.is_file():
-                    info["items"] = sum(1 for line in path.open() if line.strip())
-            return info
+    if cfg is None:
+        return info
+    info["output_type"] = cfg.get("output_type", "loglikelihood")
+    gen = cfg.get("generation_kwargs") or {}
+    info["max_gen_toks"] = int(gen.get("max_gen_toks", 256)) if info["output_type"] == "generate_until" else 0
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+    split = cfg.get("test_split") or cfg.get("validation_split")
+    local = files.get(split) if isinstance(files, dict) else None
+    if info["items"] is None and isinstance(local, str) and Path(local).is_file():
+        # a local data file (as lm-eval reads it: relative paths from the working directory)
+        info["items"] = sum(1 for line in Path(local).open() if line.strip())
     return info
-
-
-def _with_includes(doc: dict[str, Any], folder: Path, depth: int = 0) -> dict[str, Any]:
-    """A task YAML with its ``include:`` file(s) under it (lm-eval's rule: the including file wins)."""
-    inc = doc.get("include")
-    if not inc or depth > 5:
-        return doc
-    merged: dict[str, Any] = {}
-    for name in ([inc] if isinstance(inc, str) else inc):
-        path = folder / name
-        if path.is_file():
-            base = yaml.safe_load(path.read_text())
-            if isinstance(base, dict):
-                merged.update(_with_includes(base, path.parent, depth + 1))
-    merged.update({k: v for k, v in doc.items() if k != "include"})
-    return merged
 
 
 def calibrated_cost(run_dir: Path) -> TrialCost:
@@ -274,9 +247,12 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
     popsize = exp.optimizer.resolved_popsize(dim)
     islands = exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize)
     generations = math.ceil(exp.budget.max_trials / islands / popsize)
-    task_paths = spec.task_paths
-    search = [_task_info(t, task_paths) for t in exp.suite.tasks]
-    test = [_task_info(t, task_paths) for t in exp.suite.test_tasks]
+    from evomerge.evaluate.lm_eval_runner import task_configs
+
+    every = (*exp.suite.tasks, *exp.suite.test_tasks)
+    configs_of = task_configs(spec.task_paths, [t.name for t in every])
+    search = [_task_info(t, configs_of.get(t.name)) for t in exp.suite.tasks]
+    test = [_task_info(t, configs_of.get(t.name)) for t in exp.suite.test_tasks]
     # the controller scores every source on the search split first, and at the end the best
     # recipe and every source on the test split
     extra = len(exp.models) + ((len(exp.models) + 1) if test else 0)

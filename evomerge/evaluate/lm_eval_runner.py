@@ -174,6 +174,26 @@ def stratified_subsample(task, n: int, seed: int, name: str) -> list[int]:
     return sorted(chosen)
 
 
+def task_configs(task_paths: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+    """The YAML config (includes merged, functions unresolved) of each named task that the
+    index finds as a YAML task; no dataset is loaded. Groups, tags, Python tasks and YAML that
+    does not load are left out (``check_suite`` reports those)."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = task_manager(task_paths, names)
+    out: dict[str, dict] = {}
+    for name in names:
+        entry = manager.task_index.get(name)
+        if entry is None or entry.kind != Kind.TASK or entry.yaml_path is None:
+            continue
+        try:
+            out[name] = load_yaml(entry.yaml_path, resolve_func=False)
+        except Exception:
+            continue
+    return out
+
+
 # the metrics lm-eval computes for a task without a metric_list, by output type
 _DEFAULT_METRICS = {
     "loglikelihood": ("perplexity", "acc"),
