@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evomerge.export import mergekit_yaml  # noqa: E402
+from evomerge.mergekit_config import mergekit_yaml  # noqa: E402
 from evomerge.merge.backend import ResidentSources  # noqa: E402
 from evomerge.recipe import ModelParams, Recipe  # noqa: E402
 

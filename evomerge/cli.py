@@ -147,8 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--register", metavar="NAME",
                    help="with --format hf: register the model in the run's MLflow model registry as NAME")
 
-    mg = sub.add_parser("merge", help="materialise a recipe YAML as a Hugging Face model dir")
-    mg.add_argument("recipe", type=Path)
+    mg = sub.add_parser("merge", help="materialise a recipe YAML (or a mergekit config) as a Hugging Face model dir")
+    mg.add_argument("recipe", type=Path, help="an evomerge recipe, or a mergekit config (merge_method + models)")
     mg.add_argument("--out", type=Path, required=True, help="the model directory to write")
     mg.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="where the recipe's model NAME is (a directory or hf:org/name); repeatable")

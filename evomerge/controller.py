@@ -912,9 +912,10 @@ def _recipe_metrics(recipe: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     for m in recipe.get("models", []):
         for name, v in m.get("parameters", {}).items():
-            if isinstance(v, (list, tuple)):
+            if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
                 groups = ["embed", *(f"block{i}" for i in range(len(v) - 2)), "head"]
                 out.update({f"param.{m['model']}.{name}.{g}": float(x) for g, x in zip(groups, v)})
-            else:
+            elif isinstance(v, (int, float)):
                 out[f"param.{m['model']}.{name}"] = float(v)
+            # gradients and filters (hand-written start recipes) have no single curve value
     return out if len(out) <= MAX_PARAM_METRICS else {}

@@ -8,6 +8,7 @@ from typing import Optional
 
 from evomerge.errors import EvomergeError
 from evomerge.ledger import Ledger, best_trial
+from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
 
 FORMATS = ("recipe", "hf", "mergekit")
@@ -91,6 +92,7 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
     ``hf:`` ids."""
     import yaml
 
+    from evomerge.mergekit_config import from_mergekit, is_mergekit_config
     from evomerge.recipe import DFSRecipe, load_recipe
     from evomerge.sources import resolve_model_dir
 
@@ -98,9 +100,14 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
     if not path.is_file():
         raise EvomergeError(f"no recipe file {path}")
     try:
-        recipe = load_recipe(path)
+        data = yaml.safe_load(path.read_text())
+        if is_mergekit_config(data):  # a mergekit config: its models are its sources
+            recipe, mergekit_dirs = from_mergekit(data, base_dir=path.parent.resolve())
+            model_dirs = {**mergekit_dirs, **model_dirs}
+        else:
+            recipe = load_recipe(path)
     except (ValueError, TypeError, yaml.YAMLError) as exc:
-        raise EvomergeError(f"{path} is not a valid recipe: {str(exc).splitlines()[0]}") from None
+        raise EvomergeError(f"{path} is not a valid recipe:\n  " + str(exc).replace("\n", "\n  ")) from None
     if isinstance(recipe, DFSRecipe):
         needed = {s.model for s in recipe.layers} | {recipe.embed_from}
         needed -= set(recipe.donors)
@@ -125,9 +132,7 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
         out = Path(out_dir)
         stream_merge(recipe, {k: Path(v) for k, v in dirs.items()}, out, shard_bytes=shard_mb * 1024 ** 2)
         if not (out / "tokenizer.json").exists() and not (out / "tokenizer.model").exists():
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(dirs[head]).save_pretrained(out)
+            copy_tokenizer(dirs[head], out)
     else:
         out = export_hf(recipe, dirs, head, Path(out_dir))
     (out / "evomerge_recipe.yaml").write_text(f"# merged by `evomerge merge {path}`\n" + recipe.to_yaml())
@@ -225,7 +230,7 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
 def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path) -> Path:
     """Materialise any recipe as a Hugging Face model dir that loads with AutoModelForCausalLM."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from evomerge.merge.backend import ResidentSources
     from evomerge.merge.dataflow import DataFlowModel, load_donors
@@ -245,78 +250,28 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
         for name, ps in recipe.donors.items():
             donors[name] = merged(ps)
         head = recipe.embed_from if recipe.embed_from in model_dirs else base_model
-        return DataFlowModel(donors, shell=None).export(recipe, out_dir, tokenizer_dir=Path(model_dirs[head]))
+        out = DataFlowModel(donors, shell=None).export(recipe, out_dir)
+        copy_tokenizer(model_dirs[head], out)
+        return out
     model = merged(recipe)
     model.save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dirs[recipe.base_model]).save_pretrained(out_dir)
+    copy_tokenizer(model_dirs[recipe.base_model], Path(out_dir))
     return Path(out_dir)
 
 
-def _mergekit_value(value):
-    """A recipe value as a mergekit parameter: a per-group tuple becomes conditional filters (the
-    first match wins), because mergekit reads a plain list as a gradient interpolated over layers."""
-    if not isinstance(value, tuple):
-        return value
-    layers = len(value) - 2
-    return ([{"filter": "model.embed_tokens.", "value": value[0]}]
-            + [{"filter": f"model.layers.{i}.", "value": value[i + 1]} for i in range(layers)]
-            + [{"value": value[-1]}])
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 
-def _mergekit_ps(recipe, model_dirs: dict[str, str]) -> str:
-    """A mergekit YAML of a PS recipe: the same method, parameters and dtype.
+def copy_tokenizer(source_dir: str | Path, out_dir: Path) -> bool:
+    """Save ``source_dir``'s tokenizer into ``out_dir``; a model dir without one gets a warning
+    (the weights are still written, as ``mergekit-yaml --no-copy-tokenizer`` does)."""
+    import sys
 
-    TIES, linear and task arithmetic give the same tensors as evomerge (tests/test_mergekit_parity.py).
-    DARE draws random masks: mergekit from one global generator (``mergekit-yaml --random-seed``),
-    evomerge per tensor from (recipe seed, tensor name), so DARE merges agree in distribution
-    (keep rate, rescale), not bit for bit.
-    """
-    import yaml
+    if not any((Path(source_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        print(f"warning: {source_dir} has no tokenizer files; {out_dir} gets the weights and config only",
+              file=sys.stderr)
+        return False
+    from transformers import AutoTokenizer
 
-    from evomerge.merge.methods import METHODS
-
-    config: dict = {
-        "merge_method": recipe.method,
-        "dtype": recipe.dtype,
-        "models": [{"model": model_dirs[m.model],
-                    "parameters": {k: _mergekit_value(v) for k, v in m.parameters.items()}} for m in recipe.models],
-    }
-    if METHODS[recipe.method].needs_base:
-        config["base_model"] = model_dirs[recipe.base_model]
-    if recipe.parameters:
-        config["parameters"] = dict(recipe.parameters)
-    return yaml.safe_dump(config, sort_keys=False)
-
-
-def mergekit_yaml(recipe, model_dirs: dict[str, str]) -> str:
-    """A mergekit YAML for a recipe: PS recipes as the same merge; data-flow recipes where
-    mergekit can express them.
-
-    mergekit's passthrough takes the embeddings from the first slice's model and the final
-    norm / lm_head from the last slice's, and knows nothing of evomerge's PS donors, so the
-    path must start and end in ``embed_from`` and use source models only.
-    """
-    import yaml
-
-    from evomerge.recipe import DFSRecipe
-
-    if not isinstance(recipe, DFSRecipe):
-        return _mergekit_ps(recipe, model_dirs)
-    steps = recipe.layers
-    if recipe.donors or any(s.model not in model_dirs for s in steps):
-        raise EvomergeError("this path uses a PS-merged donor, which mergekit cannot express; use --format hf")
-    if not steps or steps[0].model != recipe.embed_from or steps[-1].model != recipe.embed_from:
-        raise EvomergeError(f"mergekit's passthrough takes embeddings from the first layer's model and the head "
-                            f"from the last layer's; this path starts in {steps[0].model if steps else 'nothing'} "
-                            f"and ends in {steps[-1].model if steps else 'nothing'}, not {recipe.embed_from}; "
-                            "use --format hf")
-    slices, cumulative = [], 1.0
-    for step in steps:
-        cumulative *= step.scale
-        source = {"model": model_dirs[step.model], "layer_range": [step.layer, step.layer + 1]}
-        if cumulative != 1.0:
-            inverse = 1.0 / cumulative
-            source["parameters"] = {"scale": [{"filter": "o_proj", "value": inverse},
-                                              {"filter": "down_proj", "value": inverse}, {"value": 1.0}]}
-        slices.append({"sources": [source]})
-    return yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": slices}, sort_keys=False)
+    AutoTokenizer.from_pretrained(str(source_dir)).save_pretrained(out_dir)
+    return True

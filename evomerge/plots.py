@@ -94,7 +94,8 @@ def coefficients_svg(recipe: Mapping, title: str = "best recipe: coefficients pe
     for m in recipe["models"]:
         for name, v in m["parameters"].items():
             vals = list(v) if isinstance(v, (list, tuple)) else [v]
-            rows.append((f"{m['model']}.{name}", [float(x) for x in vals]))
+            if all(isinstance(x, (int, float)) for x in vals):  # gradients and filters are not drawn
+                rows.append((f"{m['model']}.{name}", [float(x) for x in vals]))
     for name, v in (recipe.get("parameters") or {}).items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             rows.append((f"global.{name}", [float(v)]))

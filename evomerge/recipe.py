@@ -14,7 +14,23 @@ with one value per *group*. Groups are, in order::
     L + 1        head     (model.norm, lm_head, anything else)
 
 so a per-group tuple has ``num_layers + 2`` entries. See
-``evomerge.merge.parameter_space.tensor_group``.
+``evomerge.merge.parameter_space.tensor_group``. Searches write scalars and per-group tuples.
+
+Hand-written recipes may also use mergekit's two other forms, with mergekit's meaning:
+
+* a **gradient**, ``{gradient: [v0, v1, ...]}``: the values are spread evenly over the
+  blocks and linearly interpolated; block ``i`` of ``L`` reads the gradient at
+  ``t = i / (L - 1)`` (``t = 1`` for a one-block model) and the embed and head groups at
+  ``t = 0``. (mergekit writes a gradient as a plain list; in an evomerge recipe a plain
+  list is per-group values, so a gradient is spelled out.)
+* **filters**, ``[{filter: self_attn, value: 0.3}, {filter: mlp, value: 0.7}, {value: 0.5}]``:
+  the first entry whose ``filter`` is a substring of the tensor's name (or that has no
+  filter, or ``"*"``) gives the value, itself a scalar or a gradient. When none matches,
+  the recipe-wide value of the same name applies, else the method's default.
+
+A per-model parameter may also be given once in the recipe-wide ``parameters``: it then
+applies to every model that does not set it (mergekit's precedence). :func:`resolve_setting`
+evaluates any form for one tensor.
 """
 
 from __future__ import annotations
@@ -23,16 +39,122 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-ParamValue = Union[float, tuple[float, ...]]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_finite(values, what: str) -> None:
+    for x in values:
+        if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+            raise ValueError(f"{what} is not finite: {x}")
+
+
+class Gradient(_Frozen):
+    """mergekit's gradient: ``values`` spread evenly over the blocks, linearly interpolated."""
+
+    gradient: tuple[float, ...]
+
+    @field_validator("gradient")
+    @classmethod
+    def _check(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("a gradient needs at least one value")
+        _check_finite(v, "gradient value")
+        return v
+
+    def at(self, t: float) -> float:
+        """The value at ``t`` in [0, 1], computed as mergekit computes it (bit for bit)."""
+        values = self.gradient
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * values[i0] + frac * values[i1]
+
+
+class Conditional(_Frozen):
+    """One entry of a filtered setting: ``value`` for tensors whose name contains ``filter``
+    (every tensor when ``filter`` is None or ``"*"``)."""
+
+    filter: Optional[str] = None
+    value: Union[bool, float, Gradient]
+
+    def matches(self, tensor_name: str) -> bool:
+        return self.filter is None or self.filter == "*" or self.filter in tensor_name
+
+
+ParamValue = Union[float, tuple[float, ...], Gradient, tuple[Conditional, ...]]
+GlobalValue = Union[bool, float, tuple[float, ...], Gradient, tuple[Conditional, ...]]
+
+
+def layer_t(group: int, num_layers: int) -> float:
+    """mergekit's gradient position of tensor group ``group``: 0 for embed and head,
+    ``i / (L - 1)`` for block i (1 when the model has one block)."""
+    if group <= 0 or group > num_layers:
+        return 0.0
+    return (group - 1) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def resolve_setting(value: GlobalValue, tensor_name: str, group: int, num_layers: int) -> bool | float | None:
+    """The value of a setting for tensor ``tensor_name`` (in group ``group`` of a model with
+    ``num_layers`` blocks); ``None`` when it has filters and none matches."""
+    if isinstance(value, Gradient):
+        return value.at(layer_t(group, num_layers))
+    if isinstance(value, tuple):
+        if value and isinstance(value[0], Conditional):
+            for cond in value:
+                if cond.matches(tensor_name):  # type: ignore[union-attr]
+                    return resolve_setting(cond.value, tensor_name, group, num_layers)  # type: ignore[union-attr]
+            return None
+        return float(value[group])  # type: ignore[arg-type]
+    return value
+
+
+def is_per_group(value: object) -> bool:
+    """True for a per-group tuple (one value per tensor group)."""
+    return isinstance(value, tuple) and bool(value) and not isinstance(value[0], Conditional)
+
+
+def _parse_setting(value: object, where: str, problems: list[str]) -> object:
+    """A YAML/JSON setting in recipe form: lists of numbers become per-group tuples, lists of
+    mappings filters, ``{gradient: [...]}`` a gradient, one ``{filter, value}`` mapping a filter.
+    Malformed settings are described in ``problems`` (and returned as they are)."""
+    if isinstance(value, list):
+        if value and all(isinstance(x, dict) for x in value):
+            out = tuple(_parse_conditional(x, f"{where}[{i}]", problems) for i, x in enumerate(value))
+            return value if None in out else out
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+            return tuple(value)
+        problems.append(f"{where}: a list is per-group numbers or {{filter, value}} entries, got {value!r}")
+    elif isinstance(value, dict):
+        if set(value) == {"gradient"}:
+            return value
+        if "value" in value and set(value) <= {"filter", "value"}:
+            cond = _parse_conditional(value, where, problems)
+            return value if cond is None else (cond,)
+        problems.append(f"{where}: a mapping is {{gradient: [numbers]}} or {{filter: text, value: setting}}, "
+                        f"got keys {sorted(value)}")
+    return value
+
+
+def _parse_conditional(entry: dict, where: str, problems: list[str]) -> Optional[dict]:
+    unknown = sorted(set(entry) - {"filter", "value"})
+    if unknown or "value" not in entry:
+        problems.append(f"{where}: a filter entry has `value` and optionally `filter`"
+                        + (f"; unknown key(s) {unknown}" if unknown else "; `value` is missing"))
+        return None
+    inner = entry["value"]
+    if isinstance(inner, list) or (isinstance(inner, dict) and set(inner) != {"gradient"}):
+        problems.append(f"{where}.value: a number, true/false or {{gradient: [numbers]}}, got {inner!r}")
+        return None
+    return entry
 
 
 class ModelParams(_Frozen):
@@ -45,18 +167,32 @@ class ModelParams(_Frozen):
     @classmethod
     def _finite(cls, v: dict[str, ParamValue]) -> dict[str, ParamValue]:
         for key, value in v.items():
-            values = value if isinstance(value, tuple) else (value,)
-            for x in values:
-                if x != x or x in (float("inf"), float("-inf")):
-                    raise ValueError(f"parameter {key!r} is not finite: {x}")
+            _check_finite(_numbers(value), f"parameter {key!r}")
         return v
 
-    def value(self, name: str, group: int) -> float:
-        """The value of parameter ``name`` for tensor group ``group``."""
+    def value(self, name: str, group: int, num_layers: int | None = None) -> float:
+        """The value of parameter ``name`` for tensor group ``group`` (a gradient needs
+        ``num_layers``; a filtered setting has no single value per group: use
+        :func:`resolve_setting` with the tensor's name)."""
         v = self.parameters[name]
+        if isinstance(v, Gradient):
+            if num_layers is None:
+                raise ValueError(f"{self.model}.{name} is a gradient: its per-group value needs num_layers")
+            return v.at(layer_t(group, num_layers))
+        if isinstance(v, tuple) and v and isinstance(v[0], Conditional):
+            raise ValueError(f"{self.model}.{name} has filters: its value depends on the tensor, not only the group")
         if isinstance(v, tuple):
-            return float(v[group])
+            return float(v[group])  # type: ignore[arg-type]
         return float(v)
+
+
+def _numbers(value: object) -> list:
+    """Every number in a setting (for the finiteness check)."""
+    if isinstance(value, Gradient):
+        return list(value.gradient)
+    if isinstance(value, tuple):
+        return [x for v in value for x in (_numbers(v.value) if isinstance(v, Conditional) else [v])]
+    return [value]
 
 
 class _RecipeIO(_Frozen):
@@ -96,7 +232,7 @@ class Recipe(_RecipeIO):
     method: str
     base_model: str
     models: tuple[ModelParams, ...]
-    parameters: dict[str, Union[bool, float]] = {}
+    parameters: dict[str, GlobalValue] = {}
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -106,33 +242,62 @@ class Recipe(_RecipeIO):
                 return m
         raise KeyError(name)
 
+    @field_validator("parameters")
+    @classmethod
+    def _finite_globals(cls, v: dict[str, GlobalValue]) -> dict[str, GlobalValue]:
+        for key, value in v.items():
+            _check_finite(_numbers(value), f"parameter {key!r}")
+        return v
+
     def to_dict(self) -> dict:
-        data = self.model_dump(mode="json")
-        for m in data["models"]:
-            m["parameters"] = {
-                k: list(v) if isinstance(v, (list, tuple)) else v for k, v in m["parameters"].items()
-            }
-        return data
+        return self.model_dump(mode="json", exclude_none=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         """Inverse of ``to_dict`` (lists become per-group tuples)."""
-        return cls.model_validate(_tuplify(data))
+        return _validated(cls, _tuplify(data))
 
 
 def _tuplify(data: dict) -> dict:
+    """Recipe data with its settings in recipe form; ValueError lists every malformed one."""
     data = dict(data)
-    data["models"] = [
-        {
-            **m,
-            "parameters": {
-                k: tuple(float(x) for x in v) if isinstance(v, list) else v
-                for k, v in m.get("parameters", {}).items()
-            },
-        }
-        for m in data.get("models", [])
-    ]
+    problems: list[str] = []
+    models = data.get("models")
+    if isinstance(models, list):
+        data["models"] = [
+            {**m, "parameters": {k: _parse_setting(v, f"models[{i}].parameters.{k}", problems)
+                                 for k, v in (m.get("parameters") or {}).items()}}
+            if isinstance(m, dict) and isinstance(m.get("parameters") or {}, dict) else m
+            for i, m in enumerate(models)
+        ]
+    if isinstance(data.get("parameters"), dict):
+        data["parameters"] = {k: _parse_setting(v, f"parameters.{k}", problems) for k, v in data["parameters"].items()}
+    if problems:
+        raise ValueError("\n".join(problems))
     return data
+
+
+def _validated(cls, data: dict):
+    """``cls.model_validate(data)``; ValueError names every bad field (one per line)."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        found: dict[str, str] = {}  # field -> first message (a union reports once per alternative)
+        for e in err.errors():
+            loc = ""
+            for part in e["loc"]:
+                if isinstance(part, int):
+                    loc += f"[{part}]"
+                elif part not in _UNION_MEMBERS and not part.startswith(("tuple[", "function-")):
+                    loc += f".{part}" if loc else part
+            found.setdefault(loc, e["msg"])
+        # the most specific report per field: drop a field's line when a deeper one exists
+        lines = [f"{loc}: {msg}" if loc else msg for loc, msg in found.items()
+                 if not any(other != loc and other.startswith((loc + ".", loc + "[")) for other in found)]
+        raise ValueError("\n".join(lines)) from None
+
+
+_UNION_MEMBERS = {"bool", "float", "Gradient", "Conditional"}
 
 
 class PathStep(_Frozen):
@@ -164,7 +329,7 @@ class DFSRecipe(_RecipeIO):
     def from_dict(cls, data: dict) -> "DFSRecipe":
         data = dict(data)
         data["donors"] = {k: Recipe.from_dict(v) for k, v in (data.get("donors") or {}).items()}
-        return cls.model_validate(data)
+        return _validated(cls, data)
 
 
 AnyRecipe = Union[Recipe, DFSRecipe]

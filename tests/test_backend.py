@@ -212,3 +212,24 @@ def test_integer_buffers_pass_through() -> None:
     merged = ResidentSources.from_state_dicts(sds, "base").merged_state_dict(recipe("linear", {"a": {"weight": 1.0}}))
     assert torch.equal(merged["position_ids"], torch.arange(4))
     assert torch.allclose(merged["model.embed_tokens.weight"], sds["a"]["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della", "breadcrumbs_ties"])
+def test_concurrent_cpu_merge_equals_the_sequential_one(sources, dirs, method: str) -> None:
+    """With several torch threads, CPU tensors are merged concurrently; the result is the
+    one-thread result bit for bit (random methods seed each tensor on its own)."""
+    params = {"a": {"weight": 0.7, "density": 0.5}, "b": {"weight": 0.4, "density": 0.6}}
+    r = recipe(method, params, seed=3)
+    threads = torch.get_num_threads()
+    models = []
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            model = LlamaForCausalLM.from_pretrained(dirs["base"])
+            sources.merge_into(r, model.state_dict())
+            models.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    want = sources.merged_state_dict(r)
+    for got in models:
+        assert all(torch.equal(got[k], want[k]) for k in want)

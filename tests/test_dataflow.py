@@ -96,7 +96,7 @@ def test_scales_fold_into_an_exported_plain_model(flow, tmp_path):
         s.model_copy(update={"scale": 1.0}) for s in recipe.layers)}))(ids).logits
     assert not torch.allclose(logits, unscaled, atol=1e-3)  # the scales matter
 
-    out = dfm.export(recipe, tmp_path / "hf", tokenizer_dir=Path(dirs["base"]))
+    out = dfm.export(recipe, tmp_path / "hf")
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # no trust_remote_code
     assert exported.config.num_hidden_layers == 4
     assert torch.allclose(exported(ids).logits, logits, atol=1e-3)  # exact up to RMSNorm's epsilon
@@ -168,7 +168,7 @@ def test_export_hf_and_mergekit_from_a_dfs_run(tmp_path, session_tiny_zoo, flow)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from evomerge.export import mergekit_yaml
+    from evomerge.mergekit_config import mergekit_yaml
 
     run_dir = tmp_path / "run"
     assert main(["run", str(_experiment(tmp_path, "dfs", max_trials=3)), "--run-dir", str(run_dir), "--quiet"]) == 0

@@ -142,3 +142,43 @@ def test_streaming_merge_equals_the_resident_one_with_bounded_memory(tmp_path, s
     assert main(["merge", str(path), "--out", str(tmp_path / "cli"), "--stream", "--shard-size", "1",
                  *_models(zoo)]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "cli").config.num_hidden_layers == 2
+
+
+def test_mergekit_configs_are_read_with_every_problem_listed(tmp_path, capsys):
+    """`evomerge merge` on a mergekit config: names from the paths, hub ids as hf: sources,
+    plain lists as gradients; and what evomerge cannot do is said, all at once."""
+    from evomerge.cli import main
+    from evomerge.errors import ConfigError
+    from evomerge.mergekit_config import from_mergekit
+    from evomerge.recipe import Conditional, Gradient
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    recipe, dirs = from_mergekit({
+        "merge_method": "dare_ties", "base_model": "models/base",
+        "parameters": {"int8_mask": True, "density": [0.2, 0.8]},
+        "models": [{"model": "org/expert@v1", "parameters": {"weight": [{"filter": "mlp", "value": [0, 1]},
+                                                                         {"value": 0.5}]}},
+                   {"model": "other/expert", "parameters": {"weight": 0.3}}],
+    }, base_dir=tmp_path)
+    assert dirs == {"base": str((tmp_path / "models" / "base").resolve()), "expert": "hf:org/expert@v1",
+                    "expert_2": "hf:other/expert"}
+    assert recipe.base_model == "base" and recipe.dtype == "bfloat16"  # mergekit: the stored dtype
+    assert recipe.parameters["density"] == Gradient(gradient=(0.2, 0.8))
+    assert recipe.model_params("expert").parameters["weight"] == (
+        Conditional(filter="mlp", value=Gradient(gradient=(0.0, 1.0))), Conditional(value=0.5))
+
+    with pytest.raises(ConfigError) as err:
+        from_mergekit({"merge_method": "model_stock", "slices": [], "tokenizer_source": "union", "dtype": "int4",
+                       "models": [{"model": "a/b+lora/x", "parameters": {"weight": ["x"]}}, {"mdl": "c"}]},
+                      base_dir=tmp_path)
+    problems = "\n".join(err.value.problems)
+    for fragment in ("slices: layer slices/modules", "merge_method: 'model_stock' is not one evomerge merges",
+                     "tokenizer_source/tokenizer", "applies a LoRA", "models[0].parameters.weight: ['x']",
+                     "models[1]: expected a mapping with `model`", "dtype: 'int4'"):
+        assert fragment in problems, fragment
+    bad = tmp_path / "bad.yml"
+    bad.write_text("merge_method: ties\nmodels: [{model: nowhere}]\n")
+    assert main(["merge", str(bad), "--out", str(tmp_path / "o")]) != 0
+    err_text = capsys.readouterr().err
+    assert "no model directory 'nowhere'" in err_text and "base_model: method 'ties' needs a base model" in err_text

@@ -301,3 +301,46 @@ def test_tensor_group() -> None:
     assert tensor_group("lm_head.weight", 4) == 5
     with pytest.raises(MergeError):
         tensor_group("model.layers.4.mlp.up_proj.weight", 4)
+
+
+# -- CPU fast paths: the same bits as torch's reference ops ------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (300, 130), (3, 4, 5)], ids=str)
+def test_draw_bernoulli_is_torch_bernoulli(dtype, shape) -> None:
+    from evomerge.merge.methods.sparsify import draw_bernoulli
+
+    probs = (torch.rand(shape, generator=gen(0)) * 0.9 + 0.05).to(dtype)
+    if dtype == torch.float16:  # torch's CPU Bernoulli has no float16 kernel: callers work in float32
+        probs = probs.float()
+    ours, g = draw_bernoulli(probs, gen(11)), gen(11)
+    theirs = torch.bernoulli(probs, generator=g)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    # and the generator advanced by as much (the next draw is the same too)
+    g2 = gen(11)
+    draw_bernoulli(probs, g2)
+    assert torch.equal(torch.rand(3, generator=g2), torch.rand(3, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_row_ranks_equal_a_stable_argsort(dtype) -> None:
+    from evomerge.merge.methods.sparsify import row_ranks
+
+    x = torch.randn(37, 211, generator=gen(3)).abs().to(dtype)
+    x[:, 5:40] = x[:, 0:1]  # many ties in every row: ranked by index
+    x[0] = 0
+    order = torch.sort(x, dim=1, stable=True).indices
+    expected = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1]).expand_as(order))
+    assert torch.equal(row_ranks(x), expected)
+    three_d = x.reshape(37, 211, 1).expand(37, 211, 2).contiguous()  # the torch fallback
+    assert torch.equal(row_ranks(three_d)[:, :, 0], expected)
+
+
+def test_consensus_mask_matches_sign_equality() -> None:
+    """TIES' election, computed without materialising signs, equals the textbook sign(x) == sign(sum)."""
+    x = torch.randn(3, 500, generator=gen(5))
+    x[x.abs() < 0.3] = 0
+    x[:, :10] = torch.tensor([1.0, -1.0, 0.0]).reshape(3, 1)  # votes that sum to exactly 0: positive wins
+    for method, votes in (("sum", x.sum(0)), ("count", x.sign().sum(0))):
+        elected = torch.where(votes >= 0, 1.0, -1.0)
+        assert torch.equal(sign_consensus_mask(x, method), x.sign() == elected)
+        assert torch.equal(sign_consensus_mask(x, method, int8_mask=True), x.sign() == elected)

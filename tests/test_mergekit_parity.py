@@ -31,7 +31,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from evomerge.merge.backend import ResidentSources  # noqa: E402
-from evomerge.export import mergekit_yaml  # noqa: E402
+from evomerge.mergekit_config import mergekit_yaml  # noqa: E402
 from evomerge.merge.methods.linear import linear  # noqa: E402
 from evomerge.merge.parameter_space import merge_tensor, tensor_group  # noqa: E402
 from evomerge.recipe import ModelParams, Recipe  # noqa: E402
@@ -343,3 +343,151 @@ def test_dare_replays_mergekit_yaml(method: str, dirs, tmp_path: Path) -> None:
     ours_kept = (backend[key] != weights["base"][key]).float().mean().item()
     theirs_kept = (theirs[key] != weights["base"][key]).float().mean().item()
     assert ours_kept == pytest.approx(theirs_kept, abs=0.05)
+
+
+# -- gradients, filters and recipe-wide fallbacks: mergekit's own configs -------------------------
+DEEP_LAYERS = 5  # gradients are read at t = 0, .25, .5, .75, 1: between a 3-point gradient's knots
+
+MERGEKIT_CONFIGS = {
+    # per-model gradients, filters whose values are gradients, a recipe-wide density for the
+    # model that sets none
+    "ties": """
+merge_method: ties
+base_model: base
+dtype: float32
+parameters: {normalize: true, density: 0.7}
+models:
+  - model: a
+    parameters: {weight: [1.0, 0.2, 0.8]}
+  - model: b
+    parameters:
+      weight: 0.6
+      density: [{filter: self_attn, value: 0.3}, {filter: mlp, value: [0.9, 0.1]}, {value: 0.5}]
+""",
+    # the classic SLERP config: t gradients per filter
+    "slerp": """
+merge_method: slerp
+base_model: base
+dtype: float32
+models: [{model: base}, {model: a}]
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+""",
+    # filters that match only some tensors: the rest fall through to the recipe-wide weight
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: base
+dtype: float32
+parameters: {weight: 0.25, lambda: [0.5, 1.5]}
+models:
+  - model: a
+    parameters: {weight: [{filter: q_proj, value: 1.2}, {filter: down_proj, value: [0.0, 1.0]}]}
+  - model: b
+""",
+    "linear": """
+merge_method: linear
+dtype: float32
+models:
+  - model: a
+    parameters: {weight: [0.2, 1.0]}
+  - model: b
+    parameters: {weight: [{filter: embed_tokens, value: 0.9}, {value: [1.0, 0.1, 0.5, 0.3]}]}
+""",
+    "breadcrumbs": """
+merge_method: breadcrumbs
+base_model: base
+dtype: float32
+models:
+  - model: a
+    parameters: {weight: 0.8, density: [0.4, 0.9], gamma: [0.0, 0.1]}
+  - model: b
+    parameters: {weight: [0.3, 0.6], density: 0.7}
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def deep_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parity_deep")
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=DEEP_LAYERS, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(root / "base")
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)
+        base.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in
+                              load_file(str(root / "base" / "model.safetensors")).items()}, strict=False)
+        base.save_pretrained(root / name)
+    return {n: root / n for n in ("base", "a", "b")}
+
+
+def mergekit_yaml_run(config: Path, out: Path) -> dict[str, torch.Tensor]:
+    cli = Path(sys.executable).parent / "mergekit-yaml"
+    subprocess.run([str(cli), str(config), str(out), "--no-copy-tokenizer", "--no-write-model-card", "--quiet"], check=True,
+                   capture_output=True, cwd=config.parent)  # mergekit reads relative model paths from the cwd
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", sorted(MERGEKIT_CONFIGS))
+def test_mergekit_configs_with_gradients_and_filters(method: str, deep_dirs, tmp_path: Path) -> None:
+    """The same mergekit config file through `mergekit-yaml` and `evomerge merge`: equal tensors."""
+    from evomerge.cli import main
+
+    config = tmp_path / "config.yml"
+    text = MERGEKIT_CONFIGS[method]
+    for name, path in deep_dirs.items():  # model names -> the fixture's dirs (relative to the config)
+        (tmp_path / name).symlink_to(path)
+    config.write_text(text)
+    theirs = mergekit_yaml_run(config, tmp_path / "mergekit_out")
+    assert main(["merge", str(config), "--out", str(tmp_path / "ours")]) == 0
+    ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
+    assert set(ours) == set(theirs)
+    results = [compare(ours[k], theirs[k], None) for k in sorted(ours)]
+    if method in ("slerp", "linear"):  # sources rebuilt as base + (source - base): within float32 rounding
+        worst = max(r[2] for r in results)
+        print(f"parity mergekit config {method}: max abs diff {worst:.3g}")
+        assert worst < 1e-6
+    else:
+        check(results, f"mergekit config {method} (gradients, filters)")
+    # the values really vary over layers: the merge is not one of the constant-parameter ones
+    recipe = Recipe.load(tmp_path / "ours" / "evomerge_recipe.yaml")
+    assert recipe.method == method and "gradient" in (tmp_path / "ours" / "evomerge_recipe.yaml").read_text()
+
+
+def test_exported_gradients_and_filters_run_in_mergekit(deep_dirs, tmp_path: Path) -> None:
+    """A recipe with per-group values, gradients, filters and a recipe-wide fallback, exported
+    with `mergekit_yaml`, merges in mergekit to our backend's tensors."""
+    from evomerge.recipe import Conditional, Gradient
+
+    groups = DEEP_LAYERS + 2
+    recipe = Recipe(
+        method="ties", base_model="base", dtype="float32",
+        models=(
+            ModelParams(model="a", parameters={
+                "weight": Gradient(gradient=(1.0, 0.3, 0.9)),
+                "density": tuple(0.3 + 0.1 * g for g in range(groups))}),
+            ModelParams(model="b", parameters={
+                "weight": (Conditional(filter="self_attn", value=Gradient(gradient=(0.2, 0.8))),
+                           Conditional(filter="mlp", value=0.4))}),
+        ),
+        parameters={"weight": 0.7, "density": 0.6, "lambda": Gradient(gradient=(0.8, 1.2))},
+    )
+    config = tmp_path / "exported.yml"
+    config.write_text(mergekit_yaml(recipe, {k: str(v) for k, v in deep_dirs.items()}))
+    theirs = mergekit_yaml_run(config, tmp_path / "out")
+    ours = ResidentSources.from_model_dirs(deep_dirs, "base").merged_state_dict(recipe)
+    check([compare(ours[k], theirs[k], None) for k in sorted(ours)], "exported gradients/filters")
+    # and reading mergekit's config back gives the same merge
+    from evomerge.mergekit_config import from_mergekit
+    import yaml
+
+    again, dirs = from_mergekit(yaml.safe_load(config.read_text()))
+    assert dirs == {k: str(v.resolve()) for k, v in deep_dirs.items()}
+    back = ResidentSources.from_model_dirs(deep_dirs, "base").merged_state_dict(again)
+    assert all(torch.equal(back[k], ours[k]) for k in ours)

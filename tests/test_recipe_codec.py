@@ -98,3 +98,97 @@ def test_recipe_value_lookup_and_validation():
         ModelParams(model="a", parameters={"weight": float("nan")})
     with pytest.raises(Exception):
         Recipe.from_dict({**r.to_dict(), "colour": "blue"})
+
+
+def test_gradient_and_filter_settings_follow_mergekit():
+    """Gradients are read at t = i / (L - 1) for block i and t = 0 for embed/head; filters are
+    substrings, first match wins, no match falls through (None)."""
+    from evomerge.recipe import Conditional, Gradient, layer_t, resolve_setting
+
+    g = Gradient(gradient=(0.0, 1.0, 0.5))
+    L = 5
+    assert [layer_t(grp, L) for grp in range(L + 2)] == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 0.0]
+    assert [resolve_setting(g, "x", grp, L) for grp in range(L + 2)] == pytest.approx(
+        [0.0, 0.0, 0.5, 1.0, 0.75, 0.5, 0.0])
+    assert layer_t(1, 1) == 1.0  # mergekit: a one-layer slice sits at t = 1
+    filt = (Conditional(filter="self_attn", value=0.3), Conditional(filter="mlp", value=g))
+    assert resolve_setting(filt, "model.layers.2.self_attn.q_proj.weight", 3, L) == 0.3
+    assert resolve_setting(filt, "model.layers.2.mlp.up_proj.weight", 3, L) == 1.0
+    assert resolve_setting(filt, "model.norm.weight", L + 1, L) is None
+    catch_all = filt + (Conditional(value=0.9),)
+    assert resolve_setting(catch_all, "model.norm.weight", L + 1, L) == 0.9
+    assert resolve_setting((Conditional(filter="*", value=0.1),), "lm_head.weight", L + 1, L) == 0.1
+
+
+def test_gradient_and_filter_recipes_round_trip_and_hash():
+    text = """
+method: ties
+base_model: base
+models:
+- model: a
+  parameters: {weight: {gradient: [1, 0.2]}, density: [{filter: mlp, value: {gradient: [0.3, 0.9]}}, {value: 0.5}]}
+- model: b
+  parameters: {weight: {filter: self_attn, value: 0.4}}
+parameters: {weight: 0.7, lambda: {gradient: [0.8, 1.2]}, normalize: false}
+"""
+    from evomerge.recipe import Conditional, Gradient
+
+    r = Recipe.from_yaml(text)
+    assert r.model_params("a").parameters["weight"] == Gradient(gradient=(1.0, 0.2))
+    assert r.model_params("b").parameters["weight"] == (Conditional(filter="self_attn", value=0.4),)
+    again = Recipe.from_yaml(r.to_yaml())
+    assert again == r and again.content_hash() == r.content_hash()
+    with pytest.raises(Exception, match="not finite"):
+        Recipe.from_yaml(text.replace("[1, 0.2]", "[1, .nan]"))
+    with pytest.raises(Exception, match="at least one value"):
+        Recipe.from_yaml(text.replace("[1, 0.2]", "[]"))
+    # hashes of scalar / per-group recipes are what they were before these forms existed
+    assert _recipe().content_hash() == Recipe.from_yaml(_recipe().to_yaml()).content_hash()
+
+
+def test_settings_problems_are_listed_per_parameter_not_per_tensor():
+    import torch
+
+    from evomerge.errors import MergeError
+    from evomerge.merge.backend import ResidentSources
+    from evomerge.recipe import Conditional, Gradient
+
+    sd = {"model.embed_tokens.weight": torch.zeros(4, 2), "model.layers.0.mlp.up_proj.weight": torch.zeros(2, 2),
+          "model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2), "model.layers.1.mlp.up_proj.weight": torch.zeros(2, 2),
+          "lm_head.weight": torch.zeros(4, 2)}
+    src = ResidentSources.from_state_dicts({"base": sd, "a": sd, "b": sd}, "base")
+    bad = Recipe(method="ties", base_model="base", models=(
+        ModelParams(model="a", parameters={"weight": (Conditional(filter="mlp", value=0.5),),  # no weight elsewhere
+                                           "density": Gradient(gradient=(0.5, 1.5))}),  # > 1 from t = .5 on
+        ModelParams(model="b", parameters={"weight": 1.0, "density": (0.5, 0.5)}),  # 2 per-group values, 4 groups
+    ), parameters={"colour": 1.0})
+    with pytest.raises(MergeError) as err:
+        src.merged_state_dict(bad)
+    text = str(err.value)
+    assert "(4 problems)" in text, text
+    assert "parameters.colour: method 'ties' has no parameter 'colour'" in text
+    assert "b.density: 2 per-group values, expected 4" in text and "{gradient: [...]}" in text
+    assert "a: missing required parameter 'weight' (first for tensor model.embed_tokens.weight)" in text
+    assert "a.density: value 1.5 (first for tensor model.layers.1.mlp.up_proj.weight) is outside [0.0, 1.0]" in text
+    # a recipe-wide weight fills in where a's filters do not match
+    ok = bad.model_copy(update={"parameters": {"weight": 0.25}, "models": (
+        bad.models[0].model_copy(update={"parameters": {"weight": bad.models[0].parameters["weight"]}}),
+        ModelParams(model="b", parameters={"weight": 1.0}))})
+    src.merged_state_dict(ok)
+
+
+def test_codec_starts_from_a_gradient_but_not_from_filters():
+    from evomerge.recipe import Conditional, Gradient
+    from evomerge.space.codec import PSCodec
+    from evomerge.space.schema import ParameterSpace
+
+    space = ParameterSpace.model_validate({"kind": "ps", "method": "ties", "granularity": "per_layer",
+                                           "parameters": {"weight": {"low": 0, "high": 1}}})
+    codec = PSCodec(space=space, models=("a",), base_model="base", num_layers=3)
+    r = Recipe(method="ties", base_model="base", models=(
+        ModelParams(model="a", parameters={"weight": Gradient(gradient=(0.0, 1.0))}),))
+    assert list(codec.encode(r)) == pytest.approx([0.0, 0.0, 0.5, 1.0, 0.0])
+    filtered = r.model_copy(update={"models": (ModelParams(model="a", parameters={
+        "weight": (Conditional(filter="mlp", value=0.2),)}),)})
+    with pytest.raises(ValueError, match="filtered setting has no single value per tensor group"):
+        codec.encode(filtered)

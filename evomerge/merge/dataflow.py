@@ -126,9 +126,9 @@ class DataFlowModel:
                 out[f"model.layers.{k}.{name}"] = t
         return config, out
 
-    def export(self, recipe: DFSRecipe, out_dir: Path, tokenizer_dir: Path | None = None) -> Path:
-        """Write a standard Hugging Face model dir (safetensors, config, tokenizer) for the recipe."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def export(self, recipe: DFSRecipe, out_dir: Path) -> Path:
+        """Write a standard Hugging Face model dir (safetensors and config) for the recipe."""
+        from transformers import AutoModelForCausalLM
 
         config, state = self.folded_state_dict(recipe)
         model = AutoModelForCausalLM.from_config(config)
@@ -139,8 +139,6 @@ class DataFlowModel:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
-        if tokenizer_dir is not None:
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
         return out_dir
 
 

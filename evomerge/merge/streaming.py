@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save_file
 
 from evomerge.errors import MergeError
-from evomerge.merge.backend import _DTYPES, ResidentSources, _check_same_tensors, open_tensor_handles, tensor_seed
-from evomerge.merge.parameter_space import merge_tensor, tensor_group
+from evomerge.merge.backend import _DTYPES, _check_same_tensors, open_tensor_handles, plan_recipe, tensor_seed
+from evomerge.merge.parameter_space import merge_tensor
 from evomerge.recipe import Recipe
 
 _BLOCK_PREFIX = "model.layers."
@@ -75,10 +75,11 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
         layers = {int(k[len(_BLOCK_PREFIX):].split(".")[0]) for k in shapes[recipe.base_model]
                   if k.startswith(_BLOCK_PREFIX)}
         num_layers = max(layers) + 1 if layers else 0
-        # validation and input order exactly as the resident backend's (no tensors needed for that)
-        planner = ResidentSources(names=names, base_model=recipe.base_model, base={}, deltas={},
-                                  num_layers=num_layers, dtype=dtype)
-        plan = planner._plan(recipe)
+        # validation, input order and per-tensor parameters exactly as the resident backend's
+        floating = [k for k, h in handles[recipe.base_model].items()
+                    if h.get_slice(k).get_dtype().startswith(("F", "BF"))]  # type: ignore[attr-defined]
+        plan = plan_recipe(recipe, names=names, base_model=recipe.base_model, tensors=floating,
+                           num_layers=num_layers, dtype=dtype)
         inputs = [None if row is None else mp.model for mp, row in zip(plan.models, plan.delta_rows)]
 
         def read(model: str, key: str) -> torch.Tensor:
@@ -107,7 +108,6 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
                 if base.is_floating_point():
                     base = base.to(dtype)
                     alive.add(base)
-                    group = tensor_group(key, num_layers)
                     deltas = []
                     for model in inputs:
                         if model is None:
@@ -116,12 +116,12 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
                             delta = read(model, key).to(dtype) - base
                             alive.add(delta)
                             deltas.append(delta)
-                    params = [{p: mp.value(p, group) for p in mp.parameters} for mp in plan.models]
+                    params, global_params = plan.tensor_params[key]
                     generator = None
                     if plan.method.random:
                         generator = torch.Generator().manual_seed(tensor_seed(plan.seed, key))
                     stats.max_resident_inputs = max(stats.max_resident_inputs, alive.count())
-                    merged = merge_tensor(plan.method, base, deltas, params, plan.global_params, generator)
+                    merged = merge_tensor(plan.method, base, deltas, params, global_params, generator)
                     del deltas
                 else:
                     merged = base

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from evomerge.recipe import ModelParams, Recipe
+from evomerge.recipe import Gradient, ModelParams, Recipe, is_per_group
 from evomerge.space.schema import ParameterSpace
 
 
@@ -106,7 +106,17 @@ class PSCodec:
             for name in self.model_params:
                 b = self.space.parameters[name]
                 v = mp.parameters[name]
-                values = v if isinstance(v, tuple) else (v,) * self.groups
+                if isinstance(v, (int, float)):
+                    values: tuple = (float(v),) * self.groups
+                elif is_per_group(v):
+                    values = v  # type: ignore[assignment]
+                elif isinstance(v, Gradient) and self.groups > 1:
+                    values = tuple(mp.value(name, g, self.num_layers) for g in range(self.groups))
+                else:
+                    kind = "gradient" if isinstance(v, Gradient) else "filtered"
+                    raise ValueError(f"{model}.{name}: a {kind} setting has no single value per "
+                                     f"{'tensor group' if self.groups > 1 else 'model'}, so it cannot "
+                                     f"start a {self.space.granularity} search")
                 if len(values) != self.groups:
                     raise ValueError(f"{model}.{name}: {len(values)} values, expected {self.groups}")
                 out.extend((x - b.low) / (b.high - b.low) for x in values)

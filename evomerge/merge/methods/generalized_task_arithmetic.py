@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from evomerge.merge.methods.consensus import ConsensusMethod, sign_consensus_mask
+from evomerge.merge.methods.consensus import ConsensusMethod, consensus_mask
 from evomerge.merge.methods.sparsify import bernoulli, della_magprune, magnitude, magnitude_outliers
 
 Sparsification = Literal["magnitude", "random", "magnitude_outliers", "della"]
@@ -94,10 +94,10 @@ def generalized_task_arithmetic(
     weighted = stacked * w
 
     if consensus is not None:
-        mask = sign_consensus_mask(weighted, consensus, int8_mask=int8_mask)
+        mask = consensus_mask(weighted, consensus, int8_mask=int8_mask)  # 1/0 in the merge dtype
         mixed = (weighted * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         mixed = weighted.sum(dim=0)
         divisor = w.sum(dim=0)

@@ -1,0 +1,264 @@
+"""mergekit's YAML config format, both ways: a recipe as a mergekit config, and a mergekit
+config as a recipe.
+
+``mergekit_yaml`` writes what ``evomerge export --format mergekit`` gives (a PS recipe as
+the same merge; a data-flow path as a passthrough merge where mergekit can express it).
+``from_mergekit`` reads a mergekit config of the ``models:`` form (one merge method over
+whole models, which is what evomerge's PS recipes are) so ``evomerge merge`` can run a
+config written for mergekit: plain lists become gradients, ``{filter, value}`` lists
+filters, exactly as mergekit reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.recipe import Conditional, Gradient, ModelParams, Recipe
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
+
+
+# -- recipe -> mergekit ----------------------------------------------------------------------
+
+def _mergekit_value(value: Any) -> Any:
+    """A recipe setting in mergekit's syntax: a gradient is mergekit's plain list; a per-group
+    tuple becomes filters (the first match wins), because mergekit reads a plain list as a
+    gradient interpolated over layers."""
+    if isinstance(value, Gradient):
+        return list(value.gradient)
+    if isinstance(value, tuple) and value and isinstance(value[0], Conditional):
+        return [{**({"filter": c.filter} if c.filter is not None else {}), "value": _mergekit_value(c.value)}
+                for c in value]
+    if isinstance(value, tuple):
+        layers = len(value) - 2
+        return ([{"filter": "model.embed_tokens.", "value": value[0]}]
+                + [{"filter": f"model.layers.{i}.", "value": value[i + 1]} for i in range(layers)]
+                + [{"value": value[-1]}])
+    return value
+
+
+def _mergekit_model(path: str) -> str:
+    """A source path as mergekit names it: ``hf:org/name@rev`` is mergekit's ``org/name@rev``."""
+    return path[3:] if path.startswith("hf:") else path
+
+
+def _mergekit_ps(recipe: Recipe, model_dirs: Mapping[str, str]) -> str:
+    """A mergekit YAML of a PS recipe: the same method, parameters and dtype.
+
+    Deterministic methods give the same tensors as evomerge (tests/test_mergekit_parity.py).
+    DARE/DELLA draw random masks: mergekit from one global generator (``mergekit-yaml
+    --random-seed``), evomerge per tensor from (recipe seed, tensor name), so those merges
+    agree in distribution (keep rate, rescale), not bit for bit.
+    """
+    import yaml
+
+    from evomerge.merge.methods import METHODS
+
+    config: dict = {
+        "merge_method": recipe.method,
+        "dtype": recipe.dtype,
+        "models": [{"model": _mergekit_model(model_dirs[m.model]),
+                    "parameters": {k: _mergekit_value(v) for k, v in m.parameters.items()}} for m in recipe.models],
+    }
+    if METHODS[recipe.method].needs_base:
+        config["base_model"] = _mergekit_model(model_dirs[recipe.base_model])
+    if recipe.parameters:
+        config["parameters"] = {k: _mergekit_value(v) for k, v in recipe.parameters.items()}
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def mergekit_yaml(recipe, model_dirs: Mapping[str, str]) -> str:
+    """A mergekit YAML for a recipe: PS recipes as the same merge; data-flow recipes where
+    mergekit can express them.
+
+    mergekit's passthrough takes the embeddings from the first slice's model and the final
+    norm / lm_head from the last slice's, and knows nothing of evomerge's PS donors, so the
+    path must start and end in ``embed_from`` and use source models only.
+    """
+    import yaml
+
+    from evomerge.recipe import DFSRecipe
+
+    if not isinstance(recipe, DFSRecipe):
+        return _mergekit_ps(recipe, model_dirs)
+    steps = recipe.layers
+    if recipe.donors or any(s.model not in model_dirs for s in steps):
+        raise EvomergeError("this path uses a PS-merged donor, which mergekit cannot express; use --format hf")
+    if not steps or steps[0].model != recipe.embed_from or steps[-1].model != recipe.embed_from:
+        raise EvomergeError(f"mergekit's passthrough takes embeddings from the first layer's model and the head "
+                            f"from the last layer's; this path starts in {steps[0].model if steps else 'nothing'} "
+                            f"and ends in {steps[-1].model if steps else 'nothing'}, not {recipe.embed_from}; "
+                            "use --format hf")
+    slices, cumulative = [], 1.0
+    for step in steps:
+        cumulative *= step.scale
+        source = {"model": _mergekit_model(model_dirs[step.model]), "layer_range": [step.layer, step.layer + 1]}
+        if cumulative != 1.0:
+            inverse = 1.0 / cumulative
+            source["parameters"] = {"scale": [{"filter": "o_proj", "value": inverse},
+                                              {"filter": "down_proj", "value": inverse}, {"value": 1.0}]}
+        slices.append({"sources": [source]})
+    return yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": slices}, sort_keys=False)
+
+
+# -- mergekit -> recipe ----------------------------------------------------------------------
+
+def is_mergekit_config(data: object) -> bool:
+    """True for a mapping that looks like a mergekit config (it names a ``merge_method``)."""
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def _setting(value: Any, where: str, problems: list[str]) -> Any:
+    """A mergekit parameter setting in recipe form (plain list: gradient)."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+        out = []
+        for i, cond in enumerate(value):
+            unknown = sorted(set(cond) - {"filter", "value"})
+            if unknown or "value" not in cond:
+                problems.append(f"{where}[{i}]: a filter entry has `value` and optionally `filter`"
+                                + (f"; unknown key(s) {unknown}" if unknown else "; `value` is missing"))
+                continue
+            inner = _setting(cond["value"], f"{where}[{i}].value", problems)
+            if isinstance(inner, tuple):
+                problems.append(f"{where}[{i}].value: filters cannot nest")
+                continue
+            out.append(Conditional(filter=None if cond.get("filter") is None else str(cond["filter"]), value=inner))
+        return tuple(out)
+    if isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                 for x in value):
+        return Gradient(gradient=tuple(float(x) for x in value))
+    problems.append(f"{where}: {value!r} is not a number, a gradient (list of numbers) or a list of filters")
+    return None
+
+
+def _model_ref(ref: Any, where: str, base_dir: Path, problems: list[str]) -> str | None:
+    """A mergekit model reference as an evomerge source path (a directory or ``hf:org/name``)."""
+    if isinstance(ref, dict):
+        if "path" not in ref:
+            problems.append(f"{where}: a model reference mapping needs `path`")
+            return None
+        ref = ref["path"] + (f"@{ref['revision']}" if ref.get("revision") else "")
+    if not isinstance(ref, str) or not ref:
+        problems.append(f"{where}: expected a model path or Hugging Face id, got {ref!r}")
+        return None
+    if "+" in ref:
+        problems.append(f"{where}: {ref!r} applies a LoRA (`model+lora`), which evomerge does not merge; "
+                        "merge the adapter into its model first")
+        return None
+    for candidate in (Path(ref).expanduser(), base_dir / ref):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    if _HUB_ID.match(ref):
+        return f"hf:{ref}"
+    problems.append(f"{where}: no model directory {ref!r} (relative paths are tried from the working "
+                    f"directory and from {base_dir}), and it is not a Hugging Face id")
+    return None
+
+
+def _names(paths: list[str]) -> list[str]:
+    """Short unique recipe names for the models: each path's last component."""
+    names: list[str] = []
+    for path in paths:
+        stem = re.sub(r"[^A-Za-z0-9_.-]", "_", path.split("@")[0].rstrip("/").split("/")[-1]) or "model"
+        name, i = stem, 2
+        while name in names:
+            name, i = f"{stem}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+def from_mergekit(data: Mapping[str, Any], base_dir: Path = Path(".")) -> tuple[Recipe, dict[str, str]]:
+    """A mergekit config (``models:`` form) as a recipe and its sources ``{name: path}``.
+
+    :class:`ConfigError` lists every problem: slices/modules (layer stacking), LoRA
+    references, tokenizer merging, an unknown method, malformed settings.
+    """
+    from evomerge.merge.methods import METHODS
+
+    problems: list[str] = []
+    supported = {"merge_method", "models", "base_model", "dtype", "out_dtype", "parameters",
+                 "tokenizer_source", "tokenizer", "chat_template", "name"}
+    for key in sorted(set(data) - supported):
+        if key in ("slices", "modules"):
+            problems.append(f"{key}: layer slices/modules (stacking layers) are not a parameter-space merge; "
+                            "evomerge merges whole models (`models:`); data-flow layer paths are evomerge's DFS recipes")
+        else:
+            problems.append(f"{key}: not a mergekit config key evomerge reads")
+    method = data.get("merge_method")
+    if method not in METHODS:
+        problems.append(f"merge_method: {method!r} is not one evomerge merges; known: {', '.join(sorted(METHODS))}")
+    if data.get("tokenizer_source") not in (None, "base") or data.get("tokenizer"):
+        problems.append("tokenizer_source/tokenizer: evomerge merges models that share one vocabulary and uses "
+                        "the base model's tokenizer (mergekit's `tokenizer_source: base`)")
+    out_dtype = data.get("out_dtype")
+    dtype_name = data.get("dtype") or out_dtype
+    if out_dtype and data.get("dtype") and _DTYPES.get(out_dtype) != _DTYPES.get(data["dtype"]):
+        problems.append("out_dtype: evomerge writes the merge in its merge dtype; give one dtype")
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        problems.append("models: a non-empty list of {model, parameters}")
+        models = []
+    paths: list[str | None] = []
+    settings: list[dict] = []
+    for i, entry in enumerate(models):
+        entry = {"model": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "model" not in entry:
+            problems.append(f"models[{i}]: expected a mapping with `model`")
+            continue
+        unknown = sorted(set(entry) - {"model", "parameters"})
+        if unknown:
+            problems.append(f"models[{i}]: unknown key(s) {unknown}")
+        paths.append(_model_ref(entry["model"], f"models[{i}].model", base_dir, problems))
+        params = entry.get("parameters") or {}
+        settings.append({k: _setting(v, f"models[{i}].parameters.{k}", problems) for k, v in params.items()})
+    base_path = None
+    if data.get("base_model") is not None:
+        base_path = _model_ref(data["base_model"], "base_model", base_dir, problems)
+    elif method in METHODS and METHODS[method].needs_base:
+        problems.append(f"base_model: method {method!r} needs a base model")
+    global_settings = {k: _setting(v, f"parameters.{k}", problems)
+                       for k, v in (data.get("parameters") or {}).items()}
+    if dtype_name is not None and dtype_name not in _DTYPES:
+        problems.append(f"dtype: {dtype_name!r}; evomerge merges in {sorted(set(_DTYPES.values()))}")
+    if problems:
+        raise ConfigError(problems)
+
+    all_paths = [p for p in paths if p is not None]
+    if base_path is not None and base_path not in all_paths:
+        all_paths.append(base_path)
+    names = dict(zip(all_paths, _names(all_paths)))
+    if base_path is None:  # linear without a base: the first model's tokenizer and config
+        base_path = all_paths[0]
+    dtype = _DTYPES[dtype_name] if dtype_name else _stored_dtype(base_path)
+    recipe = Recipe(
+        method=method,
+        base_model=names[base_path],
+        models=tuple(ModelParams(model=names[p], parameters={k: v for k, v in s.items()})  # type: ignore[index]
+                     for p, s in zip(paths, settings)),
+        parameters=global_settings,
+        dtype=dtype,
+    )
+    return recipe, {name: path for path, name in names.items()}
+
+
+def _stored_dtype(path: str) -> str:
+    """mergekit merges in the stored dtype when the config names none: the model config's dtype."""
+    config = Path(path) / "config.json"
+    if not path.startswith("hf:") and config.is_file():
+        stored = json.loads(config.read_text())
+        name = str(stored.get("dtype") or stored.get("torch_dtype") or "float32").removeprefix("torch.")
+        return _DTYPES.get(name, "float32")
+    return "float32"
+
+
+__all__ = ["from_mergekit", "is_mergekit_config", "mergekit_yaml"]
