@@ -278,6 +278,15 @@ class Experiment(_Frozen):
             if space.embed_from is not None and space.embed_from not in names + (
                     [space.ps_donor.name] if space.ps_donor else []):
                 problems.append(f"search_space.embed_from: {space.embed_from!r} is not one of models {names}")
+            if space.start == "embed_from":
+                donors = list(space.models or names) + ([space.ps_donor.name] if space.ps_donor else [])
+                head = space.embed_from or self.base_model
+                if head not in donors:
+                    problems.append(f"search_space.start: embed_from starts at {head!r}'s own path, but it is not a "
+                                    f"layer donor ({donors}); add it to search_space.models")
+                if self.optimizer.name != "cma_es":
+                    problems.append(f"search_space.start: embed_from needs optimizer.name cma_es (not "
+                                    f"{self.optimizer.name}); other optimizers start from the whole box")
             if space.ps_donor is not None:
                 if space.ps_donor.name in names:
                     problems.append(f"search_space.ps_donor.name: {space.ps_donor.name!r} is already a source name")

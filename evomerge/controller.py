@@ -422,8 +422,10 @@ class Controller:
         n_islands = int(info.get("islands") or min(exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize),
                                                    exp.budget.max_trials))
         n_objectives = len(exp.suite.tasks) if exp.optimizer.objectives == "per_task" else 1
+        start = codec.start_genome() if hasattr(codec, "start_genome") else None
         scheduler = build_islands(
-            n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives),
+            n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives,
+                                                    start=start),
             codec.decode,
             exp.budget.max_trials, exp.optimizer.failure_fitness, exp.optimizer.seed,
         )

@@ -166,9 +166,7 @@ class ModelParams(_Frozen):
     @field_validator("parameters")
     @classmethod
     def _finite(cls, v: dict[str, ParamValue]) -> dict[str, ParamValue]:
-        for key, value in v.items():
-            _check_finite(_numbers(value), f"parameter {key!r}")
-        return v
+        return _finite_settings(v)
 
     def value(self, name: str, group: int, num_layers: int | None = None) -> float:
         """The value of parameter ``name`` for tensor group ``group`` (a gradient needs
@@ -184,6 +182,12 @@ class ModelParams(_Frozen):
         if isinstance(v, tuple):
             return float(v[group])  # type: ignore[arg-type]
         return float(v)
+
+
+def _finite_settings(settings: dict) -> dict:
+    for key, value in settings.items():
+        _check_finite(_numbers(value), f"parameter {key!r}")
+    return settings
 
 
 def _numbers(value: object) -> list:
@@ -245,9 +249,7 @@ class Recipe(_RecipeIO):
     @field_validator("parameters")
     @classmethod
     def _finite_globals(cls, v: dict[str, GlobalValue]) -> dict[str, GlobalValue]:
-        for key, value in v.items():
-            _check_finite(_numbers(value), f"parameter {key!r}")
-        return v
+        return _finite_settings(v)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,33 @@ def test_codec_indicators_scales_and_truncation():
     assert DFSRecipe.from_yaml(recipe.to_yaml()).content_hash() == recipe.content_hash()
 
 
+def test_codec_start_is_the_embed_from_path():
+    space = DataFlowSpace(repetitions=2, max_path_length=8, scale={"low": 0.5, "high": 2.0}, start="embed_from")
+    codec = DFSCodec(space=space, donors=("a", "b", "ps"), layers_per_donor=(2, 3, 3), embed_from="ps")
+    start = codec.start_genome()
+    assert start.shape == (codec.dim,) and start.min() >= 0 and start.max() <= 1
+    recipe = codec.decode(start)
+    assert recipe.layers == tuple(PathStep(model="ps", layer=i, scale=1.0) for i in range(3))
+    assert codec.decode(start).embed_from == "ps"
+    centre = DFSCodec(space=space.model_copy(update={"start": "centre"}), donors=("a",), layers_per_donor=(2,),
+                      embed_from="a")
+    assert centre.start_genome() is None
+    with pytest.raises(ValueError, match="among the layer donors"):
+        DFSCodec(space=space, donors=("a",), layers_per_donor=(2,), embed_from="b").start_genome()
+
+
+def test_cma_es_evaluates_a_given_start_point_first():
+    from evomerge.optimize.cma_es import CMAESOptimizer
+
+    start = np.linspace(0.1, 0.9, 7)
+    opt = CMAESOptimizer(7, x0=start, popsize=5, seed=3)
+    first = opt.ask()
+    assert len(first) == 5 and np.allclose(first[0], start)
+    assert np.allclose(opt.state()["mean"], start)
+    opt.tell(first, [float(-np.sum((g - 0.5) ** 2)) for g in first])  # tells the injected point like any other
+    assert not any(np.allclose(g, start) for g in opt.ask())
+
+
 def _experiment(tmp_path: Path, space: str, max_trials: int = 6) -> Path:
     return experiment_file(
         tmp_path, f"tiny_{space}", search_space=str(ROOT / "search_spaces" / f"{space}.yaml"),
@@ -157,6 +186,9 @@ def test_dfs_and_ps_dfs_searches_run_from_the_cli(tmp_path, session_tiny_zoo, sp
     if space == "ps_dfs":
         assert all("ps_merged" in r.donors and r.embed_from == "ps_merged" for r in recipes)
         assert any(s.model == "ps_merged" for r in recipes for s in r.layers)
+        # `start: embed_from`: the first candidate is the PS donor's own path, i.e. the PS model
+        n = json.loads((Path(session_tiny_zoo.models["base"]) / "config.json").read_text())["num_hidden_layers"]
+        assert recipes[0].layers == tuple(PathStep(model="ps_merged", layer=i) for i in range(n))
 
 
 def test_export_hf_and_mergekit_from_a_dfs_run(tmp_path, session_tiny_zoo, flow):
@@ -237,3 +269,10 @@ def test_bad_dfs_spaces_are_reported_by_field(tmp_path):
     text = "\n".join(err.value.problems)
     assert "search_space.models.1: 'nobody' is not one of models" in text
     assert "search_space.embed_from: 'ghost'" in text
+    data["search_space"] = {"kind": "dfs", "models": ["expert_a"], "embed_from": "expert_b", "start": "embed_from"}
+    data["optimizer"] = {"name": "random"}
+    with pytest.raises(ConfigError) as err:
+        parse_experiment(data, ROOT)
+    text = "\n".join(err.value.problems)
+    assert "search_space.start: embed_from starts at 'expert_b'" in text and "add it to search_space.models" in text
+    assert "search_space.start: embed_from needs optimizer.name cma_es (not random)" in text

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from evomerge.config import OptimizerConfig
 from evomerge.optimize.base import Genome, Optimizer
 
 
-def build_optimizer(cfg: OptimizerConfig, dim: int, seed: int | None = None, num_objectives: int = 1) -> Optimizer:
-    """Instantiate the optimizer an experiment names (``seed`` overrides ``cfg.seed``, e.g. per island)."""
+def build_optimizer(cfg: OptimizerConfig, dim: int, seed: int | None = None, num_objectives: int = 1,
+                    start: np.ndarray | None = None) -> Optimizer:
+    """Instantiate the optimizer an experiment names (``seed`` overrides ``cfg.seed``, e.g. per island).
+
+    ``start``: a search space's own start genome (e.g. a DFS path), instead of ``cfg.x0``
+    everywhere; only CMA-ES takes one (it also evaluates it in its first generation).
+    """
     seed = cfg.seed if seed is None else seed
     popsize = cfg.resolved_popsize(dim)
+    if start is not None and cfg.name != "cma_es":
+        raise ValueError(f"a search-space start point needs optimizer cma_es, not {cfg.name}")
     if cfg.name == "cma_es":
         from evomerge.optimize.cma_es import CMAESOptimizer
 
-        return CMAESOptimizer(dim, x0=cfg.x0, sigma0=cfg.sigma0, popsize=popsize, seed=seed,
+        return CMAESOptimizer(dim, x0=cfg.x0 if start is None else start, sigma0=cfg.sigma0, popsize=popsize, seed=seed,
                               restarts=cfg.restarts, max_restarts=cfg.max_restarts,
                               stall_generations=cfg.stall_generations)
     if cfg.name == "random":

@@ -29,7 +29,7 @@ class CMAESOptimizer:
 
     num_objectives = 1
 
-    def __init__(self, dim: int, *, x0: float = 0.5, sigma0: float = 1 / 6, popsize: int, seed: int = 0,
+    def __init__(self, dim: int, *, x0: float | np.ndarray = 0.5, sigma0: float = 1 / 6, popsize: int, seed: int = 0,
                  restarts: str = "ipop", max_restarts: int = 9, stall_generations: int = 20) -> None:
         if dim < 1:
             raise ValueError("dim must be >= 1")
@@ -44,7 +44,12 @@ class CMAESOptimizer:
         self.restarts = 0
         self.generation = 0
         self._best = BestTracker()
-        self._start(np.full(dim, float(x0)), popsize)
+        start = np.full(dim, float(x0)) if np.ndim(x0) == 0 else np.asarray(x0, dtype=np.float64)
+        if start.shape != (dim,):
+            raise ValueError(f"x0 has shape {start.shape}, expected ({dim},)")
+        self._start(start, popsize)
+        if np.ndim(x0):  # a chosen start point (not the box centre) is itself in the first generation
+            self._es.inject([start if dim > 1 else np.concatenate([start, [0.5]])], force=True)
 
     def _start(self, x0: np.ndarray, popsize: int) -> None:
         self.popsize = popsize

@@ -105,6 +105,13 @@ class DataFlowSpace(_Frozen):
     also holds W (M x M): the hidden state passed from layer i to layer j is scaled by
     W[i, j] in ``scale`` (the first layer receives the embeddings unscaled). Embeddings,
     final norm and lm_head come from ``embed_from`` (default: the base model).
+
+    ``start``: ``centre`` starts the optimizer at the genome's centre (``optimizer.x0``: every
+    indicator at 0.5, i.e. off, and the search finds its first paths at random). ``embed_from``
+    starts it at the ``embed_from`` donor's own path (its layers in order, each scale 1: the
+    donor model itself), which the first generation evaluates; paths near it are then searched.
+    For PS+DFS (``embed_from`` = the PS donor) the search starts from the PS result, so its best
+    is never worse on the search split. Needs ``optimizer.name: cma_es``.
     """
 
     kind: Literal["dfs"] = "dfs"
@@ -115,6 +122,7 @@ class DataFlowSpace(_Frozen):
     scale: Bounds = Bounds(low=0.5, high=1.5)
     embed_from: Optional[str] = None
     ps_donor: Optional[PSDonor] = None
+    start: Literal["centre", "embed_from"] = "centre"
 
     @field_validator("scale")
     @classmethod
