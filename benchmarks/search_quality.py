@@ -7,8 +7,8 @@ on the held-out test split (600 items):
   and DARE-TIES at density 0.5, weights 1/1, normalize); a small TIES grid (18 points,
   chosen on the search split);
 - searches at equal trial budgets (``--trials``, default 128; 2 Ray workers, one island):
-  random search and CMA-ES over the per-group TIES space (search_spaces/ps_ties_per_layer.yaml,
-  24 dimensions), DFS (experiments/zoo_dfs.yaml) and PS+DFS (experiments/zoo_ps_dfs.yaml with
+  random search and CMA-ES over the TIES space (search_spaces/ps_ties.yaml, 4 dimensions)
+  and over the per-group TIES space (search_spaces/ps_ties_per_layer.yaml, 24), DFS (experiments/zoo_dfs.yaml) and PS+DFS (experiments/zoo_ps_dfs.yaml with
   this seed's CMA-ES PS result as the donor, starting at its path, so PS+DFS spends the PS
   budget plus its own).
 
@@ -50,15 +50,19 @@ METHODS = [  # (key, label, kind)
     ("ties", "TIES d=.5 w=1/1 (default)", "fixed"),
     ("dare_ties", "DARE-TIES d=.5 w=1/1 (default)", "fixed"),
     ("ties_grid", "TIES grid, 18 points (best on search)", "grid"),
-    ("random_ps", "random search, per-group TIES space (24-d)", "search"),
-    ("cma_ps", "CMA-ES PS, per-group TIES space (24-d)", "search"),
+    ("random_ps", "random search, TIES space (4-d)", "search"),
+    ("cma_ps", "CMA-ES PS, TIES space (4-d)", "search"),
+    ("random_ps_layer", "random search, per-group TIES space (24-d)", "search"),
+    ("cma_ps_layer", "CMA-ES PS, per-group TIES space (24-d)", "search"),
     ("dfs", "CMA-ES DFS", "search"),
     ("ps_dfs", "CMA-ES PS+DFS (starts at the CMA-ES PS result)", "search"),
 ]
-# The PS searches' space: TIES (deterministic; DARE's drops add noise to the fitness) with one
-# density and weight per expert and tensor group (embeddings, each block, head): 24 dimensions,
-# where uniform random search stalls (ZOO_FACTS). One island: the whole budget in one CMA-ES.
-PS_SPACE = str(ROOT / "search_spaces" / "ps_ties_per_layer.yaml")
+# The PS searches' spaces: TIES (deterministic; DARE's drops add noise to the fitness) with one
+# density and weight per expert (4 dimensions), and per tensor group (embeddings, each block,
+# head: 24 dimensions). One island: the whole budget in one CMA-ES. PS+DFS's donor is the 4-d
+# CMA-ES result.
+PS_SPACE = str(ROOT / "search_spaces" / "ps_ties.yaml")
+PS_LAYER_SPACE = str(ROOT / "search_spaces" / "ps_ties_per_layer.yaml")
 
 
 def recipe(method: str, wa: float, wb: float, density: float | None = None, normalize: bool = True) -> Recipe:
@@ -170,6 +174,11 @@ def main() -> None:
                                              search_space=PS_SPACE, optimizer={"name": "random", "islands": 1})),
             ("cma_ps", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cma-{seed}",
                                           search_space=PS_SPACE, optimizer={"islands": 1, "popsize": None})),
+            ("random_ps_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-random24-{seed}",
+                                                   search_space=PS_LAYER_SPACE,
+                                                   optimizer={"name": "random", "islands": 1})),
+            ("cma_ps_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cma24-{seed}",
+                                                search_space=PS_LAYER_SPACE, optimizer={"islands": 1, "popsize": None})),
             ("dfs", lambda: experiment("zoo_dfs.yaml", seed, args.trials, f"sq-dfs-{seed}",
                                        optimizer={"islands": 1})),
             ("ps_dfs", lambda: experiment(
@@ -230,7 +239,8 @@ def write_report(raw: dict) -> None:
     verdict(f"CMA-ES PS beats the best source ({best_source})", "cma_ps", best_source)
     if best_default:
         verdict(f"CMA-ES PS beats the best default merge ({best_default})", "cma_ps", best_default)
-    verdict("CMA-ES PS beats random search at equal budget", "cma_ps", "random_ps")
+    verdict("CMA-ES PS beats random search at equal budget (4-d)", "cma_ps", "random_ps")
+    verdict("CMA-ES PS beats random search at equal budget (24-d, for information)", "cma_ps_layer", "random_ps_layer")
     if "ps_dfs" in by and "cma_ps" in by:
         gains = by["ps_dfs"] - by["cma_ps"]
         lines.append(f"- PS+DFS >= PS: mean {gains.mean():+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}) "

@@ -125,3 +125,17 @@ def test_validate_cli_exit_code_and_lines(tmp_path):
 
 def test_experiment_type():
     assert Experiment.model_config["frozen"] and Experiment.model_config["extra"] == "forbid"
+
+
+ZOO_SPACES = sorted(p.name for p in (ROOT / "search_spaces").glob("*.yaml")
+                    if "shisa_gamma" not in p.read_text())  # the paper's: tests/test_deploy.py
+
+
+@pytest.mark.parametrize("space", ZOO_SPACES)
+def test_every_shipped_search_space_validates_in_the_quickstart(space):
+    """Each file under search_spaces/ is a valid space with the zoo's sources (the paper's
+    spaces name the paper's models and are validated with experiments/evollm_jp_*.yaml)."""
+    data = _good()
+    data["search_space"] = str(ROOT / "search_spaces" / space)
+    exp = parse_experiment(data, ROOT / "experiments")
+    assert exp.search_space.kind in ("ps", "dfs")
