@@ -1,7 +1,7 @@
 """Cheap fitness: how much a stratified subsample saves and what it costs in fidelity.
 
 On the cross-skill zoo (seed 0), a fixed set of candidates — the three sources and random
-DARE-TIES recipes from the quickstart's search space (uniform over its bounds, seeded) — is
+DARE-TIES recipes from search_spaces/ps_ties_dare.yaml (uniform over its bounds, seeded) — is
 scored by real lm-eval on the full search split (300 items) and on cheaper suites: stratified
 subsamples (``TaskSpec.subsample``) of 50 items (three subsample seeds) and 30 items, and the
 first 50 items (``limit``)
@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-from evomerge.config import load_experiment  # noqa: E402
+from evomerge.config import parse_experiment  # noqa: E402
 from evomerge.controller import build_codec, resolve_worker_spec  # noqa: E402
 from evomerge.worker import EvalRequest, TrialWorker  # noqa: E402
 
@@ -85,7 +86,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    exp = load_experiment(ROOT / "experiments" / "quickstart.yaml")
+    data = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
+    data["search_space"] = "../search_spaces/ps_ties_dare.yaml"  # the candidates the published figures used
+    exp = parse_experiment(data, ROOT / "experiments")
     exp = exp.model_copy(update={"suite": exp.suite.model_copy(update={"test_tasks": ()})})
     spec = resolve_worker_spec(exp, progress=lambda line: print(line, file=sys.stderr))
     codec = build_codec(exp, spec)
@@ -126,7 +129,7 @@ def main() -> None:
             "regret": best_full - float(full[pick]),
         })
     lines = [
-        f"Candidates: {len(requests)} (3 sources + {args.candidates} random DARE-TIES recipes of the quickstart space, "
+        f"Candidates: {len(requests)} (3 sources + {args.candidates} random DARE-TIES recipes (search_spaces/ps_ties_dare.yaml), "
         f"seed {args.seed}); task {TASK}; real lm-eval, 1 thread, cross-skill zoo seed 0. "
         f"Full-split fitness spans {full.min():.3f}..{full.max():.3f}.",
         "",
