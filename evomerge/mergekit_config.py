@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.recipe import Conditional, Gradient, ModelParams, Recipe
+from evomerge.recipe import Conditional, Gradient, Recipe
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
@@ -114,31 +114,17 @@ def is_mergekit_config(data: object) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
 
-def _setting(value: Any, where: str, problems: list[str]) -> Any:
-    """A mergekit parameter setting in recipe form (plain list: gradient)."""
-    if isinstance(value, (bool, int, float)):
-        return value
-    if isinstance(value, dict):
-        value = [value]
-    if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-        out = []
-        for i, cond in enumerate(value):
-            unknown = sorted(set(cond) - {"filter", "value"})
-            if unknown or "value" not in cond:
-                problems.append(f"{where}[{i}]: a filter entry has `value` and optionally `filter`"
-                                + (f"; unknown key(s) {unknown}" if unknown else "; `value` is missing"))
-                continue
-            inner = _setting(cond["value"], f"{where}[{i}].value", problems)
-            if isinstance(inner, tuple):
-                problems.append(f"{where}[{i}].value: filters cannot nest")
-                continue
-            out.append(Conditional(filter=None if cond.get("filter") is None else str(cond["filter"]), value=inner))
-        return tuple(out)
+def _recipe_syntax(value: Any) -> Any:
+    """A mergekit setting in recipe syntax: mergekit's plain list of numbers (a gradient) is
+    spelled ``{gradient: [...]}``, inside filters too; the recipe parser checks the rest."""
     if isinstance(value, list) and value and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                  for x in value):
-        return Gradient(gradient=tuple(float(x) for x in value))
-    problems.append(f"{where}: {value!r} is not a number, a gradient (list of numbers) or a list of filters")
-    return None
+        return {"gradient": value}
+    if isinstance(value, list):
+        return [_recipe_syntax(x) for x in value]
+    if isinstance(value, dict) and "value" in value:
+        return {**value, "value": _recipe_syntax(value["value"])}
+    return value
 
 
 def _model_ref(ref: Any, where: str, base_dir: Path, problems: list[str]) -> str | None:
@@ -209,25 +195,31 @@ def from_mergekit(data: Mapping[str, Any], base_dir: Path = Path(".")) -> tuple[
         problems.append("models: a non-empty list of {model, parameters}")
         models = []
     paths: list[str | None] = []
-    settings: list[dict] = []
+    settings: list[dict] = []  # one per models entry (empty for a malformed one), so indices match
     for i, entry in enumerate(models):
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry:
             problems.append(f"models[{i}]: expected a mapping with `model`")
+            settings.append({})
             continue
         unknown = sorted(set(entry) - {"model", "parameters"})
         if unknown:
             problems.append(f"models[{i}]: unknown key(s) {unknown}")
         paths.append(_model_ref(entry["model"], f"models[{i}].model", base_dir, problems))
-        params = entry.get("parameters") or {}
-        settings.append({k: _setting(v, f"models[{i}].parameters.{k}", problems) for k, v in params.items()})
+        settings.append({k: _recipe_syntax(v) for k, v in (entry.get("parameters") or {}).items()})
     base_path = None
     if data.get("base_model") is not None:
         base_path = _model_ref(data["base_model"], "base_model", base_dir, problems)
     elif method in METHODS and METHODS[method].needs_base:
         problems.append(f"base_model: method {method!r} needs a base model")
-    global_settings = {k: _setting(v, f"parameters.{k}", problems)
-                       for k, v in (data.get("parameters") or {}).items()}
+    try:  # the settings, parsed and checked by the recipe's own parser (names come later)
+        draft = Recipe.from_dict({
+            "method": str(method), "base_model": "base",
+            "models": [{"model": f"model{i}", "parameters": s} for i, s in enumerate(settings)],
+            "parameters": {k: _recipe_syntax(v) for k, v in (data.get("parameters") or {}).items()},
+        })
+    except ValueError as exc:
+        problems.extend(str(exc).splitlines())
     if dtype_name is not None and dtype_name not in _DTYPES:
         problems.append(f"dtype: {dtype_name!r}; evomerge merges in {sorted(set(_DTYPES.values()))}")
     if problems:
@@ -240,14 +232,11 @@ def from_mergekit(data: Mapping[str, Any], base_dir: Path = Path(".")) -> tuple[
     if base_path is None:  # linear without a base: the first model's tokenizer and config
         base_path = all_paths[0]
     dtype = _DTYPES[dtype_name] if dtype_name else _stored_dtype(base_path)
-    recipe = Recipe(
-        method=method,
-        base_model=names[base_path],
-        models=tuple(ModelParams(model=names[p], parameters={k: v for k, v in s.items()})  # type: ignore[index]
-                     for p, s in zip(paths, settings)),
-        parameters=global_settings,
-        dtype=dtype,
-    )
+    recipe = draft.model_copy(update={
+        "base_model": names[base_path],
+        "models": tuple(m.model_copy(update={"model": names[p]}) for p, m in zip(paths, draft.models)),  # type: ignore[index]
+        "dtype": dtype,
+    })
     return recipe, {name: path for path, name in names.items()}
 
 

@@ -174,7 +174,7 @@ def test_mergekit_configs_are_read_with_every_problem_listed(tmp_path, capsys):
                       base_dir=tmp_path)
     problems = "\n".join(err.value.problems)
     for fragment in ("slices: layer slices/modules", "merge_method: 'model_stock' is not one evomerge merges",
-                     "tokenizer_source/tokenizer", "applies a LoRA", "models[0].parameters.weight: ['x']",
+                     "tokenizer_source/tokenizer", "applies a LoRA", "models[0].parameters.weight: a list is per-group numbers",
                      "models[1]: expected a mapping with `model`", "dtype: 'int4'"):
         assert fragment in problems, fragment
     bad = tmp_path / "bad.yml"
