@@ -422,7 +422,7 @@ class Controller:
         n_islands = int(info.get("islands") or min(exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize),
                                                    exp.budget.max_trials))
         n_objectives = len(exp.suite.tasks) if exp.optimizer.objectives == "per_task" else 1
-        start = codec.start_genome() if hasattr(codec, "start_genome") else None
+        start = codec.start_genome()
         scheduler = build_islands(
             n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives,
                                                     start=start),

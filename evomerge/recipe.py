@@ -173,15 +173,11 @@ class ModelParams(_Frozen):
         ``num_layers``; a filtered setting has no single value per group: use
         :func:`resolve_setting` with the tensor's name)."""
         v = self.parameters[name]
-        if isinstance(v, Gradient):
-            if num_layers is None:
-                raise ValueError(f"{self.model}.{name} is a gradient: its per-group value needs num_layers")
-            return v.at(layer_t(group, num_layers))
-        if isinstance(v, tuple) and v and isinstance(v[0], Conditional):
+        if isinstance(v, Gradient) and num_layers is None:
+            raise ValueError(f"{self.model}.{name} is a gradient: its per-group value needs num_layers")
+        if isinstance(v, tuple) and not is_per_group(v):
             raise ValueError(f"{self.model}.{name} has filters: its value depends on the tensor, not only the group")
-        if isinstance(v, tuple):
-            return float(v[group])  # type: ignore[arg-type]
-        return float(v)
+        return float(resolve_setting(v, "", group, num_layers or 0))  # type: ignore[arg-type]
 
 
 def _finite_settings(settings: dict) -> dict:

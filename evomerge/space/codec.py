@@ -98,6 +98,11 @@ class PSCodec:
             dtype=self.dtype,
         )
 
+    def start_genome(self) -> None:
+        """The optimizer starts at ``optimizer.x0`` (a PS space has no start of its own; see
+        :meth:`DFSCodec.start_genome`)."""
+        return None
+
     def encode(self, recipe: Recipe) -> np.ndarray:
         """Recipe -> genome (the inverse of decode for recipes inside the bounds)."""
         out = []
