@@ -8,6 +8,7 @@ against Ray's cluster schema, and every path and version they name is checked ag
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import re
 import shlex
@@ -118,14 +119,43 @@ def test_the_lock_pins_every_dependency_within_the_package_ranges(pyproject):
         name = canonicalize_name(req.name)
         assert name in lock, f"requirements-lock.txt does not pin {req.name}"
         assert req.specifier.contains(lock[name], prereleases=True), f"{req.name}=={lock[name]} violates {spec}"
+    both = {**lock, **_refresh_lock().read_lock(ROOT / "requirements-test-lock.txt")}
+    for spec in pyproject["project"]["optional-dependencies"]["test"]:
+        req = Requirement(spec)
+        assert req.specifier.contains(both[canonicalize_name(req.name)], prereleases=True), spec
     # torch: the same version as the CPU install CI runs (the image gets its CUDA wheel)
     cpu = (ROOT / "constraints-cpu.txt").read_text()
     assert f"torch=={lock['torch']}" in cpu
     assert "cpu" not in lock["torch"]
-    for dep in ("ray", "mlflow", "lm-eval", "transformers"):  # what CI tests is what the image runs
-        from importlib.metadata import version
 
-        assert version(dep) == lock[canonicalize_name(dep)], f"{dep}: venv {version(dep)} != lock {lock[dep]}"
+
+def _refresh_lock():
+    spec = importlib.util.spec_from_file_location("refresh_lock", ROOT / "tools" / "refresh_lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_install_command_applies_both_locks_as_constraints():
+    """README's `pip install -c constraints-cpu.txt ...` pins every dependency, not just torch."""
+    lines = [line.split("#")[0].strip() for line in (ROOT / "constraints-cpu.txt").read_text().splitlines()]
+    assert "-c requirements-lock.txt" in lines and "-c requirements-test-lock.txt" in lines
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count("-c constraints-cpu.txt -e") >= 2
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert '-c constraints-cpu.txt -e ".[test]"' in ci
+
+
+def test_this_venv_is_exactly_the_locked_versions():
+    """What CI tests is what the locks say (and so what the image runs): every package in the
+    runtime and test closures of evomerge is pinned, at the installed version."""
+    refresh = _refresh_lock()
+    info = refresh.probe(sys.executable)
+    assert {"torch", "transformers", "ray", "mlflow", "lm-eval", "pytest", "mergekit"} <= set(info["test"])
+    assert refresh.mismatches(info) == []
+    # the check can fail: a venv one version off is reported
+    info["installed"]["transformers"] = "0.0.1"
+    assert refresh.mismatches(info) == ["transformers: installed 0.0.1, lock " + _lock()["transformers"]]
 
 
 def test_hadolint_passes():
