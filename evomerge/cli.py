@@ -69,105 +69,140 @@ class _BarProgress:
             self._bar = None
 
 
+NEWCOMER = """evomerge: evolutionary search for model-merge recipes.
+
+Start here (offline, CPU, a few minutes: builds a tiny model zoo, searches, scores on held-out data):
+  evomerge run experiments/quickstart.yaml
+then watch that run in MLflow (its run dir is printed at the end):
+  evomerge ui runs/<run-id>
+
+All commands: evomerge --help"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help that fits a 80x24 terminal: options aligned at column 24, the example kept as written."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=24, width=min(100, max(80, _columns())))
+
+
+def _columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _command(sub, name: str, help: str, example: str, operands: str = "") -> argparse.ArgumentParser:
+    """A sub-command whose help is a one-line usage, its options and one example."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          usage=f"%(prog)s [options] {operands}".rstrip(),
+                          epilog=f"example:\n  {example}", formatter_class=_Formatter)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evomerge", description="Evolutionary optimization of model-merge recipes.")
+    p = argparse.ArgumentParser(
+        prog="evomerge", formatter_class=_Formatter,
+        usage="%(prog)s [--debug] COMMAND [options]   (evolutionary search for model-merge recipes)",
+        epilog="example:\n  evomerge run experiments/quickstart.yaml   then   evomerge ui runs/<run-id>")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", prog="evomerge")
 
-    r = sub.add_parser("run", help="run a search from an experiment YAML")
-    r.add_argument("experiment", type=Path)
-    r.add_argument("--run-dir", type=Path, help="run directory (default: runs/<run-id>)")
-    r.add_argument("--max-trials", type=int, help="override budget.max_trials")
-    r.add_argument("--seed", type=int, help="override optimizer.seed")
+    r = _command(sub, "run", "run a search from an experiment YAML",
+                 "evomerge run experiments/quickstart.yaml --run-dir runs/qs", "EXPERIMENT")
+    r.add_argument("experiment", metavar="EXPERIMENT", type=Path)
+    r.add_argument("--run-dir", type=Path, metavar="DIR", help="run directory (default: runs/<run-id>)")
+    r.add_argument("--max-trials", type=int, metavar="N", help="override budget.max_trials")
+    r.add_argument("--seed", type=int, metavar="N", help="override optimizer.seed")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.add_argument("--resume", action="store_true",
-                   help="if --run-dir already holds this run (a restarted job), resume it instead of failing")
+    r.add_argument("--resume", action="store_true", help="resume the run already in --run-dir (a restarted job)")
     r.add_argument("--dry-run", action="store_true",
-                   help="print the plan (dimensions, popsize, budget, memory, GPU-hours) and exit; "
-                        "nothing is downloaded, merged or evaluated")
-    r.add_argument("--calibrate", type=Path, metavar="RUN_DIR",
-                   help="with --dry-run: per-trial cost measured in this (pilot) run on the target hardware")
+                   help="print the plan (dimensions, budget, GPU-hours) and exit")
+    r.add_argument("--calibrate", type=Path, metavar="DIR", help="with --dry-run: per-trial cost of this pilot run")
     r.add_argument("--trial-seconds", type=float, metavar="S", help="with --dry-run: per-trial cost to assume")
-    r.add_argument("--json", action="store_true", help="print the summary (with --dry-run: the plan) as JSON")
+    r.add_argument("--json", action="store_true", help="print the summary (or the plan) as JSON")
 
-    rs = sub.add_parser("resume", help="continue a run that was interrupted or crashed")
-    rs.add_argument("run_dir", type=Path)
-    rs.add_argument("--max-trials", type=int, help="extend the budget (at least the run's max_trials)")
+    rs = _command(sub, "resume", "continue a run that was interrupted or crashed",
+                  "evomerge resume runs/qs --max-trials 200", "RUN_DIR")
+    rs.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    rs.add_argument("--max-trials", type=int, metavar="N", help="extend the budget (at least the run's max_trials)")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    sb = sub.add_parser("submit", help="run an experiment on a Ray cluster as a Ray Job")
-    sb.add_argument("experiment", type=Path)
-    sb.add_argument("--address", help="the cluster's dashboard / Jobs API, e.g. http://HEAD:8265 "
-                                      "(default: $RAY_ADDRESS)")
-    sb.add_argument("--run-dir", help="run directory on the cluster (default: ~/evomerge-runs/<run-id>; "
-                                      "use shared storage so a new head can resume it)")
+    sb = _command(sub, "submit", "run an experiment on a Ray cluster as a Ray Job",
+                  "evomerge submit --address http://HEAD:8265 experiments/evollm_jp_ps.yaml --run-dir /shared/r1", "EXPERIMENT")
+    sb.add_argument("experiment", metavar="EXPERIMENT", type=Path)
+    sb.add_argument("--address", metavar="URL", help="the Jobs API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    sb.add_argument("--run-dir", metavar="DIR", help="run dir on the cluster's shared storage")
     sb.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                    help="environment variable for the job (repeatable), e.g. MLFLOW_TRACKING_URI=...")
-    sb.add_argument("--python", default="python", help="the Python on the cluster that has evomerge installed")
-    sb.add_argument("--max-trials", type=int, help="override budget.max_trials")
-    sb.add_argument("--seed", type=int, help="override optimizer.seed")
+                    help="environment variable for the job (repeatable)")
+    sb.add_argument("--python", default="python", help="the cluster's Python that has evomerge installed")
+    sb.add_argument("--max-trials", type=int, metavar="N", help="override budget.max_trials")
+    sb.add_argument("--seed", type=int, metavar="N", help="override optimizer.seed")
     sb.add_argument("--json", action="store_true", help="print the job as JSON")
 
-    st = sub.add_parser("status", help="the state of a run directory, or of a submitted job")
-    st.add_argument("target", help="a run directory, or a job id (with --address)")
+    st = _command(sub, "status", "the state of a run directory, or of a submitted job",
+                  "evomerge status runs/qs", "TARGET")
+    st.add_argument("target", metavar="TARGET", help="a run directory, or a job id (with --address)")
     st.add_argument("--address", help="Ray Jobs API address for a job id (default: $RAY_ADDRESS)")
     st.add_argument("--json", action="store_true", help="print JSON")
 
-    lg = sub.add_parser("logs", help="the output of a submitted job")
-    lg.add_argument("job_id")
+    lg = _command(sub, "logs", "the output of a submitted job",
+                  "evomerge logs evomerge-quickstart-20261201 --address http://HEAD:8265 -f", "JOB_ID")
+    lg.add_argument("job_id", metavar="JOB_ID")
     lg.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
 
-    sp = sub.add_parser("stop", help="stop a submitted job (the run can be resumed later)")
-    sp.add_argument("job_id")
+    sp = _command(sub, "stop", "stop a submitted job (resume the run later)",
+                  "evomerge stop evomerge-quickstart-20261201 --address http://HEAD:8265", "JOB_ID")
+    sp.add_argument("job_id", metavar="JOB_ID")
     sp.add_argument("--address", help="Ray Jobs API address (default: $RAY_ADDRESS)")
 
-    v = sub.add_parser("validate", help="check an experiment YAML and report every problem")
-    v.add_argument("experiment", type=Path)
-    v.add_argument("--json", action="store_true", help='print {"ok": ..., "problems": [...]} (exit code as usual)')
+    v = _command(sub, "validate", "check an experiment YAML and report every problem",
+                 "evomerge validate experiments/quickstart.yaml", "EXPERIMENT")
+    v.add_argument("experiment", metavar="EXPERIMENT", type=Path)
+    v.add_argument("--json", action="store_true", help='print {"ok": ..., "problems": [...]}')
 
-    z = sub.add_parser("zoo", help="the embedded tiny model zoo")
-    zsub = z.add_subparsers(dest="zoo_command", required=True)
-    zb = zsub.add_parser("build", help="build (or find cached) the tiny model zoo")
+    z = _command(sub, "zoo", "the embedded tiny model zoo", "evomerge zoo build --seed 1", "build")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="build", prog="evomerge zoo")
+    zb = _command(zsub, "build", "build (or find cached) the tiny model zoo", "evomerge zoo build --seed 1")
     zb.add_argument("--kind", default="cross-skill", choices=["cross-skill", "cross-skill-full", "tiny"])
-    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--seed", type=int, default=0, metavar="N")
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
     zb.add_argument("--json", action="store_true", help="print the zoo's models and tasks as JSON")
 
-    e = sub.add_parser("export", help="export a run's best recipe")
-    e.add_argument("run_dir", type=Path)
+    e = _command(sub, "export", "export a run's best recipe",
+                 "evomerge export runs/qs --format hf --out out/model", "RUN_DIR")
+    e.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     e.add_argument("--format", default="recipe", choices=["recipe", "hf", "mergekit"],
-                   help="recipe: evomerge YAML; hf: a Hugging Face model dir; mergekit: a mergekit YAML")
-    e.add_argument("--out", type=Path, help="directory to write to (required unless --pareto)")
-    e.add_argument("--trial", type=int, help="export this trial instead of the best (e.g. a Pareto member)")
-    e.add_argument("--pareto", action="store_true",
-                   help="list the Pareto front of a multi-objective run (export one with --trial)")
-    e.add_argument("--json", action="store_true", help="print JSON (the written path, or the Pareto front)")
-    e.add_argument("--register", metavar="NAME",
-                   help="with --format hf: register the model in the run's MLflow model registry as NAME")
+                   help="evomerge YAML, a Hugging Face model dir, or a mergekit YAML")
+    e.add_argument("--out", type=Path, metavar="DIR", help="directory to write to (required unless --pareto)")
+    e.add_argument("--trial", type=int, metavar="N", help="export this trial instead of the best")
+    e.add_argument("--pareto", action="store_true", help="list a multi-objective run's Pareto front")
+    e.add_argument("--json", action="store_true", help="print JSON (the written path, or the front)")
+    e.add_argument("--register", metavar="NAME", help="with --format hf: register it in MLflow as NAME")
 
-    mg = sub.add_parser("merge", help="materialise a recipe YAML (or a mergekit config) as a Hugging Face model dir")
-    mg.add_argument("recipe", type=Path, help="an evomerge recipe, or a mergekit config (merge_method + models)")
-    mg.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    mg = _command(sub, "merge", "write a recipe (or a mergekit config) as a Hugging Face model dir",
+                  "evomerge merge out/recipe.yaml --out out/model", "RECIPE")
+    mg.add_argument("recipe", metavar="RECIPE", type=Path, help="an evomerge recipe or a mergekit config")
+    mg.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model directory to write")
     mg.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                    help="where the recipe's model NAME is (a directory or hf:org/name); repeatable")
+                    help="where model NAME is (a dir or hf:org/name); repeatable")
     src = mg.add_mutually_exclusive_group()
     src.add_argument("--run", type=Path, metavar="RUN_DIR", help="take the sources of this run")
-    src.add_argument("--experiment", type=Path, metavar="EXP.yaml", help="take the sources of this experiment")
-    mg.add_argument("--stream", action="store_true",
-                    help="PS recipes: read sources tensor by tensor and write shards as they fill "
-                         "(for models larger than memory)")
+    src.add_argument("--experiment", type=Path, metavar="EXP",
+                     help="this experiment's sources (default: experiment.yaml beside it)")
+    mg.add_argument("--stream", action="store_true", help="PS: tensor by tensor, for models larger than memory")
     mg.add_argument("--shard-size", type=int, default=2048, metavar="MB", help="with --stream: shard size")
     mg.add_argument("--json", action="store_true", help="print JSON")
 
-    u = sub.add_parser("ui", help="open a run's MLflow UI (starts `mlflow ui` on its store) and print the URL")
-    u.add_argument("run_dir", type=Path)
+    u = _command(sub, "ui", "open a run in the MLflow UI and print its URL", "evomerge ui runs/qs", "RUN_DIR")
+    u.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--no-browser", action="store_true", help="only print the URL (default: also open it)")
 
-    sy = sub.add_parser("sync", help="upload a run's ledger to MLflow (after the server was unreachable)")
-    sy.add_argument("run_dir", type=Path)
+    sy = _command(sub, "sync", "upload a run's ledger to MLflow (after an outage)", "evomerge sync runs/qs", "RUN_DIR")
+    sy.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     sy.add_argument("--tracking-uri", help="upload to this MLflow store instead of the run's own")
     sy.add_argument("--json", action="store_true", help="print JSON")
     return p
@@ -453,12 +488,14 @@ def _cmd_merge(args) -> int:
     from evomerge.export import merge_recipe
 
     dirs: dict[str, str] = {}
-    if args.run or args.experiment:
-        from evomerge.config import load_experiment
+    if args.run:
         from evomerge.controller import load_run_experiment, resolve_worker_spec
 
-        exp = load_run_experiment(args.run) if args.run else load_experiment(args.experiment)
-        dirs.update(resolve_worker_spec(exp).model_dirs)
+        dirs.update(resolve_worker_spec(load_run_experiment(args.run)).model_dirs)
+    elif args.experiment:
+        from evomerge.export import experiment_sources
+
+        dirs.update(experiment_sources(args.experiment))
     for item in args.model:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
@@ -490,6 +527,20 @@ def _cmd_sync(args) -> int:
     return EXIT_OK
 
 
+def _open_browser(url: str, refused: bool) -> None:
+    """Open ``url`` in the desktop's browser when a person is at a terminal with a display (never
+    in scripts, jobs or tests, where stdout is not a terminal; a text browser would take it over)."""
+    graphical = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if refused or not sys.stdout.isatty() or not graphical:
+        return
+    import webbrowser
+
+    try:
+        webbrowser.open(url)
+    except Exception:  # no browser: the printed URL is enough
+        pass
+
+
 def _cmd_ui(args) -> int:
     import json
     import subprocess
@@ -500,11 +551,18 @@ def _cmd_ui(args) -> int:
     if not info_path.exists():
         raise EvomergeError(f"{args.run_dir} is not an evomerge run directory (no run.json)")
     info = json.loads(info_path.read_text())
+    from evomerge.tracking import run_url
+
     uri = info.get("tracking_uri") or ""
-    route = (f"#/experiments/{info['mlflow_experiment_id']}/runs/{info['mlflow_run_id']}"
-             if info.get("mlflow_experiment_id") and info.get("mlflow_run_id") else "")
+
+    def page(server: str) -> str:
+        if info.get("mlflow_experiment_id") and info.get("mlflow_run_id"):
+            return run_url(server, info["mlflow_experiment_id"], info["mlflow_run_id"])
+        return server
+
     if uri.startswith(("http://", "https://")):
-        print(f"{uri.rstrip('/')}/{route}")  # a tracking server already serves the UI
+        print(page(uri))  # a tracking server already serves the UI
+        _open_browser(page(uri), args.no_browser)
         return EXIT_OK
     if not uri:
         raise EvomergeError(f"{args.run_dir} was not tracked (tracking.backend: none); `evomerge sync "
@@ -528,8 +586,9 @@ def _cmd_ui(args) -> int:
             if time.monotonic() > deadline:
                 raise EvomergeError(f"mlflow ui did not answer on {base} within 90 s")
             time.sleep(0.5)
-        print(f"{base}/{route}", flush=True)
+        print(page(base), flush=True)
         print("MLflow UI running; Ctrl-C stops it", file=sys.stderr, flush=True)
+        _open_browser(page(base), args.no_browser)
         proc.wait()
         return EXIT_OK
     finally:
@@ -553,6 +612,9 @@ def _sigterm_as_interrupt(signum, frame):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command is None:  # a newcomer typing `evomerge`: the two commands that matter first
+        print(NEWCOMER)
+        return EXIT_OK
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -118,9 +118,17 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
         needed = {m.model for m in recipe.models} | {recipe.base_model}
         head = recipe.base_model
     missing = sorted(needed - set(model_dirs))
+    beside = path.parent / "experiment.yaml"
+    if missing and beside.is_file() and beside.resolve() != path.resolve():
+        # `export --format recipe` writes the run's experiment next to the recipe: its sources
+        found = experiment_sources(beside)
+        model_dirs = {**{k: v for k, v in found.items() if k in missing}, **model_dirs}
+        missing = sorted(needed - set(model_dirs))
     if missing:
-        raise EvomergeError(f"the recipe uses model(s) {missing} with no path; pass --model NAME=PATH for each "
-                            "(or --run RUN_DIR / --experiment EXP.yaml to take a run's or an experiment's sources)")
+        looked = f" (not in {beside} either)" if beside.is_file() else ""
+        raise EvomergeError(f"the recipe uses model(s) {missing} with no path{looked}; pass --model NAME=PATH for "
+                            "each (or --run RUN_DIR / --experiment EXP.yaml to take a run's or an experiment's "
+                            "sources)")
     dirs = {k: str(resolve_model_dir(v)) for k, v in model_dirs.items() if k in needed}
     if head not in dirs:  # a DFS recipe whose head is a PS donor: the tokenizer of that donor's base
         head = next(iter(recipe.donors.values())).base_model if isinstance(recipe, DFSRecipe) else head
@@ -157,6 +165,15 @@ def register(run_dir: Path, model_dir: Path, name: str) -> tuple[str, str]:
     from evomerge.tracking.mlflow_tracker import register_model
 
     return register_model(info["tracking_uri"], info["mlflow_run_id"], Path(model_dir), name)
+
+
+def experiment_sources(path: Path) -> dict[str, str]:
+    """The source model dirs (or ``hf:`` ids) an experiment file names, on this machine (building
+    the embedded zoo if it uses one)."""
+    from evomerge.config import load_experiment
+    from evomerge.controller import resolve_worker_spec
+
+    return dict(resolve_worker_spec(load_experiment(path)).model_dirs)
 
 
 def _run_sources(run_dir: Path, resolve: bool = True) -> tuple[dict[str, str], str]:
@@ -221,7 +238,9 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
               "## Provenance", "", f"- evomerge run `{info.get('run_id', run_dir.name)}` ({run_dir.resolve()})"]
     uri, run_id = info.get("tracking_uri"), info.get("mlflow_run_id")
     if uri and run_id:
-        link = f"{uri.rstrip('/')}/#/experiments/{info.get('mlflow_experiment_id', '')}/runs/{run_id}" \
+        from evomerge.tracking import run_url
+
+        link = run_url(uri, info["mlflow_experiment_id"], run_id) \
             if uri.startswith("http") and info.get("mlflow_experiment_id") else f"{uri}, run {run_id}"
         lines.append(f"- MLflow: {link}")
     return "\n".join(lines) + "\n"

@@ -131,8 +131,12 @@ def test_evomerge_ui_serves_the_run(tracked_run):
     try:
         url = proc.stdout.readline().strip()
         info = json.loads((tracked_run / "run.json").read_text())
+        # the run's page in the model-training view (MLflow 3 opens in its GenAI view otherwise)
         assert url == (f"http://127.0.0.1:{port}/#/experiments/{info['mlflow_experiment_id']}"
-                       f"/runs/{info['mlflow_run_id']}")
+                       f"/runs/{info['mlflow_run_id']}?workflowType=machine_learning")
+        experiment = _get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get?"
+                          f"experiment_id={info['mlflow_experiment_id']}")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
         run = _get(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={info['mlflow_run_id']}")["run"]
         assert run["info"]["status"] == "FINISHED"
         assert any(m["key"] == "best_fitness" for m in run["data"]["metrics"])
@@ -216,3 +220,25 @@ def test_json_output_for_scripts(tmp_path, session_tiny_zoo, capsys):
     assert main(["export", str(tmp_path / "run"), "--format", "mergekit", "--out", str(tmp_path / "mk"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"path": str(tmp_path / "mk" / "mergekit.yaml"),
                                                    "format": "mergekit"}
+
+
+def test_a_recipe_export_merges_as_it_is(tracked_run, tmp_path, capsys):
+    """`export --format recipe` then `merge out/recipe.yaml --out DIR`: the experiment written
+    beside the recipe names the sources, no --experiment needed; the model equals the hf export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert main(["export", str(tracked_run), "--format", "recipe", "--out", str(out)]) == 0
+    assert {"recipe.yaml", "experiment.yaml"} <= {p.name for p in out.iterdir()}
+    assert main(["merge", str(out / "recipe.yaml"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["export", str(tracked_run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+        assert torch.equal(merged, AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits)
+    # without the experiment beside it, the error says where it looked and what to pass
+    (out / "experiment.yaml").unlink()
+    capsys.readouterr()
+    assert main(["merge", str(out / "recipe.yaml"), "--out", str(tmp_path / "x")]) == 1
+    assert "with no path; pass --model NAME=PATH" in capsys.readouterr().err

@@ -17,6 +17,10 @@ from typing import Any, Mapping, Optional, Sequence
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless the experiment says it is a
+# model-training one: then its Runs tab, where a search's runs are.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -40,7 +44,10 @@ class MlflowTracker:
         if self.run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment_name)
             exp_id = exp.experiment_id if exp else self._client.create_experiment(
-                self.experiment_name, artifact_location=_artifact_location(self.tracking_uri))
+                self.experiment_name, artifact_location=_artifact_location(self.tracking_uri),
+                tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            if exp is not None and EXPERIMENT_KIND not in exp.tags:  # made by an older evomerge, or by hand
+                self._client.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
             run = self._client.create_run(exp_id, run_name=run_name, tags=dict(tags))
             self.run_id = run.info.run_id
             self.experiment_id = exp_id
