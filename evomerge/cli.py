@@ -420,6 +420,10 @@ def _print_summary(s, as_json: bool = False) -> None:
     if s.worker_busy_fraction is not None:
         rows.append(("workers", f"{s.islands} island(s); workers busy {100 * s.worker_busy_fraction:.0f} % of the "
                                 f"search; controller {s.controller_ms_per_trial:.1f} ms/trial"))
+    if s.mlflow_run_id:
+        rows.append(("watch it", f"evomerge ui {s.run_dir}"))
+    if s.best_fitness is not None:
+        rows.append(("take it home", f"evomerge export {s.run_dir} --format hf --out {s.run_dir}/model"))
     print()
     _print_rows(rows)
 

@@ -63,6 +63,8 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
     assert main(["run", str(exp_path), "--run-dir", str(run_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "best fitness (search)" in out and "source expert_a (search)" in out
+    assert f"evomerge ui {run_dir}" in out  # what to do next, with this run's directory
+    assert f"evomerge export {run_dir} --format hf" in out
 
     # ledger: every trial, with all its fields; baselines for every source; test-split scores
     ledger = Ledger(run_dir / "ledger.jsonl")
