@@ -72,9 +72,13 @@ class FaultInjectingWorker(TrialWorker):
     ``slow:<seconds>`` (sleep, then score normally), ``hang`` (sleep for an hour),
     ``die_once`` (SIGKILL its own process the first time, behave on the retry; a
     marker file in ``marker_dir`` remembers), ``die`` (SIGKILL every time).
+    ``start_delay`` seconds are slept before the worker starts (a slow start-up: a big model,
+    a busy machine).
     """
 
-    def __init__(self, spec: WorkerSpec, *, faults: Mapping[int, str], marker_dir: str) -> None:
+    def __init__(self, spec: WorkerSpec, *, faults: Mapping[int, str], marker_dir: str,
+                 start_delay: float = 0.0) -> None:
+        time.sleep(start_delay)
         super().__init__(spec)
         self.faults = dict(faults)
         self.marker_dir = Path(marker_dir)

@@ -83,6 +83,22 @@ def test_worker_faults_are_retried_or_failed_and_the_search_goes_on(tmp_path, se
             assert t["fitness"] == pytest.approx(ref[key]["fitness"], abs=1e-9)
 
 
+def test_a_slow_replacement_worker_start_does_not_count_against_the_trial_timeout(tmp_path, session_tiny_zoo,
+                                                                                 ray_session):
+    """A worker dies; its replacement takes longer to start than dispatch.trial_timeout allows a
+    trial to run. The retried trial waits for the new worker and completes: the timeout measures
+    the trial, not the start-up (imports, loading the sources)."""
+    exp = load_experiment(_experiment(tmp_path, "slowstart", budget={"max_trials": 4},
+                                      dispatch={"backend": "ray", "num_workers": 2, "max_retries": 1,
+                                                "trial_timeout": 5}))
+    factory = functools.partial(FaultInjectingWorker, faults={0: "die_once"}, marker_dir=str(tmp_path),
+                                start_delay=8.0)
+    summary = Controller(exp, tmp_path / "slowstart", worker_factory=factory).run()
+    assert summary.trials == 4 and summary.failed == 0
+    trial0 = next(t for t in Ledger(tmp_path / "slowstart" / "ledger.jsonl").records("trial") if t["trial_id"] == 0)
+    assert trial0["state"] == "complete" and trial0["attempts"] == 2
+
+
 def _wait_for_trials(ledger: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

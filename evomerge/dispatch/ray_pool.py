@@ -86,6 +86,9 @@ class RayDispatcher:
         self._running: dict[Any, tuple[Any, EvalRequest, float]] = {}  # ObjectRef -> (actor, request, started)
         self._attempts: dict[tuple[str, int], int] = {}
         self._ready: list[EvalResult] = []
+        # replacement actors still starting (ready() ref -> actor): they get work once they are up, so
+        # a trial's timeout never counts an actor's start-up (imports, loading the sources)
+        self._starting: dict[Any, Any] = {}
         actors = [self._new_actor() for _ in range(num_workers)]
         # Fail fast and clearly if workers cannot start (bad model dir, unknown task, ...).
         try:
@@ -97,6 +100,25 @@ class RayDispatcher:
 
     def _new_actor(self):
         return _WorkerActor.options(**self._options).remote(self._factory, self._spec)
+
+    def _replace_actor(self) -> None:
+        """Start a new actor in place of a dead or killed one; it takes work once ready."""
+        actor = self._new_actor()
+        self._starting[actor.ready.remote()] = actor
+
+    def _started(self, ref) -> None:
+        actor = self._starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayError as exc:
+            log.warning("a replacement worker failed to start: %s", _root_cause(exc))
+            ray.kill(actor)
+            if not (self._idle or self._running or self._starting):  # no worker left to run anything
+                while self._queue:
+                    self._ready.append(_failed(self._queue.popleft(), "no worker could be started: "
+                                                                     f"{_root_cause(exc)}"))
+            return
+        self._idle.append(actor)
 
     def submit(self, request: EvalRequest) -> None:
         self._queue.append(request)
@@ -112,17 +134,21 @@ class RayDispatcher:
             self._running[actor.run.remote(request)] = (actor, request, time.monotonic())
 
     def wait(self, timeout: float | None = None) -> list[EvalResult]:
-        if not self._ready and self._running:
-            if self._timeout is not None:
+        if not self._ready and (self._running or (self._starting and self._queue)):
+            if self._timeout is not None and self._running:
                 first_deadline = min(t for _, _, t in self._running.values()) + self._timeout
                 left = max(0.0, first_deadline - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
-            done, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
+            watched = [*self._running, *self._starting]
+            done, _ = ray.wait(watched, num_returns=1, timeout=timeout)
             # collect everything else that is already finished too
             if done:
-                more, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
+                more, _ = ray.wait(watched, num_returns=len(watched), timeout=0)
                 done = list({r: None for r in [*done, *more]})
             for ref in done:
+                if ref in self._starting:
+                    self._started(ref)
+                    continue
                 actor, request, _ = self._running.pop(ref)
                 try:
                     result = ray.get(ref)
@@ -148,14 +174,14 @@ class RayDispatcher:
             if now - started >= self._timeout:
                 del self._running[ref]
                 ray.kill(actor)
-                self._idle.append(self._new_actor())
+                self._replace_actor()
                 self._ready.append(_failed(request, f"timed out after {self._timeout:g} s (dispatch.trial_timeout)"))
 
     def _on_actor_death(self, request: EvalRequest, exc: Exception) -> None:
         attempts = self._attempts.get(_key(request), 0) + 1
         self._attempts[_key(request)] = attempts
         log.warning("worker died during trial %d (attempt %d): %s", request.trial_id, attempts, exc)
-        self._idle.append(self._new_actor())
+        self._replace_actor()
         if attempts <= self._max_retries:
             self._queue.appendleft(request)
         else:
@@ -167,10 +193,11 @@ class RayDispatcher:
     def close(self) -> None:
         for actor, _, _ in list(self._running.values()):
             ray.kill(actor)
-        for actor in self._idle:
+        for actor in [*self._idle, *self._starting.values()]:
             ray.kill(actor)
         self._running.clear()
         self._idle.clear()
+        self._starting.clear()
         if self._owns_ray:
             ray.shutdown()
 
