@@ -217,7 +217,8 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         groups = codec.groups
         dim_detail = (f"{len(codec.models)} merged models x {len(codec.model_params)} parameters "
                       f"({', '.join(codec.model_params)}) x {groups} group{'s' * (groups > 1)}"
-                      + (" (embeddings, each block, head)" if groups > 1 else "")
+                      + (f" ({', '.join(codec.group_labels)})" if space.granularity == "vocab_body"
+                         else " (embeddings, each block, head)" if groups > 1 else "")
                       + (f" + {len(codec.global_params)} global ({', '.join(codec.global_params)})"
                          if codec.global_params else ""))
         space_line = f"PS: {space.method}, {space.granularity}"

@@ -44,6 +44,27 @@ def test_codec_per_layer_round_trip():
     np.testing.assert_allclose(codec.encode(recipe), g, atol=1e-9)
 
 
+def test_codec_vocab_body_sets_embed_and_head_apart_from_the_blocks():
+    codec = PSCodec(_space("vocab_body"), "base", ("a", "b"), num_layers=3)
+    assert codec.groups == 2 and codec.dim == 2 * 2 * 2
+    assert codec.names[:4] == ("a.density[vocab]", "a.density[body]", "a.weight[vocab]", "a.weight[body]")
+    recipe = codec.decode([0.0, 1.0, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5])
+    # per-group values (embed, block0..2, head): vocab on embed and head, body on every block
+    assert recipe.model_params("a").parameters["density"] == pytest.approx((0.1, 1.0, 1.0, 1.0, 0.1))
+    assert recipe.model_params("a").parameters["weight"] == pytest.approx((0.3, 0.6, 0.6, 0.6, 0.3))
+    g = np.random.default_rng(1).random(codec.dim)
+    np.testing.assert_allclose(codec.encode(codec.decode(g)), g, atol=1e-9)
+    # a start recipe: a scalar fills both; per-group values must have the vocab/body shape
+    start = Recipe(method="dare_ties", base_model="base", models=(
+        ModelParams(model="a", parameters={"density": 0.55, "weight": (0.3, 0.6, 0.6, 0.6, 0.3)}),
+        ModelParams(model="b", parameters={"density": 0.55, "weight": 0.75})))
+    np.testing.assert_allclose(codec.encode(start), [0.5, 0.5, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5], atol=1e-9)
+    uneven = start.model_copy(update={"models": (
+        ModelParams(model="a", parameters={"density": 0.5, "weight": (0.3, 0.6, 0.9, 0.6, 0.3)}), start.models[1])})
+    with pytest.raises(ValueError, match="one value for embed and head and one for every block"):
+        codec.encode(uneven)
+
+
 def test_codec_clips_and_rejects_bad_genomes():
     codec = PSCodec(_space(), "base", ("a",), num_layers=2)
     r = codec.decode([-0.5, 2.0])

@@ -5,6 +5,11 @@ model-major, then parameter (in the space's order), then group::
 
     expert_a.density, expert_a.weight, expert_b.density, expert_b.weight       (global)
     expert_a.density[embed], expert_a.density[block0], ..., expert_a.density[head], ...  (per_layer)
+    expert_a.density[vocab], expert_a.density[body], ...                                (vocab_body)
+
+``vocab_body`` gives each model one value for its vocabulary tensors (the embeddings group and
+the head group: final norm + lm_head) and one for its transformer blocks: the structure that
+matters when one source brings a language (new vocabulary rows) and another a skill (its body).
 """
 
 from __future__ import annotations
@@ -36,7 +41,22 @@ class PSCodec:
 
     @property
     def groups(self) -> int:
-        return self.num_layers + 2 if self.space.granularity == "per_layer" else 1
+        """Genome values per model and parameter."""
+        return {"per_layer": self.num_layers + 2, "vocab_body": 2}.get(self.space.granularity, 1)
+
+    @property
+    def group_labels(self) -> tuple[str, ...]:
+        """What each of a parameter's genome values sets (empty for ``global``)."""
+        if self.space.granularity == "per_layer":
+            return group_names(self.num_layers)
+        return ("vocab", "body") if self.space.granularity == "vocab_body" else ()
+
+    def _per_group(self, values: list[float]):
+        """A parameter's genome values as the recipe writes them: a scalar or per-group values."""
+        if self.space.granularity == "vocab_body":
+            vocab, body = values
+            return (vocab, *([body] * self.num_layers), vocab)
+        return tuple(values) if self.space.granularity == "per_layer" else values[0]
 
     @property
     def model_params(self) -> tuple[str, ...]:
@@ -60,8 +80,8 @@ class PSCodec:
         out = []
         for model in self.models:
             for param in self.model_params:
-                if self.space.granularity == "per_layer":
-                    out.extend(f"{model}.{param}[{g}]" for g in group_names(self.num_layers))
+                if self.group_labels:
+                    out.extend(f"{model}.{param}[{g}]" for g in self.group_labels)
                 else:
                     out.append(f"{model}.{param}")
         out.extend(f"global.{p}" for p in self.global_params)
@@ -84,7 +104,7 @@ class PSCodec:
                 chunk = g[i : i + self.groups]
                 i += self.groups
                 values = [round(float(b.low + (b.high - b.low) * x), 12) for x in chunk]
-                params[name] = tuple(values) if self.space.granularity == "per_layer" else values[0]
+                params[name] = self._per_group(values)
             models.append(ModelParams(model=model, parameters=params))
         return Recipe(
             method=self.space.method,
@@ -111,19 +131,32 @@ class PSCodec:
             for name in self.model_params:
                 b = self.space.parameters[name]
                 v = mp.parameters[name]
+                layers = self.num_layers + 2  # embed, blocks, head
                 if isinstance(v, (int, float)):
-                    values: tuple = (float(v),) * self.groups
+                    values: tuple = (float(v),) * layers
                 elif is_per_group(v):
                     values = v  # type: ignore[assignment]
                 elif isinstance(v, Gradient) and self.groups > 1:
-                    values = tuple(mp.value(name, g, self.num_layers) for g in range(self.groups))
+                    values = tuple(mp.value(name, g, self.num_layers) for g in range(layers))
                 else:
                     kind = "gradient" if isinstance(v, Gradient) else "filtered"
                     raise ValueError(f"{model}.{name}: a {kind} setting has no single value per "
                                      f"{'tensor group' if self.groups > 1 else 'model'}, so it cannot "
                                      f"start a {self.space.granularity} search")
-                if len(values) != self.groups:
-                    raise ValueError(f"{model}.{name}: {len(values)} values, expected {self.groups}")
+                if len(values) != layers:
+                    raise ValueError(f"{model}.{name}: {len(values)} values, expected {layers} (embed, "
+                                     f"{self.num_layers} blocks, head)")
+                if self.space.granularity == "vocab_body":
+                    vocab, body = {values[0], values[-1]}, set(values[1:-1])
+                    if len(vocab) > 1 or len(body) > 1:
+                        raise ValueError(f"{model}.{name}: a vocab_body search has one value for embed and "
+                                         f"head and one for every block; got {list(values)}")
+                    values = (values[0], values[1])
+                elif self.groups == 1:
+                    if len(set(values)) > 1:
+                        raise ValueError(f"{model}.{name}: a global search has one value per model; got "
+                                         f"{list(values)}")
+                    values = values[:1]
                 out.extend((x - b.low) / (b.high - b.low) for x in values)
         for name in self.global_params:
             b = self.space.parameters[name]

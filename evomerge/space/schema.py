@@ -8,7 +8,8 @@ model, the per-model parameters the optimizer controls (e.g. ``density`` and
 ``weight`` for DARE-TIES), each with bounds; a *global* numeric parameter of the method
 (e.g. SLERP's ``t``, ``lambda``) may be searched too, with one value for the whole merge; ``granularity: per_layer`` gives
 each parameter one value per tensor group (embeddings, each transformer block,
-final norm + lm_head) instead of one value for the whole model.
+final norm + lm_head) instead of one value for the whole model, and ``granularity: vocab_body``
+two: one for the vocabulary groups (embeddings; final norm + lm_head) and one for the blocks.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class ParameterSpace(_Frozen):
 
     kind: Literal["ps"] = "ps"
     method: str
-    granularity: Literal["global", "per_layer"] = "global"
+    granularity: Literal["global", "per_layer", "vocab_body"] = "global"
     parameters: dict[str, Bounds] = Field(min_length=1)
     fixed: dict[str, Union[bool, float]] = {}
 
