@@ -128,7 +128,7 @@ def task_yaml(name: str, data_file: Path) -> str:
         "dataset_kwargs": {"data_files": {"test": str(data_file)}},
         "test_split": "test",
         "output_type": "multiple_choice",
-        "doc_to_text": "{{question}}",
+        "doc_to_text": "question",  # a field name: no Jinja template compiled per document per call
         "doc_to_choice": "choices",
         "doc_to_target": "label",
         "target_delimiter": " ",
