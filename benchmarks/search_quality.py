@@ -52,6 +52,7 @@ METHODS = [  # (key, label, kind)
     ("ties_grid", "TIES grid, 18 points (best on search)", "grid"),
     ("random_ps", "random search, TIES space (4-d)", "search"),
     ("cma_ps", "CMA-ES PS, TIES space (4-d)", "search"),
+    ("cma_ta_vb", "CMA-ES PS, task arithmetic vocab/body (4-d, the quickstart's space)", "search"),
     ("random_ps_layer", "random search, per-group TIES space (24-d)", "search"),
     ("cma_ps_layer", "CMA-ES PS, per-group TIES space (24-d)", "search"),
     ("dfs", "CMA-ES DFS", "search"),
@@ -63,6 +64,7 @@ METHODS = [  # (key, label, kind)
 # CMA-ES result.
 PS_SPACE = str(ROOT / "search_spaces" / "ps_ties.yaml")
 PS_LAYER_SPACE = str(ROOT / "search_spaces" / "ps_ties_per_layer.yaml")
+TA_VB_SPACE = str(ROOT / "search_spaces" / "ps_ta_vocab_body.yaml")
 
 
 def recipe(method: str, wa: float, wb: float, density: float | None = None, normalize: bool = True) -> Recipe:
@@ -173,12 +175,14 @@ def main() -> None:
             ("random_ps", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-random-{seed}",
                                              search_space=PS_SPACE, optimizer={"name": "random", "islands": 1})),
             ("cma_ps", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cma-{seed}",
-                                          search_space=PS_SPACE, optimizer={"islands": 1, "popsize": None})),
+                                          search_space=PS_SPACE, optimizer={"islands": 1, "popsize": None, "x0": 0.5})),
+            ("cma_ta_vb", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cmatavb-{seed}",
+                                             search_space=TA_VB_SPACE, optimizer={"islands": 1, "popsize": None})),
             ("random_ps_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-random24-{seed}",
                                                    search_space=PS_LAYER_SPACE,
                                                    optimizer={"name": "random", "islands": 1})),
             ("cma_ps_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cma24-{seed}",
-                                                search_space=PS_LAYER_SPACE, optimizer={"islands": 1, "popsize": None})),
+                                                search_space=PS_LAYER_SPACE, optimizer={"islands": 1, "popsize": None, "x0": 0.5})),
             ("dfs", lambda: experiment("zoo_dfs.yaml", seed, args.trials, f"sq-dfs-{seed}",
                                        optimizer={"islands": 1})),
             ("ps_dfs", lambda: experiment(

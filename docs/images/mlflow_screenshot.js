@@ -2,11 +2,15 @@
 // Screenshots of a real evomerge run in the MLflow UI, taken with a real headless Chromium.
 // Setup (npm registry only): npm install @sparticuz/chromium@153 puppeteer-core@25
 // Usage: node mlflow_screenshot.js RUN_URL OUT_PREFIX
-//   RUN_URL: what `evomerge ui RUN_DIR` prints, e.g. http://127.0.0.1:5000/#/experiments/1/runs/<id>
-// Writes OUT_PREFIX-metrics.png (the run's metric charts, filtered to the fitness curves and
-// recipe coefficients) and OUT_PREFIX-fitness-plot.png (the fitness.svg artifact).
+//   RUN_URL: what `evomerge ui RUN_DIR` prints, e.g.
+//   http://127.0.0.1:5000/#/experiments/1/runs/<id>?workflowType=machine_learning
+// Writes OUT_PREFIX-run.png (the printed URL as a new user opens it, nothing clicked),
+// OUT_PREFIX-metrics.png (the run's metric charts, filtered to the fitness curves and recipe
+// coefficients) and OUT_PREFIX-fitness-plot.png (the fitness.svg artifact).
 (async () => {
   const [runUrl, prefix] = process.argv.slice(2);
+  const [page_, query] = runUrl.split("?");
+  const tab = name => `${page_.replace(/\/$/, "")}/${name}${query ? "?" + query : ""}`;
   const { default: chromium } = await import("@sparticuz/chromium");
   const { default: puppeteer } = await import("puppeteer-core");
   chromium.setGraphicsMode = false;
@@ -15,18 +19,12 @@
     defaultViewport: { width: 1440, height: 900, deviceScaleFactor: 1 },
   });
   const sleep = ms => new Promise(r => setTimeout(r, ms));
-  const clickText = async (page, text) => page.evaluate(t => {
-    const el = [...document.querySelectorAll("button, [role=button], a, label, span")]
-      .find(e => e.textContent.trim() === t);
-    if (el) { el.click(); return true; } return false;
-  }, text);
   try {
     const page = await browser.newPage();
     await page.goto(runUrl, { waitUntil: "networkidle0", timeout: 60000 });
-    await sleep(3000);
-    await clickText(page, "Model training");           // the classic (non-GenAI) workflow view
-    await sleep(1500);
-    await page.goto(`${runUrl}/model-metrics`, { waitUntil: "networkidle0", timeout: 60000 });
+    await sleep(4000);
+    await page.screenshot({ path: `${prefix}-run.png` });   // first open: no clicks
+    await page.goto(tab("model-metrics"), { waitUntil: "networkidle0", timeout: 60000 });
     await sleep(3000);
     await page.evaluate(() => {                          // close the assistant side panel if open
       const close = [...document.querySelectorAll("button")].find(b => /close/i.test(b.getAttribute("aria-label") || ""));
@@ -37,7 +35,7 @@
     if (search) { await search.click(); await search.type("fitness|param|score", { delay: 20 }); }
     await sleep(4000);
     await page.screenshot({ path: `${prefix}-metrics.png` });
-    const artifact = runUrl.replace(/\/$/, "") + "/artifacts/fitness.svg";
+    const artifact = tab("artifacts/fitness.svg");
     await page.goto(artifact, { waitUntil: "networkidle0", timeout: 60000 });
     await sleep(4000);
     await page.screenshot({ path: `${prefix}-fitness-plot.png` });
