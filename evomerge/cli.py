@@ -274,14 +274,12 @@ def _cmd_run(args) -> int:
         progress.message(f"{args.run_dir} holds a run already: resuming it")
         extend = exp.budget.max_trials if exp.budget.max_trials > held.budget.max_trials else None
         summary = Controller.for_resume(args.run_dir, max_trials=extend, progress=progress).resume()
-        _print_summary(summary, args.json)
-        return EXIT_OK
+        return _finish(summary, args.json)
     run_dir = args.run_dir or Path("runs") / new_run_id(exp.name)
     progress = _BarProgress(args.quiet)
     progress.message(f"run {run_dir.name}: {run_dir}")
     summary = Controller(exp, run_dir, progress=progress, source=args.experiment).run()
-    _print_summary(summary, args.json)
-    return EXIT_OK
+    return _finish(summary, args.json)
 
 
 def _dry_run(exp, args) -> int:
@@ -304,8 +302,7 @@ def _cmd_resume(args) -> int:
     progress = _BarProgress(args.quiet)
     controller = Controller.for_resume(args.run_dir, max_trials=args.max_trials, progress=progress)
     summary = controller.resume()
-    _print_summary(summary, args.json)
-    return EXIT_OK
+    return _finish(summary, args.json)
 
 
 def _cmd_submit(args) -> int:
@@ -400,6 +397,17 @@ def _print_rows(rows) -> None:
         print(f"{k:<{width}}  {v}")
 
 
+def _finish(summary, as_json: bool) -> int:
+    """Print a finished search's summary; a search whose every trial failed is a failed command."""
+    _print_summary(summary, as_json)
+    if not summary.all_failed:
+        return EXIT_OK
+    reasons = "; ".join(f"{reason} ({n}x)" for reason, n in summary.failure_reasons)
+    print(f"error: every trial failed ({summary.failed} of {summary.trials}), so there is no recipe to "
+          f"export; commonest reasons: {reasons}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _print_summary(s, as_json: bool = False) -> None:
     if as_json:
         import json
@@ -414,7 +422,10 @@ def _print_summary(s, as_json: bool = False) -> None:
         rows.append((f"source {name} (search)", f"{value:.4f}"))
     for name, value in sorted(s.test_scores.items(), key=lambda kv: (kv[0] != "best", kv[0])):
         rows.append((f"{name} (test)", f"{value:.4f}"))
-    rows.append(("best recipe", str(s.run_dir / "best_recipe.yaml")))
+    for reason, n in s.failure_reasons:
+        rows.append((f"failed x{n}", reason))
+    best_file = s.run_dir / "best_recipe.yaml"
+    rows.append(("best recipe", str(best_file) if best_file.exists() else "none (no trial completed)"))
     rows.append(("mlflow", f"{s.tracking_uri}  run {s.mlflow_run_id}" if s.mlflow_run_id else "off"))
     rows.append(("time", f"{s.seconds:.1f} s" + (" (this session, resumed)" if s.resumed else "")))
     if s.worker_busy_fraction is not None:

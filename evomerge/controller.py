@@ -21,7 +21,7 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
@@ -97,11 +97,24 @@ class RunSummary:
     steady_busy_fraction: Optional[float] = None  # busy share until the budget was all handed out
     pareto_trials: list[int] = field(default_factory=list)  # multi-objective runs: the Pareto front
     cached_trials: int = 0  # trials answered by the fitness cache (no worker)
+    failure_reasons: list[list] = field(default_factory=list)  # [[reason, count], ...], commonest first
+
+    @property
+    def all_failed(self) -> bool:
+        """Every trial of the run failed: there is no result to export."""
+        return self.trials > 0 and self.failed == self.trials
 
     def to_json(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["run_dir"] = str(self.run_dir)
         return d
+
+
+def failure_reason(error: Optional[str]) -> str:
+    """A failed trial's reason as one short line (the first line of its error), for counting."""
+    lines = (error or "").strip().splitlines()
+    text = lines[0] if lines else "failed without a reason"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def new_run_id(name: str) -> str:
@@ -667,6 +680,9 @@ class _RunState:
             baselines=dict(self.baselines), test_scores=test_scores,
             pareto_trials=self.front.trial_ids() if self.multi_objective else [],
             cached_trials=self.cached_trials,
+            failure_reasons=[[reason, n] for reason, n in Counter(
+                failure_reason(t.get("error")) for t in self.trial_records if t.get("state") != "complete"
+            ).most_common(3)],
         )
         if loop_s > 0 and handled:
             summary.search_seconds = loop_s

@@ -21,8 +21,8 @@ def _good() -> dict:
 
 def test_quickstart_loads_with_resolved_space():
     exp = load_experiment(ROOT / "experiments" / "quickstart.yaml")
-    assert exp.search_space.method == "ties" and exp.search_space.granularity == "global"
-    assert set(exp.search_space.parameters) == {"density", "weight"}
+    assert exp.search_space.method == "task_arithmetic" and exp.search_space.granularity == "vocab_body"
+    assert set(exp.search_space.parameters) == {"weight"}
     assert exp.merged_models == ("expert_a", "expert_b")
     assert exp.optimizer.resolved_popsize(4) == 8
 

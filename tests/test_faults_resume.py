@@ -220,3 +220,36 @@ def test_a_broken_tracking_store_does_not_stop_the_search(tmp_path, session_tiny
     info = json.loads((tmp_path / "notrack" / "run.json").read_text())
     assert info["status"] == "finished" and info["tracking_error"].startswith("start:")
     assert sum("tracking is off" in m for m in messages) == 1  # reported once, not per trial
+
+
+def test_a_run_whose_every_trial_failed_is_a_failed_command(tmp_path, session_tiny_zoo, capsys):
+    """Every trial failing exits 1 with the commonest reasons and points at no recipe file; a run
+    with some failures says how many failed and why, and exits 0."""
+    from evomerge.cli import _finish
+
+    exp = load_experiment(_experiment(tmp_path, "allfail", budget={"max_trials": 4},
+                                      dispatch={"backend": "local", "num_workers": 1}))
+    factory = functools.partial(FaultInjectingWorker, faults={i: "raise" for i in range(4)},
+                                marker_dir=str(tmp_path))
+    summary = Controller(exp, tmp_path / "allfail", worker_factory=factory).run()
+    assert summary.all_failed and summary.best_fitness is None
+    assert summary.failure_reasons and summary.failure_reasons[0][1] >= 1
+    assert all("injected failure" in reason for reason, _ in summary.failure_reasons)
+    capsys.readouterr()
+    assert _finish(summary, as_json=False) == 1
+    out, err = capsys.readouterr()
+    assert "best recipe               none (no trial completed)" in out
+    assert not (tmp_path / "allfail" / "best_recipe.yaml").exists()
+    assert "error: every trial failed (4 of 4)" in err and "injected failure in trial" in err
+    assert "take it home" not in out
+
+    some = Controller(load_experiment(_experiment(tmp_path, "somefail", budget={"max_trials": 4},
+                                                  dispatch={"backend": "local", "num_workers": 1})),
+                      tmp_path / "somefail",
+                      worker_factory=functools.partial(FaultInjectingWorker, faults={1: "nan", 2: "nan"},
+                                                       marker_dir=str(tmp_path))).run()
+    assert some.failed == 2 and not some.all_failed
+    assert _finish(some, as_json=False) == 0
+    out = capsys.readouterr().out
+    assert "failed x2" in out and "fitness is not finite" in out
+    assert str(tmp_path / "somefail" / "best_recipe.yaml") in out
