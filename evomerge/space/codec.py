@@ -28,6 +28,10 @@ def group_names(num_layers: int) -> tuple[str, ...]:
     return ("embed", *(f"block{i}" for i in range(num_layers)), "head")
 
 
+# What a start recipe's per-group values must look like, per granularity (per_layer takes any).
+_SHAPES = {"global": "one value per model", "vocab_body": "one value for embed and head and one for every block"}
+
+
 @dataclass(frozen=True)
 class PSCodec:
     """Maps genomes in [0, 1]^dim to PS recipes and back."""
@@ -40,9 +44,20 @@ class PSCodec:
     dtype: str = "float32"  # the dtype candidates are merged in (the run's dispatch.dtype)
 
     @property
+    def _slots(self) -> tuple[int, ...]:
+        """For each tensor group (embed, each block, head), the genome value per parameter that
+        sets it: the one mapping every granularity is read through."""
+        layers = self.num_layers + 2
+        if self.space.granularity == "per_layer":
+            return tuple(range(layers))
+        if self.space.granularity == "vocab_body":
+            return (0, *([1] * self.num_layers), 0)
+        return (0,) * layers
+
+    @property
     def groups(self) -> int:
         """Genome values per model and parameter."""
-        return {"per_layer": self.num_layers + 2, "vocab_body": 2}.get(self.space.granularity, 1)
+        return max(self._slots) + 1
 
     @property
     def group_labels(self) -> tuple[str, ...]:
@@ -52,11 +67,11 @@ class PSCodec:
         return ("vocab", "body") if self.space.granularity == "vocab_body" else ()
 
     def _per_group(self, values: list[float]):
-        """A parameter's genome values as the recipe writes them: a scalar or per-group values."""
-        if self.space.granularity == "vocab_body":
-            vocab, body = values
-            return (vocab, *([body] * self.num_layers), vocab)
-        return tuple(values) if self.space.granularity == "per_layer" else values[0]
+        """A parameter's genome values as the recipe writes them: a scalar (``global``) or one
+        value per tensor group."""
+        if self.groups == 1:
+            return values[0]
+        return tuple(values[slot] for slot in self._slots)
 
     @property
     def model_params(self) -> tuple[str, ...]:
@@ -146,17 +161,11 @@ class PSCodec:
                 if len(values) != layers:
                     raise ValueError(f"{model}.{name}: {len(values)} values, expected {layers} (embed, "
                                      f"{self.num_layers} blocks, head)")
-                if self.space.granularity == "vocab_body":
-                    vocab, body = {values[0], values[-1]}, set(values[1:-1])
-                    if len(vocab) > 1 or len(body) > 1:
-                        raise ValueError(f"{model}.{name}: a vocab_body search has one value for embed and "
-                                         f"head and one for every block; got {list(values)}")
-                    values = (values[0], values[1])
-                elif self.groups == 1:
-                    if len(set(values)) > 1:
-                        raise ValueError(f"{model}.{name}: a global search has one value per model; got "
-                                         f"{list(values)}")
-                    values = values[:1]
+                slotted = [{x for x, slot in zip(values, self._slots) if slot == i} for i in range(self.groups)]
+                if any(len(xs) > 1 for xs in slotted):
+                    raise ValueError(f"{model}.{name}: a {self.space.granularity} search has "
+                                     f"{_SHAPES[self.space.granularity]}; got {list(values)}")
+                values = tuple(xs.pop() for xs in slotted)
                 out.extend((x - b.low) / (b.high - b.low) for x in values)
         for name in self.global_params:
             b = self.space.parameters[name]
