@@ -17,8 +17,9 @@ from typing import Any, Mapping, Optional, Sequence
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-# MLflow 3's UI opens an experiment in its GenAI view (traces) unless the experiment says it is a
-# model-training one: then its Runs tab, where a search's runs are.
+# MLflow 3's UI labels an experiment with this tag as "Machine learning" and picks the model-training
+# view for it when the URL names no view; a URL that carries workflowType=genai (the home page's
+# links) still wins, so `evomerge ui` prints URLs with workflowType=machine_learning (tracking.run_url).
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
