@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evomerge.architecture import BY_NAME  # noqa: E402
 from evomerge.mergekit_config import mergekit_yaml  # noqa: E402
 from evomerge.merge.backend import ResidentSources  # noqa: E402
 from evomerge.recipe import ModelParams, Recipe  # noqa: E402
@@ -94,7 +95,7 @@ def cpu_table(repeats: int, skip_mergekit: bool) -> None:
         if not skip_mergekit and cli.exists():
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = Path(tmp) / "m.yml"
-                cfg.write_text(mergekit_yaml(r, {k: str(v) for k, v in dirs.items()}))
+                cfg.write_text(mergekit_yaml(r, {k: str(v) for k, v in dirs.items()}, BY_NAME["llama"]))
                 t = time.perf_counter()
                 subprocess.run([str(cli), str(cfg), str(Path(tmp) / "out"), "--random-seed", "1",
                                 "--no-copy-tokenizer", "--quiet"], check=True, capture_output=True)

@@ -211,11 +211,11 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     from evomerge.config import load_experiment
 
-    from evomerge.controller import suite_problems
+    from evomerge.controller import source_problems, suite_problems
 
     try:
         exp = load_experiment(args.experiment)
-        problems = suite_problems(exp)
+        problems = suite_problems(exp) + source_problems(exp)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

@@ -38,6 +38,7 @@ from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, load_recipe, recipe_from_dict
+from evomerge.architecture import for_config
 from evomerge.sources import model_config
 from evomerge.space import DFSCodec, PSCodec
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
@@ -202,6 +203,55 @@ def suite_problems(exp: Experiment, task_paths: Optional[tuple[str, ...]] = None
     return problems + check_suite(suite, task_paths)
 
 
+def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None, download: bool = False) -> list[str]:
+    """What keeps the experiment's sources from being merged as it asks (see
+    :func:`evomerge.architecture.source_problems`), from their config.json files.
+
+    ``model_dirs``: the resolved sources (by default: local dirs and the zoo if it is built).
+    Without ``download``, a Hub source not in the local cache and with no declared ``config``
+    is not checked here (the run checks it once it has its config).
+    """
+    from evomerge.architecture import source_problems as check
+
+    if model_dirs is None:
+        model_dirs = {}
+        zoo_models: dict[str, Any] = {}
+        if exp.zoo is not None:
+            from evomerge.zoo import ZooError, load_zoo, zoo_dir
+
+            try:
+                zoo_models = load_zoo(zoo_dir(exp.zoo.kind, exp.zoo.seed)).models
+            except ZooError:
+                pass  # not built yet: its models are one architecture by construction
+        for m in exp.models:
+            if not m.path.startswith(ZOO_PREFIX):
+                model_dirs[m.name] = m.path
+            elif m.path[len(ZOO_PREFIX):] in zoo_models:
+                model_dirs[m.name] = str(zoo_models[m.path[len(ZOO_PREFIX):]])
+    declared = {m.name: m.config for m in exp.models}
+    configs = {}
+    problems = []
+    for name, path in model_dirs.items():
+        try:
+            configs[name] = model_config(path, declared.get(name), download)
+        except ConfigError as exc:
+            if download:
+                problems.extend(exc.problems)
+        except (OSError, ValueError) as exc:
+            problems.append(f"models: {name}: cannot read its config.json ({type(exc).__name__}: {exc})")
+    space = exp.search_space
+    if space.kind == "ps":
+        return problems + check(configs, ps_models=tuple(m.name for m in exp.models), base_model=exp.base_model)
+    donors = tuple(space.models or [m.name for m in exp.models])
+    embed_from = space.embed_from or exp.base_model
+    if space.ps_donor is not None:  # merged from the sources in parameter space, lends layers too
+        donors = (*donors, exp.base_model)
+    elif embed_from not in donors:
+        donors = (embed_from, *donors)
+    return problems + check(configs, ps_models=tuple(m.name for m in exp.models) if space.ps_donor else (),
+                            base_model=exp.base_model, dfs_donors=donors, dfs_scaling=space.scaling)
+
+
 def ps_donor_recipe(path: str) -> Recipe:
     """The PS recipe of a PS+DFS donor: a recipe YAML, or a run dir's best_recipe.yaml."""
     p = Path(path)
@@ -237,11 +287,12 @@ def build_codec(exp: Experiment, spec: WorkerSpec, download: bool = True):
         per_donor.append(layers(exp.base_model))
         recipes[name] = Recipe.from_dict(recipe)
     return DFSCodec(space=space, donors=tuple(donors), layers_per_donor=tuple(per_donor),
-                    embed_from=space.embed_from or exp.base_model, donor_recipes=recipes)
+                    embed_from=space.embed_from or exp.base_model, donor_recipes=recipes, dtype=exp.dispatch.dtype)
 
 
 def num_layers_of(model_dir: str, declared: Optional[str] = None, download: bool = True) -> int:
-    return int(model_config(model_dir, declared, download)["num_hidden_layers"])
+    config = model_config(model_dir, declared, download)
+    return for_config(config, str(model_dir)).num_layers(config)
 
 
 def build_dispatcher(exp: Experiment, spec: WorkerSpec,
@@ -427,7 +478,7 @@ class Controller:
         ledger.repair()
 
         spec = resolve_worker_spec(exp, progress=self.progress.message)
-        problems = suite_problems(exp, spec.task_paths)
+        problems = suite_problems(exp, spec.task_paths) + source_problems(exp, spec.model_dirs, download=True)
         if problems:  # before any worker starts
             raise ConfigError(problems)
         codec = build_codec(exp, spec)

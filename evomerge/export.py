@@ -56,7 +56,7 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     ``recipe``: the evomerge recipe YAML. ``hf``: a Hugging Face model dir (safetensors,
     config, tokenizer) built from the run's sources. ``mergekit``: a mergekit YAML
     (data-flow recipes whose path starts and ends in the ``embed_from`` model, as a
-    passthrough merge with the scales folded into o_proj/down_proj).
+    passthrough merge with the scales folded into the family's residual writers).
     """
     if fmt not in FORMATS:
         raise EvomergeError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
@@ -81,7 +81,8 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
         (path / "evomerge_recipe.yaml").write_text(header + recipe.to_yaml())
         return path
     path = out_dir / "mergekit.yaml"
-    path.write_text(header + mergekit_yaml(recipe, _run_sources(Path(run_dir), resolve=False)[0]))
+    model_dirs, base_model = _run_sources(Path(run_dir), resolve=False)
+    path.write_text(header + mergekit_yaml(recipe, model_dirs, run_architecture(Path(run_dir))))
     return path
 
 
@@ -191,6 +192,20 @@ def _run_sources(run_dir: Path, resolve: bool = True) -> tuple[dict[str, str], s
     return {k: str(resolve_model_dir(v)) for k, v in spec.model_dirs.items()}, exp.base_model
 
 
+def run_architecture(run_dir: Path):
+    """The :class:`~evomerge.architecture.Architecture` of a run's base model (its config.json:
+    local, cached or declared; never downloaded)."""
+    from evomerge.architecture import for_config
+    from evomerge.controller import load_run_experiment, resolve_worker_spec
+    from evomerge.sources import model_config
+
+    exp = load_run_experiment(run_dir)
+    spec = resolve_worker_spec(exp)
+    declared = {m.name: m.config for m in exp.models}
+    config = model_config(spec.model_dirs[exp.base_model], declared.get(exp.base_model), download=False)
+    return for_config(config, f"models: {exp.base_model}")
+
+
 def model_card(run_dir: Path, recipe, record: dict) -> str:
     """README.md of an exported model: sources, method, recipe, fitness and test scores, MLflow link."""
     import json
@@ -265,7 +280,7 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
         return model
 
     if isinstance(recipe, DFSRecipe):
-        donors = load_donors({k: v for k, v in model_dirs.items()})
+        donors = load_donors({k: v for k, v in model_dirs.items()}, dtype=getattr(torch, recipe.dtype))
         for name, ps in recipe.donors.items():
             donors[name] = merged(ps)
         head = recipe.embed_from if recipe.embed_from in model_dirs else base_model

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from evomerge.architecture import Architecture
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.recipe import Conditional, Gradient, Recipe
 
@@ -26,19 +27,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[
 
 # -- recipe -> mergekit ----------------------------------------------------------------------
 
-def _mergekit_value(value: Any) -> Any:
+def _mergekit_value(value: Any, arch: Architecture) -> Any:
     """A recipe setting in mergekit's syntax: a gradient is mergekit's plain list; a per-group
-    tuple becomes filters (the first match wins), because mergekit reads a plain list as a
-    gradient interpolated over layers."""
+    tuple becomes filters on ``arch``'s tensor names (the first match wins), because mergekit
+    reads a plain list as a gradient interpolated over layers."""
     if isinstance(value, Gradient):
         return list(value.gradient)
     if isinstance(value, tuple) and value and isinstance(value[0], Conditional):
-        return [{**({"filter": c.filter} if c.filter is not None else {}), "value": _mergekit_value(c.value)}
+        return [{**({"filter": c.filter} if c.filter is not None else {}), "value": _mergekit_value(c.value, arch)}
                 for c in value]
     if isinstance(value, tuple):
         layers = len(value) - 2
-        return ([{"filter": "model.embed_tokens.", "value": value[0]}]
-                + [{"filter": f"model.layers.{i}.", "value": value[i + 1]} for i in range(layers)]
+        return ([{"filter": prefix, "value": value[0]} for prefix in arch.embed_prefixes]
+                + [{"filter": arch.layer_prefix(i), "value": value[i + 1]} for i in range(layers)]
                 + [{"value": value[-1]}])
     return value
 
@@ -48,7 +49,7 @@ def _mergekit_model(path: str) -> str:
     return path[3:] if path.startswith("hf:") else path
 
 
-def _mergekit_ps(recipe: Recipe, model_dirs: Mapping[str, str]) -> str:
+def _mergekit_ps(recipe: Recipe, model_dirs: Mapping[str, str], arch: Architecture) -> str:
     """A mergekit YAML of a PS recipe: the same method, parameters and dtype.
 
     Deterministic methods give the same tensors as evomerge (tests/test_mergekit_parity.py).
@@ -64,47 +65,55 @@ def _mergekit_ps(recipe: Recipe, model_dirs: Mapping[str, str]) -> str:
         "merge_method": recipe.method,
         "dtype": recipe.dtype,
         "models": [{"model": _mergekit_model(model_dirs[m.model]),
-                    "parameters": {k: _mergekit_value(v) for k, v in m.parameters.items()}} for m in recipe.models],
+                    "parameters": {k: _mergekit_value(v, arch) for k, v in m.parameters.items()}} for m in recipe.models],
     }
     if METHODS[recipe.method].needs_base:
         config["base_model"] = _mergekit_model(model_dirs[recipe.base_model])
     if recipe.parameters:
-        config["parameters"] = {k: _mergekit_value(v) for k, v in recipe.parameters.items()}
+        config["parameters"] = {k: _mergekit_value(v, arch) for k, v in recipe.parameters.items()}
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def mergekit_yaml(recipe, model_dirs: Mapping[str, str]) -> str:
-    """A mergekit YAML for a recipe: PS recipes as the same merge; data-flow recipes where
-    mergekit can express them.
+def mergekit_yaml(recipe, model_dirs: Mapping[str, str], arch: Architecture) -> str:
+    """A mergekit YAML for a recipe of ``arch`` models: PS recipes as the same merge; data-flow
+    recipes where mergekit can express them.
 
     mergekit's passthrough takes the embeddings from the first slice's model and the final
     norm / lm_head from the last slice's, and knows nothing of evomerge's PS donors, so the
-    path must start and end in ``embed_from`` and use source models only.
+    path must start and end in ``embed_from`` and use source models only. Its ``scale``
+    multiplies tensors, which folds a path's scales into a pre-norm family's residual
+    writers, but not into a sandwich norm's ``(1 + weight)``.
     """
     import yaml
 
     from evomerge.recipe import DFSRecipe
 
+    if arch.mergekit is None:
+        raise EvomergeError(f"mergekit has no architecture for {arch.name}; use --format hf")
     if not isinstance(recipe, DFSRecipe):
-        return _mergekit_ps(recipe, model_dirs)
+        return _mergekit_ps(recipe, model_dirs, arch)
     steps = recipe.layers
     if recipe.donors or any(s.model not in model_dirs for s in steps):
         raise EvomergeError("this path uses a PS-merged donor, which mergekit cannot express; use --format hf")
-    if not steps or steps[0].model != recipe.embed_from or steps[-1].model != recipe.embed_from:
-        raise EvomergeError(f"mergekit's passthrough takes embeddings from the first layer's model and the head "
-                            f"from the last layer's; this path starts in {steps[0].model if steps else 'nothing'} "
-                            f"and ends in {steps[-1].model if steps else 'nothing'}, not {recipe.embed_from}; "
-                            "use --format hf")
+    ends = (("starts", steps[0]), ("ends", steps[-1])) if steps else ()
+    wrong = [f"{where} in {step.model}" for where, step in ends if step.model != recipe.embed_from]
+    if not steps or wrong:
+        raise EvomergeError(f"mergekit's passthrough takes the embeddings from the first layer's model and the head "
+                            f"from the last layer's, so the path must start and end in embed_from "
+                            f"({recipe.embed_from}); this one {' and '.join(wrong) or 'is empty'}; use --format hf")
     slices, cumulative = [], 1.0
-    for step in steps:
+    for k, step in enumerate(steps):
         cumulative *= step.scale
         source = {"model": _mergekit_model(model_dirs[step.model]), "layer_range": [step.layer, step.layer + 1]}
         if cumulative != 1.0:
+            if arch.norms != "pre":
+                raise EvomergeError(f"layers.{k}: this path scales the stream, which mergekit's passthrough cannot "
+                                    f"fold into {arch.name}'s {arch.norms}-norm layers; use --format hf")
             inverse = 1.0 / cumulative
-            source["parameters"] = {"scale": [{"filter": "o_proj", "value": inverse},
-                                              {"filter": "down_proj", "value": inverse}, {"value": 1.0}]}
+            source["parameters"] = {"scale": [*({"filter": w.rstrip("."), "value": inverse}
+                                                for w in arch.residual_writers), {"value": 1.0}]}
         slices.append({"sources": [source]})
-    return yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32", "slices": slices}, sort_keys=False)
+    return yaml.safe_dump({"merge_method": "passthrough", "dtype": recipe.dtype, "slices": slices}, sort_keys=False)
 
 
 # -- mergekit -> recipe ----------------------------------------------------------------------

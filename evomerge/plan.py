@@ -30,6 +30,7 @@ from typing import Any, Optional
 
 from evomerge.config import Experiment, TaskSpec
 from evomerge.errors import ConfigError
+from evomerge.architecture import for_config, param_count
 from evomerge.sources import model_config
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -123,21 +124,6 @@ def _task_line(t: dict[str, Any]) -> str:
     items = f"{t['items']} items" if t.get("items") else "items unknown"
     kind = t.get("output_type") or "?"
     return f"{t['name']} ({t['metric']}, {kind}, {items})"
-
-
-def param_count(cfg: dict[str, Any]) -> int:
-    """Parameters of a Llama/Mistral-shaped decoder from its config.json (embeddings included)."""
-    h = int(cfg["hidden_size"])
-    layers = int(cfg["num_hidden_layers"])
-    inter = int(cfg["intermediate_size"])
-    heads = int(cfg["num_attention_heads"])
-    kv = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or h // heads)
-    vocab = int(cfg["vocab_size"])
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    per_layer = attn + 3 * h * inter + 2 * h
-    embed = vocab * h * (1 if cfg.get("tie_word_embeddings") else 2)
-    return embed + layers * per_layer + h
 
 
 def _task_info(task: TaskSpec, cfg: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -244,7 +230,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         expected = codec.path_genes / 2
         if space.max_path_length:
             expected = min(expected, space.max_path_length)
-        path_fraction = expected / int(base_cfg["num_hidden_layers"])
+        path_fraction = expected / for_config(base_cfg).num_layers(base_cfg)
     popsize = exp.optimizer.resolved_popsize(dim)
     islands = exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize)
     generations = math.ceil(exp.budget.max_trials / islands / popsize)
@@ -291,7 +277,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         extra_evaluations=extra, num_workers=exp.dispatch.num_workers, device=exp.dispatch.device,
         dtype=exp.dispatch.dtype,
         models=[{"name": m.name, "path": m.path, "params_b": param_count(configs[m.name]) / 1e9,
-                 "layers": int(configs[m.name]["num_hidden_layers"])} for m in exp.models],
+                 "layers": for_config(configs[m.name]).num_layers(configs[m.name])} for m in exp.models],
         worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail,
         search_tasks=search, test_tasks=test, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
     )

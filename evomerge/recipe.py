@@ -9,12 +9,12 @@ Per-group values
 A parameter value is either a scalar (the same for every tensor) or a tuple
 with one value per *group*. Groups are, in order::
 
-    0            embed    (model.embed_tokens)
-    1 .. L       block i  (model.layers.{i-1}.*)
-    L + 1        head     (model.norm, lm_head, anything else)
+    0            embed    (Llama: model.embed_tokens; GPT-2: transformer.wte and .wpe)
+    1 .. L       block i  (Llama: model.layers.{i-1}.*; GPT-2: transformer.h.{i-1}.*)
+    L + 1        head     (final norm, lm_head, anything else)
 
-so a per-group tuple has ``num_layers + 2`` entries. See
-``evomerge.merge.parameter_space.tensor_group``. Searches write scalars and per-group tuples.
+so a per-group tuple has ``num_layers + 2`` entries. Each family's names come from its
+description: see ``evomerge.architecture.Architecture.tensor_group``. Searches write scalars and per-group tuples.
 
 Hand-written recipes may also use mergekit's two other forms, with mergekit's meaning:
 
@@ -317,6 +317,14 @@ class DFSRecipe(_RecipeIO):
     embed_from: str
     layers: tuple[PathStep, ...]
     donors: dict[str, Recipe] = {}
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The dtype the path was searched in; export writes the model in it."""
+
+    def canonical_json(self) -> str:
+        data = self.model_dump(mode="json")
+        if data["dtype"] == "float32":
+            del data["dtype"]  # recipes written before the field hash as they did
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def to_dict(self) -> dict:
         data = self.model_dump(mode="json")

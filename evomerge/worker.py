@@ -113,16 +113,10 @@ class TrialWorker:
         self.evaluator = LmEvalEvaluator(self.model, tokenizer, spec.suite, spec.task_paths, device=spec.device)
 
     def _shell(self, base_dir: str, dtype):
-        """DFS: the model candidates are assembled into. Its layers, embeddings and head are always
-        the donors' (by reference), so it is built without layers and never loads weights."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        """DFS: the model candidates are assembled into (see :func:`evomerge.merge.dataflow.build_shell`)."""
+        from evomerge.merge.dataflow import build_shell
 
-        cfg = AutoConfig.from_pretrained(base_dir, trust_remote_code=self.spec.trust_remote_code)
-        cfg.num_hidden_layers = 0
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = []
-        shell = AutoModelForCausalLM.from_config(cfg, dtype=dtype, trust_remote_code=self.spec.trust_remote_code)
-        return shell.to(self.spec.device).eval()
+        return build_shell(base_dir, dtype, self.spec.device, self.spec.trust_remote_code)
 
     def _build_dataflow(self, dtype):
         """DFS: the layer donors resident on the device (+ the PS-merged donor, merged once on the host).
@@ -162,7 +156,7 @@ class TrialWorker:
 
         with torch.no_grad():
             for key, tensor in self.sources.state_dict(name).items():
-                self.target[key].copy_(tensor)
+                self.target[self.sources.arch.module_name(key)].copy_(tensor)
 
     def run(self, request: EvalRequest) -> EvalResult:
         """Merge (or load) and score; any failure becomes a failed result with its reason."""

@@ -14,7 +14,9 @@ from evomerge.merge.backend import ResidentSources, tensor_seed
 from evomerge.merge.methods.dare_ties import dare_ties
 from evomerge.merge.methods.linear import linear
 from evomerge.merge.methods.ties import ties
-from evomerge.merge.parameter_space import tensor_group
+from evomerge.architecture import BY_NAME
+
+LLAMA = BY_NAME["llama"]
 from evomerge.recipe import ModelParams, Recipe
 
 NAMES = ("base", "a", "b")
@@ -87,7 +89,7 @@ def test_merge_into_matches_merged_state_dict_and_per_tensor_calls(sources, weig
     sources.merge_into(r, target)
     for key, value in merged.items():
         assert torch.equal(target[key], value), key
-        g = tensor_group(key, 2)
+        g = LLAMA.tensor_group(key, 2)
         base = weights["base"][key]
         expected = ties(
             base,
@@ -189,6 +191,9 @@ def test_target_must_hold_every_tensor(sources) -> None:
 
 def test_mismatched_shapes(tmp_path: Path, dirs) -> None:
     odd = save_tiny(tmp_path / "odd", seed=5, intermediate_size=48)
+    with pytest.raises(MergeError, match=r"models: odd has intermediate_size 48 but base has 64"):
+        ResidentSources.from_model_dirs({"base": dirs["base"], "odd": odd}, base_model="base")
+    (odd / "config.json").unlink()  # without configs, the tensors themselves are compared
     with pytest.raises(MergeError, match=r"mlp\.(down|gate|up)_proj\.weight.*'odd'"):
         ResidentSources.from_model_dirs({"base": dirs["base"], "odd": odd}, base_model="base")
 

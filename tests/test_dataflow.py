@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from evomerge.architecture import BY_NAME
 from evomerge.cli import main
 from evomerge.errors import MergeError
 from evomerge.ledger import Ledger
@@ -18,6 +19,8 @@ from evomerge.merge.dataflow import DataFlowModel, identity_recipe, load_donors
 from evomerge.recipe import DFSRecipe, PathStep, recipe_from_dict
 from evomerge.space import DataFlowSpace, DFSCodec
 from tiny import experiment_file
+
+LLAMA = BY_NAME["llama"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,7 +221,7 @@ def test_export_hf_and_mergekit_from_a_dfs_run(tmp_path, session_tiny_zoo, flow)
     path = DFSRecipe(embed_from="expert_b", layers=(
         PathStep(model="expert_b", layer=0), PathStep(model="expert_a", layer=1, scale=1.25),
         PathStep(model="expert_a", layer=1, scale=0.8), PathStep(model="expert_b", layer=1, scale=1.1)))
-    (tmp_path / "mk.yaml").write_text(mergekit_yaml(path, dirs))
+    (tmp_path / "mk.yaml").write_text(mergekit_yaml(path, dirs, LLAMA))
     cli = Path(sys.executable).parent / "mergekit-yaml"
     subprocess.run([str(cli), str(tmp_path / "mk.yaml"), str(tmp_path / "mk"), "--no-lazy-unpickle"],
                    check=True, capture_output=True)
@@ -231,7 +234,7 @@ def test_export_hf_and_mergekit_from_a_dfs_run(tmp_path, session_tiny_zoo, flow)
         assert torch.allclose(theirs[name].float(), tensor, atol=1e-6), name
     # not expressible: a path that does not start in embed_from
     with pytest.raises(Exception, match="first layer's model"):
-        mergekit_yaml(DFSRecipe(embed_from="expert_b", layers=(PathStep(model="expert_a", layer=0),)), dirs)
+        mergekit_yaml(DFSRecipe(embed_from="expert_b", layers=(PathStep(model="expert_a", layer=0),)), dirs, LLAMA)
 
 
 def test_the_ps_donor_may_be_a_run_directory(tmp_path):

@@ -16,7 +16,10 @@ from evomerge.merge.methods.linear import linear
 from evomerge.merge.methods.sparsify import bernoulli, keep_count, magnitude, magnitude_mask
 from evomerge.merge.methods.task_arithmetic import task_arithmetic
 from evomerge.merge.methods.ties import ties
-from evomerge.merge.parameter_space import merge_tensor, tensor_group
+from evomerge.architecture import BY_NAME
+from evomerge.merge.parameter_space import merge_tensor
+
+LLAMA = BY_NAME["llama"]
 
 
 def t(*values: float) -> torch.Tensor:
@@ -294,13 +297,13 @@ def test_merge_tensor_rejects_bad_parameters(params, global_params, message) -> 
 
 
 def test_tensor_group() -> None:
-    assert tensor_group("model.embed_tokens.weight", 4) == 0
-    assert tensor_group("model.layers.0.self_attn.q_proj.weight", 4) == 1
-    assert tensor_group("model.layers.3.mlp.up_proj.weight", 4) == 4
-    assert tensor_group("model.norm.weight", 4) == 5
-    assert tensor_group("lm_head.weight", 4) == 5
+    assert LLAMA.tensor_group("model.embed_tokens.weight", 4) == 0
+    assert LLAMA.tensor_group("model.layers.0.self_attn.q_proj.weight", 4) == 1
+    assert LLAMA.tensor_group("model.layers.3.mlp.up_proj.weight", 4) == 4
+    assert LLAMA.tensor_group("model.norm.weight", 4) == 5
+    assert LLAMA.tensor_group("lm_head.weight", 4) == 5
     with pytest.raises(MergeError):
-        tensor_group("model.layers.4.mlp.up_proj.weight", 4)
+        LLAMA.tensor_group("model.layers.4.mlp.up_proj.weight", 4)
 
 
 # -- CPU fast paths: the same bits as torch's reference ops ------------------------------------

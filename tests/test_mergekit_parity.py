@@ -33,7 +33,10 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from evomerge.merge.backend import ResidentSources  # noqa: E402
 from evomerge.mergekit_config import mergekit_yaml  # noqa: E402
 from evomerge.merge.methods.linear import linear  # noqa: E402
-from evomerge.merge.parameter_space import merge_tensor, tensor_group  # noqa: E402
+from evomerge.merge.parameter_space import merge_tensor  # noqa: E402
+from evomerge.architecture import BY_NAME  # noqa: E402
+
+LLAMA = BY_NAME["llama"]
 from evomerge.recipe import ModelParams, Recipe  # noqa: E402
 
 NUM_LAYERS = 2
@@ -242,7 +245,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run_mergekit(recipe: Recipe, dirs: dict[str, Path], out: Path) -> dict[str, torch.Tensor]:
     """mergekit-yaml on the YAML `evomerge export --format mergekit` writes for ``recipe``."""
-    (out.parent / f"{out.name}.yml").write_text(mergekit_yaml(recipe, {k: str(v) for k, v in dirs.items()}))
+    (out.parent / f"{out.name}.yml").write_text(mergekit_yaml(recipe, {k: str(v) for k, v in dirs.items()}, LLAMA))
     cli = Path(sys.executable).parent / "mergekit-yaml"
     subprocess.run(
         [str(cli), str(out.parent / f"{out.name}.yml"), str(out), "--random-seed", str(recipe.seed),
@@ -304,7 +307,7 @@ def test_backend_matches_mergekit_yaml(method: str, dtype: str, dirs, tmp_path: 
     for key in sorted(ours):
         tied = None
         if method == "ties":
-            g = tensor_group(key, NUM_LAYERS)
+            g = LLAMA.tensor_group(key, NUM_LAYERS)
             base = weights["base"][key].to(ours[key].dtype)
             deltas = [weights[m.model][key].to(base.dtype) - base for m in recipe.models]
             tied = threshold_ties(deltas, [m.value("density", g) for m in recipe.models])
@@ -325,7 +328,7 @@ def test_dare_replays_mergekit_yaml(method: str, dirs, tmp_path: Path) -> None:
     torch.manual_seed(recipe.seed)
     results = []
     for key in sorted(theirs):
-        g = tensor_group(key, NUM_LAYERS)
+        g = LLAMA.tensor_group(key, NUM_LAYERS)
         base = weights["base"][key]
         ours = merge_tensor(
             method,
@@ -479,7 +482,7 @@ def test_exported_gradients_and_filters_run_in_mergekit(deep_dirs, tmp_path: Pat
         parameters={"weight": 0.7, "density": 0.6, "lambda": Gradient(gradient=(0.8, 1.2))},
     )
     config = tmp_path / "exported.yml"
-    config.write_text(mergekit_yaml(recipe, {k: str(v) for k, v in deep_dirs.items()}))
+    config.write_text(mergekit_yaml(recipe, {k: str(v) for k, v in deep_dirs.items()}, LLAMA))
     theirs = mergekit_yaml_run(config, tmp_path / "out")
     ours = ResidentSources.from_model_dirs(deep_dirs, "base").merged_state_dict(recipe)
     check([compare(ours[k], theirs[k], None) for k in sorted(ours)], "exported gradients/filters")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -23,13 +22,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from evomerge.architecture import Architecture, for_sources, for_tensor_names
 from evomerge.errors import MergeError
 from evomerge.merge.methods import MergeMethod, get_method
-from evomerge.merge.parameter_space import merge_tensor, tensor_group
+from evomerge.merge.parameter_space import merge_tensor
 from evomerge.recipe import ModelParams, Recipe, is_per_group, resolve_setting
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_BLOCK = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -49,7 +48,12 @@ def open_tensor_handles(dirs: Mapping[str, Path], stack: ExitStack) -> dict[str,
     for model, directory in dirs.items():
         handles[model] = {}
         for file in _safetensors_files(Path(directory)):
-            handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            try:
+                handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+            except Exception as exc:  # safetensors' own error names neither the model nor the file
+                raise MergeError(f"source {model!r}: cannot read {file} ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); the file is corrupt "
+                                 "or truncated: download or copy it again") from None
             for key in handle.keys():
                 if key in handles[model]:
                     raise MergeError(f"{model}: tensor {key!r} appears in more than one file")
@@ -93,9 +97,10 @@ def plan_recipe(
     tensors: Iterable[str],
     num_layers: int,
     dtype: torch.dtype,
+    arch: Architecture,
 ) -> MergePlan:
     """Validate ``recipe`` for sources ``names`` (base ``base_model``) with floating-point
-    tensors ``tensors`` and resolve its settings (scalars, per-group values, gradients,
+    tensors ``tensors`` (named as ``arch`` names them) and resolve its settings (scalars, per-group values, gradients,
     filters, recipe-wide fallbacks, defaults) for every tensor. :class:`MergeError` lists
     every problem found."""
     method = get_method(recipe.method)
@@ -168,7 +173,7 @@ def plan_recipe(
 
     tensor_params: dict[str, tuple[tuple[dict[str, bool | float], ...], dict[str, bool | float]]] = {}
     for key in tensors:
-        group = tensor_group(key, num_layers)
+        group = arch.tensor_group(key, num_layers)
         global_values: dict[str, bool | float] = {}
         for name, spec in method.global_parameters.items():
             value = setting("parameters", {}, name, key, group)
@@ -211,6 +216,7 @@ class ResidentSources:
         deltas: dict[str, Tensor],
         num_layers: int,
         dtype: torch.dtype,
+        arch: Architecture,
     ) -> None:
         """Use :meth:`from_model_dirs` or :meth:`from_state_dicts`.
 
@@ -223,6 +229,7 @@ class ResidentSources:
         self.base_model = base_model
         self.num_layers = num_layers
         self.dtype = dtype
+        self.arch = arch
         self._base = base
         self._deltas = deltas
         self._rows = {m: i for i, m in enumerate(m for m in names if m != base_model)}
@@ -249,8 +256,10 @@ class ResidentSources:
                 model: {k: tuple(h.get_slice(k).get_shape()) for k, h in hs.items()}  # type: ignore[attr-defined]
                 for model, hs in handles.items()
             }
+            arch = for_sources(dirs[base_model], shapes[base_model]) if base_model in dirs else None
+            _check_configs(dirs, base_model)
             return cls._build(
-                shapes, lambda m, k: handles[m][k].get_tensor(k), base_model, device, dtype  # type: ignore[attr-defined]
+                shapes, lambda m, k: handles[m][k].get_tensor(k), base_model, device, dtype, arch  # type: ignore[attr-defined]
             )
 
     @classmethod
@@ -260,10 +269,12 @@ class ResidentSources:
         base_model: str,
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
+        arch: Architecture | None = None,
     ) -> ResidentSources:
-        """Sources from in-memory state dicts (copied to ``device``/``dtype``)."""
+        """Sources from in-memory state dicts (copied to ``device``/``dtype``), named as files name
+        them; ``arch`` by default from the tensor names."""
         shapes = {m: {k: tuple(t.shape) for k, t in sd.items()} for m, sd in state_dicts.items()}
-        return cls._build(shapes, lambda m, k: state_dicts[m][k], base_model, device, dtype)
+        return cls._build(shapes, lambda m, k: state_dicts[m][k], base_model, device, dtype, arch)
 
     @classmethod
     @torch.no_grad()
@@ -274,6 +285,7 @@ class ResidentSources:
         base_model: str,
         device: str,
         dtype: torch.dtype,
+        arch: Architecture | None,
     ) -> ResidentSources:
         names = tuple(shapes)
         if base_model not in shapes:
@@ -281,6 +293,8 @@ class ResidentSources:
         if not dtype.is_floating_point:
             raise MergeError(f"merge dtype must be floating point, got {dtype}")
         _check_same_tensors(shapes, base_model)
+        arch = arch or for_tensor_names(shapes[base_model])
+        arch.check_names(shapes[base_model], f"base model {base_model!r}")
         others = [m for m in names if m != base_model]
         base: dict[str, Tensor] = {}
         deltas: dict[str, Tensor] = {}
@@ -295,14 +309,14 @@ class ResidentSources:
                 torch.sub(get(model, key).to(device=device, dtype=dtype), b, out=stacked[row])
             base[key] = b
             deltas[key] = stacked
-        layers = [int(m.group(1)) for k in base if (m := _BLOCK.match(k))]
         return cls(
             names=names,
             base_model=base_model,
             base=base,
             deltas=deltas,
-            num_layers=max(layers) + 1 if layers else 0,
+            num_layers=arch.count_layers(base),
             dtype=dtype,
+            arch=arch,
         )
 
     # -- inspection ---------------------------------------------------------
@@ -329,15 +343,17 @@ class ResidentSources:
 
         ``target`` is typically ``model.state_dict()`` of a preallocated model (its
         tensors share storage with the parameters); every source tensor name must be in
-        it with the same shape (dtype and device may differ: values are copied over).
-        Target entries the sources lack (e.g. a tied ``lm_head.weight``) are left alone.
-        Everything is checked before anything is written.
+        it with the same shape (dtype and device may differ: values are copied over); names are
+        the files' (GPT-NeoX's ``embed_out``), mapped to the model's (``lm_head``) by the
+        architecture. Target entries the sources lack (e.g. a tied ``lm_head.weight``) are left
+        alone. Everything is checked before anything is written.
         """
         plan = self._plan(recipe)
+        target = {key: target.get(self.arch.module_name(key)) for key in self._base}
         for key, b in self._base.items():
             dest = target.get(key)
             if dest is None:
-                raise MergeError(f"target has no tensor {key!r}")
+                raise MergeError(f"target has no tensor {self.arch.module_name(key)!r}")
             if tuple(dest.shape) != tuple(b.shape):
                 raise MergeError(f"target tensor {key!r} has shape {tuple(dest.shape)}, sources {tuple(b.shape)}")
         pool = None
@@ -386,7 +402,7 @@ class ResidentSources:
     def _plan(self, recipe: Recipe) -> MergePlan:
         """Validate ``recipe`` against these sources; :class:`MergeError` lists every problem."""
         return plan_recipe(recipe, names=self.names, base_model=self.base_model, tensors=self._deltas,
-                           num_layers=self.num_layers, dtype=self.dtype)
+                           num_layers=self.num_layers, dtype=self.dtype, arch=self.arch)
 
 
 def _sparsifies(method: MergeMethod) -> bool:
@@ -418,6 +434,20 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
         _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge",
                                          initializer=torch.set_num_threads, initargs=(1,))
     return _POOLS[key]
+
+
+def _check_configs(dirs: Mapping[str, Path], base_model: str) -> None:
+    """:class:`MergeError` listing why sources with ``config.json`` files cannot be merged in
+    parameter space (another family, hidden size, layers, vocabulary, head layout): two
+    families can share tensor names and shapes, so equal tensors alone do not prove it."""
+    from evomerge.architecture import source_problems
+
+    configs = {m: json.loads((Path(d) / "config.json").read_text()) for m, d in dirs.items()
+               if (Path(d) / "config.json").is_file()}
+    if base_model in configs and len(configs) > 1:
+        problems = source_problems(configs, ps_models=tuple(configs), base_model=base_model)
+        if problems:
+            raise MergeError("the sources cannot be merged:\n" + "\n".join(problems))
 
 
 def _check_same_tensors(shapes: Mapping[str, Mapping[str, tuple[int, ...]]], base_model: str) -> None:

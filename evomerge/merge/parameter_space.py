@@ -1,13 +1,12 @@
 """Parameter-space (PS) merging: tensor groups and the per-tensor method dispatcher.
 
 A recipe's per-group values (see :mod:`evomerge.recipe`) are resolved per tensor with
-:func:`tensor_group`; :func:`merge_tensor` applies a registered method to one tensor,
+:meth:`evomerge.architecture.Architecture.tensor_group`; :func:`merge_tensor` applies a registered method to one tensor,
 filling in mergekit's defaults for parameters the recipe leaves out.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -15,27 +14,6 @@ from torch import Tensor
 
 from evomerge.errors import MergeError
 from evomerge.merge.methods import MergeMethod, ParamSpec, get_method
-
-EMBED_PREFIX = "model.embed_tokens."
-_BLOCK = re.compile(r"model\.layers\.(\d+)\.")
-
-
-def tensor_group(name: str, num_layers: int) -> int:
-    """Group index of tensor ``name``: 0 embed, ``i + 1`` for block i, ``num_layers + 1`` head.
-
-    Embed is ``model.embed_tokens.*``; block i is ``model.layers.{i}.*``; everything else
-    (``model.norm``, ``lm_head``, ...) is the head group.
-    """
-    if name.startswith(EMBED_PREFIX):
-        return 0
-    m = _BLOCK.match(name)
-    if m is None:
-        return num_layers + 1
-    i = int(m.group(1))
-    if i >= num_layers:
-        raise MergeError(f"tensor {name!r} is in block {i}, but the model has {num_layers} layers")
-    return i + 1
-
 
 def _check_value(spec: ParamSpec, value: object, where: str) -> bool | float:
     if spec.kind is bool:

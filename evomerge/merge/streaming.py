@@ -23,12 +23,12 @@ from typing import Mapping
 import torch
 from safetensors.torch import save_file
 
+from evomerge.architecture import for_sources
 from evomerge.errors import MergeError
 from evomerge.merge.backend import _DTYPES, _check_same_tensors, open_tensor_handles, plan_recipe, tensor_seed
 from evomerge.merge.parameter_space import merge_tensor
 from evomerge.recipe import Recipe
 
-_BLOCK_PREFIX = "model.layers."
 # files of the base model's dir that describe the model rather than hold weights
 _COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "vocab.json", "merges.txt")
@@ -72,14 +72,14 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
         shapes = {m: {k: tuple(h.get_slice(k).get_shape()) for k, h in hs.items()} for m, hs in handles.items()}
         _check_same_tensors(shapes, recipe.base_model)
         names = tuple(handles)
-        layers = {int(k[len(_BLOCK_PREFIX):].split(".")[0]) for k in shapes[recipe.base_model]
-                  if k.startswith(_BLOCK_PREFIX)}
-        num_layers = max(layers) + 1 if layers else 0
+        arch = for_sources(model_dirs[recipe.base_model], shapes[recipe.base_model])
+        arch.check_names(shapes[recipe.base_model], f"base model {recipe.base_model!r}")
+        num_layers = arch.count_layers(shapes[recipe.base_model])
         # validation, input order and per-tensor parameters exactly as the resident backend's
         floating = [k for k, h in handles[recipe.base_model].items()
                     if h.get_slice(k).get_dtype().startswith(("F", "BF"))]  # type: ignore[attr-defined]
         plan = plan_recipe(recipe, names=names, base_model=recipe.base_model, tensors=floating,
-                           num_layers=num_layers, dtype=dtype)
+                           num_layers=num_layers, dtype=dtype, arch=arch)
         inputs = [None if row is None else mp.model for mp, row in zip(plan.models, plan.delta_rows)]
 
         def read(model: str, key: str) -> torch.Tensor:

@@ -25,6 +25,7 @@ class DFSCodec:
     layers_per_donor: tuple[int, ...]
     embed_from: str
     donor_recipes: Optional[dict[str, Recipe]] = None
+    dtype: str = "float32"  # the dtype paths are searched in (the run's dispatch.dtype)
 
     @property
     def total_layers(self) -> int:
@@ -101,4 +102,5 @@ class DFSCodec:
                 scale = float(low + (high - low) * w[path[k - 1], j])
             donor, layer = self.layer(j)
             steps.append(PathStep(model=donor, layer=layer, scale=scale))
-        return DFSRecipe(embed_from=self.embed_from, layers=tuple(steps), donors=dict(self.donor_recipes or {}))
+        return DFSRecipe(embed_from=self.embed_from, layers=tuple(steps), donors=dict(self.donor_recipes or {}),
+                         dtype=self.dtype)
