@@ -50,6 +50,9 @@ class Architecture:
     head_in_files: Optional[str] = None
     """The head's tensor prefix in checkpoint files when it differs from its module path."""
     layer_count_key: str = "num_hidden_layers"
+    tied_by_default: bool = False
+    """``tie_word_embeddings`` when the config leaves it out (the family's config class default):
+    a tied model's files have no head tensor, it reads the embeddings'."""
     attention: str = "self_attn"
     """Attribute of a decoder layer holding its attention (whose ``layer_idx`` picks a KV-cache slot)."""
     residual_writers: tuple[str, ...] = ("self_attn.o_proj.", "mlp.down_proj.")
@@ -145,6 +148,7 @@ class Architecture:
             get["head_dim"] = int(hidden) // int(heads)
         if get["intermediate_size"] is None and hidden:
             get["intermediate_size"] = 4 * int(hidden)  # GPT-2's n_inner: None means 4 * n_embd
+        get["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", self.tied_by_default))
         return get
 
     # -- modules --------------------------------------------------------------------------
@@ -200,13 +204,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("mistral", ("mistral",), mergekit="mistral"),
     Architecture("qwen2", ("qwen2",), mergekit="qwen2"),
     Architecture("qwen3", ("qwen3",), mergekit="qwen3"),
-    Architecture("gemma", ("gemma",), norm_offset=1.0, mergekit="gemma"),
+    Architecture("gemma", ("gemma",), norm_offset=1.0, tied_by_default=True, mergekit="gemma"),
     Architecture("gemma2", ("gemma2",), norms="sandwich",
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0,
-                 mergekit="gemma2"),
+                 tied_by_default=True, mergekit="gemma2"),
     Architecture("gemma3_text", ("gemma3_text",), norms="sandwich",
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), norm_offset=1.0,
-                 mergekit="gemma3"),
+                 tied_by_default=True, mergekit="gemma3"),
     Architecture("phi3", ("phi3",), fused=("self_attn.qkv_proj", "mlp.gate_up_proj"), mergekit="phi3"),
     Architecture("olmo2", ("olmo2",), norms="post",
                  post_norms=("post_attention_layernorm", "post_feedforward_layernorm"), mergekit="olmo2"),
@@ -215,7 +219,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  residual_writers=("attention.dense.", "mlp.dense_4h_to_h."),
                  fused=("attention.query_key_value",), mergekit="gpt-neox"),
     Architecture("gpt2", ("gpt2",), embeddings=("transformer.wte", "transformer.wpe"), layers="transformer.h",
-                 final_norm="transformer.ln_f", layer_count_key="n_layer", attention="attn",
+                 final_norm="transformer.ln_f", layer_count_key="n_layer", tied_by_default=True, attention="attn",
                  residual_writers=("attn.c_proj.", "mlp.c_proj."), fused=("attn.c_attn",), mergekit="gpt2",
                  config_keys={"hidden_size": "n_embd", "intermediate_size": "n_inner",
                               "num_attention_heads": "n_head", "num_key_value_heads": "n_head"}),

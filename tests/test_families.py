@@ -57,6 +57,9 @@ SOURCES = ("base", "expert_a", "expert_b")
 
 def test_every_described_architecture_is_tested_here():
     assert {a for a, _, _ in FAMILIES.values()} == {a.name for a in ARCHITECTURES}
+    for arch, config_class, _ in FAMILIES.values():  # the description's defaults are the config class's
+        assert BY_NAME[arch].tied_by_default == config_class().tie_word_embeddings, arch
+        assert config_class().model_type in BY_NAME[arch].model_types
 
 
 @pytest.fixture(scope="module")
@@ -323,6 +326,8 @@ def test_sources_that_cannot_be_merged_are_refused_at_validate(family_dirs, sess
                         ["models: g is gemma but base is llama"]),
         "vocab+layers": ({"base": fam["llama"]["base"], "n": fam["gpt_neox"]["base"]}, "ps_ties.yaml",
                          ["models: n is gpt_neox but base is llama"]),
+        "tied+untied": ({"base": fam["llama"]["base"], "t": fam["llama_tied"]["expert_a"]}, "ps_ties.yaml",
+                        ["models: t has tie_word_embeddings True but base has False"]),
         "dfs scaling olmo2": (fam["olmo2"], DFS_SPACE, ["search_space.scaling: olmo2 layers have no norm"]),
         "llama+qwen2 donors": ({"base": fam["llama"]["base"], "q": fam["qwen2"]["expert_a"]}, DFS_SPACE,
                                ["models: q is qwen2 but base is llama"]),
