@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                   "evomerge resume runs/qs --max-trials 200", "RUN_DIR")
     rs.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     rs.add_argument("--max-trials", type=int, metavar="N", help="extend the budget (at least the run's max_trials)")
+    rs.add_argument("--repair", action="store_true", help="move damaged ledger lines aside, then resume")
+    rs.add_argument("--restart", action="store_true", help="the ledger is lost: search again from the start")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -176,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="recipe", choices=["recipe", "hf", "mergekit"],
                    help="evomerge YAML, a Hugging Face model dir, or a mergekit YAML")
     e.add_argument("--out", type=Path, metavar="DIR", help="directory to write to (required unless --pareto)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out whole")
     e.add_argument("--trial", type=int, metavar="N", help="export this trial instead of the best")
     e.add_argument("--pareto", action="store_true", help="list a multi-objective run's Pareto front")
     e.add_argument("--json", action="store_true", help="print JSON (the written path, or the front)")
@@ -185,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
                   "evomerge merge out/recipe.yaml --out out/model", "RECIPE")
     mg.add_argument("recipe", metavar="RECIPE", type=Path, help="an evomerge recipe or a mergekit config")
     mg.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model directory to write")
+    mg.add_argument("--force", action="store_true", help="replace a non-empty --out whole")
     mg.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="where model NAME is (a dir or hf:org/name); repeatable")
     src = mg.add_mutually_exclusive_group()
@@ -301,7 +305,7 @@ def _cmd_resume(args) -> int:
         raise ConfigError(["--max-trials: must be at least 1"])
     progress = _BarProgress(args.quiet)
     controller = Controller.for_resume(args.run_dir, max_trials=args.max_trials, progress=progress)
-    summary = controller.resume()
+    summary = controller.resume(repair=args.repair, restart=args.restart)
     return _finish(summary, args.json)
 
 
@@ -479,7 +483,10 @@ def _cmd_export(args) -> int:
 
     if args.register and args.format != "hf":
         raise ConfigError(["--register: registers a model directory; use it with --format hf"])
-    path = export(args.run_dir, args.out, fmt=args.format, trial=args.trial)
+    from evomerge.export import atomic_dir
+
+    with atomic_dir(args.out, args.force) as tmp:
+        path = args.out / export(args.run_dir, tmp, fmt=args.format, trial=args.trial).relative_to(tmp)
     out = {"path": str(path), "format": args.format}
     if args.register:
         from evomerge.export import register
@@ -520,7 +527,11 @@ def _cmd_merge(args) -> int:
         dirs[name] = path if path.startswith("hf:") else str(Path(path).expanduser().resolve())
     if args.shard_size < 1:
         raise ConfigError(["--shard-size: at least 1 (MB)"])
-    out = merge_recipe(args.recipe, args.out, dirs, stream=args.stream, shard_mb=args.shard_size)
+    from evomerge.export import atomic_dir
+
+    with atomic_dir(args.out, args.force) as tmp:
+        merge_recipe(args.recipe, tmp, dirs, stream=args.stream, shard_mb=args.shard_size)
+    out = args.out
     if args.json:
         print(json.dumps({"path": str(out)}))
     else:
@@ -565,8 +576,10 @@ def _cmd_ui(args) -> int:
     info_path = args.run_dir / "run.json"
     if not info_path.exists():
         raise EvomergeError(f"{args.run_dir} is not an evomerge run directory (no run.json)")
-    info = json.loads(info_path.read_text())
+    from evomerge.run_dir import read_info
     from evomerge.tracking import run_url
+
+    info = read_info(args.run_dir)
 
     uri = info.get("tracking_uri") or ""
 

@@ -24,7 +24,12 @@ ZOO_PREFIX = "zoo:"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+# sanity limits on sizes; `allow_huge: true` lifts them for the rare search that means it
+LIMITS = {"optimizer.popsize": 10_000, "optimizer.islands": 1_000, "dispatch.num_workers": 10_000,
+          "budget.max_trials": 1_000_000}
 
 
 class ZooConfig(_Frozen):
@@ -251,10 +256,19 @@ class Experiment(_Frozen):
     budget: BudgetConfig = BudgetConfig()
     dispatch: DispatchConfig = DispatchConfig()
     tracking: TrackingConfig = TrackingConfig()
+    allow_huge: bool = False
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Experiment":
         problems: list[str] = []
+        if not self.allow_huge:
+            values = {"optimizer.popsize": self.optimizer.popsize, "optimizer.islands": self.optimizer.islands,
+                      "dispatch.num_workers": self.dispatch.num_workers, "budget.max_trials": self.budget.max_trials}
+            for field, limit in LIMITS.items():
+                value = values[field]
+                if isinstance(value, int) and value > limit:
+                    problems.append(f"{field}: {value} is over the sanity limit {limit}; if you mean it, set "
+                                    "allow_huge: true")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -432,8 +446,10 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"experiment file not found: {path}"])
+    from evomerge.yaml_strict import load_file
+
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_file(path)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     return parse_experiment(data, path.resolve().parent)

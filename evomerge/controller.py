@@ -34,7 +34,8 @@ from evomerge.dispatch.base import Dispatcher
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness_cache import FitnessCache, recipe_key, source_key
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
-from evomerge.ledger import Ledger
+from evomerge.ledger import DAMAGED, Ledger
+from evomerge.run_dir import RUN_INFO, read_info, write_info, write_json_atomic
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, load_recipe, recipe_from_dict
@@ -47,7 +48,6 @@ from evomerge.tracking.null import NullTracker
 from evomerge.worker import EvalRequest, EvalResult, TrialWorker, WorkerSpec
 
 LEDGER = "ledger.jsonl"
-RUN_INFO = "run.json"
 SUMMARY = "summary.json"
 BEST_RECIPE = "best_recipe.yaml"
 PARETO = "pareto.json"
@@ -160,7 +160,7 @@ def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None
         device=exp.dispatch.device,
         dtype=exp.dispatch.dtype,
         threads=threads,
-        trust_remote_code=any(m.trust_remote_code for m in exp.models),
+        trusted=tuple(m.name for m in exp.models if m.trust_remote_code),
         **dfs,
     )
 
@@ -309,21 +309,6 @@ def build_dispatcher(exp: Experiment, spec: WorkerSpec,
                          worker_factory=worker_factory)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Temp file + fsync + rename (+ fsync of the directory): readers see the old or the new file, whole."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class RunLock:
     """An exclusive lock on a run directory, held while a controller works on it.
 
@@ -453,8 +438,37 @@ class Controller:
         return cls(exp, run_dir, progress=progress, worker_factory=worker_factory,
                    dispatcher_factory=dispatcher_factory)
 
-    def resume(self) -> RunSummary:
+    def resume(self, repair: bool = False, restart: bool = False) -> RunSummary:
+        """Continue the run. ``repair``: move damaged ledger lines aside first (see
+        :meth:`Ledger.salvage`). ``restart``: the ledger is gone; search again from the start
+        into a new MLflow run (refused while a ledger exists)."""
+        self._repair, self._restart = repair, restart
         return self._execute(resuming=True)
+
+    def _check_ledger(self, ledger: Ledger, info: dict) -> None:
+        """Before resuming: a lost ledger is refused (unless ``restart``), damaged lines are named
+        (or, with ``repair``, moved aside)."""
+        restart, repair = getattr(self, "_restart", False), getattr(self, "_repair", False)
+        if not ledger.path.exists():
+            if not restart:
+                raise ConfigError([f"{ledger.path} is missing, but {RUN_INFO} says a run started in {self.run_dir}: "
+                                   "resuming would evaluate every trial again and log them twice to its MLflow "
+                                   f"run. Put the ledger back, or `evomerge resume {self.run_dir} --restart` to "
+                                   "search again from the start (into a new MLflow run)"])
+            for key in ("mlflow_run_id", "mlflow_experiment_id"):
+                info.pop(key, None)
+            self.progress.message(f"{ledger.path.name} is missing: searching again from the start (--restart)")
+            return
+        if restart:
+            raise ConfigError([f"--restart: {self.run_dir} still has its ledger; `evomerge resume {self.run_dir}` "
+                               "continues it"])
+        if repair:
+            moved = ledger.salvage()
+            if moved:
+                self.progress.message(f"--repair: moved {len(moved)} damaged ledger line(s) (line "
+                                      f"{', '.join(map(str, moved[:10]))}) to {DAMAGED}")
+        for _ in ledger:  # a damaged line stops here, naming the file and line, before anything starts
+            pass
 
     # ------------------------------------------------------------------ the run
     def _execute(self, resuming: bool) -> RunSummary:
@@ -468,13 +482,14 @@ class Controller:
             lock.release()
 
     def _execute_locked(self, exp: Experiment, resuming: bool, t_start: float) -> RunSummary:
-        info_path = self.run_dir / RUN_INFO
-        info = json.loads(info_path.read_text()) if resuming else {}
+        info = read_info(self.run_dir) if resuming else {}
         if not resuming:
             (self.run_dir / EXPERIMENT_COPY).write_text(exp.to_yaml())
         elif exp.budget.max_trials != yaml.safe_load((self.run_dir / EXPERIMENT_COPY).read_text())["budget"]["max_trials"]:
             (self.run_dir / EXPERIMENT_COPY).write_text(exp.to_yaml())  # an extended budget is part of the run now
         ledger = Ledger(self.run_dir / LEDGER)
+        if resuming:
+            self._check_ledger(ledger, info)
         ledger.repair()
 
         spec = resolve_worker_spec(exp, progress=self.progress.message)
@@ -523,7 +538,9 @@ class Controller:
         info.setdefault("created_at", info["updated_at"])
         if resuming:
             info["resumed"] = int(info.get("resumed", 0)) + 1
-        write_json_atomic(info_path, info)
+        else:
+            ledger.path.touch()  # with run.json: from now on a missing ledger is a lost one (_check_ledger)
+        write_info(self.run_dir, info)
         state.tracker = tracker
         if not resuming:
             tracker.log_artifact(self.run_dir / EXPERIMENT_COPY)
@@ -574,7 +591,7 @@ class Controller:
             info["updated_at"] = _dt.datetime.now().isoformat()
             if tracker.error:
                 info["tracking_error"] = tracker.error
-            write_json_atomic(info_path, info)
+            write_info(self.run_dir, info)
             self.progress.close()
 
     def _params(self, codec, popsize: int, islands: int) -> dict[str, Any]:

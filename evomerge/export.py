@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.ledger import Ledger, best_trial
 from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
@@ -48,6 +51,34 @@ def pareto_members(run_dir: Path) -> tuple[list[str], list[dict]]:
                             "it has a best recipe, not a Pareto front")
     names = [t["name"] for t in exp["suite"]["tasks"]]
     return names, front_of(Ledger(run_dir / "ledger.jsonl").records("trial"))
+
+
+@contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """A fresh hidden directory beside ``out`` to write into; renamed to ``out`` when the block
+    ends without error (removed if it fails), so ``out`` is either whole or absent, never a
+    half-written model. A non-empty ``out`` is refused unless ``force``, and then replaced whole
+    (no stale shards or index files of an earlier model stay beside the new ones)."""
+    out = Path(out)
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError([f"--out: {out} is not empty; choose a new directory, or add --force to replace it whole"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[int] = None) -> Path:
@@ -159,7 +190,9 @@ def register(run_dir: Path, model_dir: Path, name: str) -> tuple[str, str]:
     """Register an exported model dir in the run's MLflow model registry (as a version of ``name``)."""
     import json
 
-    info = json.loads((Path(run_dir) / "run.json").read_text())
+    from evomerge.run_dir import read_info
+
+    info = read_info(Path(run_dir))
     if not info.get("mlflow_run_id") or not info.get("tracking_uri"):
         raise EvomergeError(f"run {Path(run_dir).name} has no MLflow run to register under; "
                             f"`evomerge sync {run_dir} --tracking-uri URI` uploads it first")
@@ -215,7 +248,9 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
     from evomerge.recipe import DFSRecipe
 
     exp = yaml.safe_load((run_dir / "experiment.yaml").read_text())
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    from evomerge.run_dir import read_info
+
+    info = read_info(run_dir) if (run_dir / "run.json").exists() else {}
     sources = {m["name"]: m["path"] for m in exp["models"]}
     tests = {r["model"]: r for r in Ledger(run_dir / "ledger.jsonl").records("test") if r["state"] == "complete"}
     baselines = {r["model"]: r for r in Ledger(run_dir / "ledger.jsonl").records("baseline")
@@ -275,7 +310,7 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
         sources = ResidentSources.from_model_dirs({k: Path(v) for k, v in model_dirs.items()}, base_model=ps.base_model,
                                                   dtype=dtype)
         model = AutoModelForCausalLM.from_pretrained(model_dirs[ps.base_model], dtype=dtype,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, trust_remote_code=False)
         sources.merge_into(ps, model.state_dict())
         return model
 
@@ -293,19 +328,24 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
     return Path(out_dir)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                    "vocab.txt", "spiece.model", "tokenizer.tiktoken")
 
 
 def copy_tokenizer(source_dir: str | Path, out_dir: Path) -> bool:
-    """Save ``source_dir``'s tokenizer into ``out_dir``; a model dir without one gets a warning
-    (the weights are still written, as ``mergekit-yaml --no-copy-tokenizer`` does)."""
+    """Copy ``source_dir``'s tokenizer files into ``out_dir`` byte for byte: the tokenizer is never
+    loaded, so no code a source ships (an ``auto_map`` in its tokenizer_config.json) runs or is
+    copied. A model dir without one gets a warning (the weights are still written, as
+    ``mergekit-yaml --no-copy-tokenizer`` does)."""
     import sys
 
-    if not any((Path(source_dir) / name).is_file() for name in _TOKENIZER_FILES):
+    found = [name for name in _TOKENIZER_FILES if (Path(source_dir) / name).is_file()]
+    if not any(name in found for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                                          "spiece.model", "tokenizer.tiktoken")):
         print(f"warning: {source_dir} has no tokenizer files; {out_dir} gets the weights and config only",
               file=sys.stderr)
         return False
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(str(source_dir)).save_pretrained(out_dir)
+    for name in found:
+        shutil.copyfile(Path(source_dir) / name, Path(out_dir) / name)
     return True

@@ -61,9 +61,9 @@ class FitnessCache:
         self._scores: dict[tuple[str, str], dict[str, Any]] = {}
         self.hits = 0
         if path is not None and path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in path.read_bytes().splitlines():
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(line.decode("utf-8"))
                     self._scores[(rec["key"], rec["split"])] = rec
                 except (ValueError, KeyError, TypeError):
                     continue  # a torn last line of a crashed writer

@@ -1,7 +1,11 @@
 """The trial ledger: an append-only JSONL file, the source of truth of a run.
 
 Each line is one record, written with a single ``write`` + ``fsync``; on read, a
-torn last line (the process died mid-write) is ignored. Kinds:
+torn last line (the process died mid-write: no newline yet, whatever its bytes) is ignored.
+Any other line that is not a JSON record stops every reader with :class:`LedgerError`,
+naming the file and line and the way out (``evomerge resume RUN --repair`` moves such lines
+to ``ledger.damaged.jsonl``). Lines are read as bytes and decoded one at a time, so a torn
+tail of binary garbage never breaks a reader. Kinds:
 
 - ``dispatch``: a candidate handed to a worker (trial id, island, generation, member, genome);
 - ``trial``: its result (state, fitness, scores, timings, error, worker, attempts);
@@ -17,6 +21,22 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+from evomerge.errors import EvomergeError
+
+DAMAGED = "ledger.damaged.jsonl"
+
+
+class LedgerError(EvomergeError):
+    """A ledger line that is neither a record nor the torn last line."""
+
+
+def _record(raw: bytes) -> dict[str, Any]:
+    """One complete ledger line as a record; ValueError saying why it is not one."""
+    data = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ValueError(f"a JSON {type(data).__name__} without a 'kind', not a record")
+    return data
 
 
 class Ledger:
@@ -43,11 +63,49 @@ class Ledger:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                if not line.endswith("\n"):
+        with open(self.path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):
                     break  # torn last line: never acknowledged, ignore
-                yield json.loads(line)
+                try:
+                    yield _record(line)
+                except ValueError as exc:
+                    reason = str(exc).splitlines()[0][:200]
+                    raise LedgerError(
+                        f"{self.path}, line {number}: not a ledger record ({type(exc).__name__}: {reason}). "
+                        f"`evomerge resume {self.path.parent} --repair` moves every damaged line to "
+                        f"{DAMAGED} and goes on (trials whose records are lost are evaluated again); or "
+                        "restore the file from a backup") from None
+
+    def salvage(self) -> list[int]:
+        """Move every complete line that is not a record to ``ledger.damaged.jsonl`` (appended,
+        each prefixed by its line number) and rewrite the ledger without them, atomically; the
+        numbers of the lines moved. Only the run's owner (holding its lock) may call this."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        keep, bad, moved = [], [], []
+        for number, line in enumerate(data.splitlines(keepends=True), start=1):
+            if not line.endswith(b"\n"):
+                continue  # the torn tail: dropped, as repair() would
+            try:
+                _record(line)
+                keep.append(line)
+            except ValueError:
+                bad.append(f"{number}\t".encode() + line)
+                moved.append(number)
+        if moved:
+            with open(self.path.parent / DAMAGED, "ab") as f:
+                f.writelines(bad)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            with open(tmp, "wb") as f:
+                f.writelines(keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        return moved
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [r for r in self if kind is None or r.get("kind") == kind]

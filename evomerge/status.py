@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.controller import LEDGER, RUN_INFO, RunLock
 from evomerge.errors import EvomergeError
 from evomerge.ledger import Ledger, best_trial
+from evomerge.run_dir import read_info
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -16,7 +16,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     info_path = run_dir / RUN_INFO
     if not info_path.exists():
         raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {RUN_INFO})")
-    info = json.loads(info_path.read_text())
+    info = read_info(run_dir)
     held = RunLock.is_held(run_dir)
     state = info.get("status", "unknown")
     if state == "running" and not held:

@@ -36,7 +36,7 @@ class WorkerSpec:
     device: str = "cpu"
     dtype: str = "float32"
     threads: Optional[int] = None
-    trust_remote_code: bool = False
+    trusted: tuple[str, ...] = ()  # sources whose own code may run (their `trust_remote_code: true`)
     mode: Literal["ps", "dfs"] = "ps"
     # DFS: sources that lend layers (default: all), and a PS-merged donor (name, recipe dict)
     dfs_donors: Optional[tuple[str, ...]] = None
@@ -102,21 +102,21 @@ class TrialWorker:
                 {k: Path(v) for k, v in spec.model_dirs.items()}, base_model=spec.base_model, device=spec.device,
                 dtype=dtype)
             self.model = AutoModelForCausalLM.from_pretrained(
-                base_dir, dtype=dtype, trust_remote_code=spec.trust_remote_code, use_safetensors=True
+                base_dir, dtype=dtype, trust_remote_code=spec.base_model in spec.trusted, use_safetensors=True
             ).to(spec.device)
             self.model.eval()
             self.target = self.model.state_dict()
         else:
             self.model = self._shell(base_dir, dtype)
             self.dataflow = self._build_dataflow(dtype)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=spec.base_model in spec.trusted)
         self.evaluator = LmEvalEvaluator(self.model, tokenizer, spec.suite, spec.task_paths, device=spec.device)
 
     def _shell(self, base_dir: str, dtype):
         """DFS: the model candidates are assembled into (see :func:`evomerge.merge.dataflow.build_shell`)."""
         from evomerge.merge.dataflow import build_shell
 
-        return build_shell(base_dir, dtype, self.spec.device, self.spec.trust_remote_code)
+        return build_shell(base_dir, dtype, self.spec.device, self.spec.base_model in self.spec.trusted)
 
     def _build_dataflow(self, dtype):
         """DFS: the layer donors resident on the device (+ the PS-merged donor, merged once on the host).
@@ -140,14 +140,14 @@ class TrialWorker:
                 {k: Path(v) for k, v in spec.model_dirs.items()}, base_model=spec.base_model, dtype=dtype)
             merged = AutoModelForCausalLM.from_pretrained(
                 spec.model_dirs[spec.base_model], dtype=dtype, use_safetensors=True,
-                trust_remote_code=spec.trust_remote_code)
+                trust_remote_code=spec.base_model in spec.trusted)
             sources.merge_into(Recipe.from_dict(recipe), merged.state_dict())
             del sources
             donors[name] = merged.to(spec.device).eval()
         donors.update(load_donors({k: v for k, v in spec.model_dirs.items() if k in onboard}, spec.device,
-                                  spec.trust_remote_code, dtype=dtype))
+                                  spec.trusted, dtype=dtype))
         parked = {k: v for k, v in spec.model_dirs.items() if k not in onboard}
-        donors.update(load_donors(parked, "cpu", spec.trust_remote_code, dtype=dtype))
+        donors.update(load_donors(parked, "cpu", spec.trusted, dtype=dtype))
         self._parked = set(parked)
         return DataFlowModel(donors, self.model)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evomerge.run_dir import read_info
 from evomerge.cli import main
 from evomerge.controller import num_layers_of
 from evomerge.ledger import Ledger, best_trial
@@ -90,7 +91,7 @@ def test_search_end_to_end(tmp_path, session_tiny_zoo, ray_session, capsys):
     # MLflow: one run with params, the config artifact and a fitness curve over trials
     import json
 
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_info(run_dir)
     assert info["status"] == "finished"
     mlrun = read_run(info["tracking_uri"], info["mlflow_run_id"])
     assert mlrun["status"] == "FINISHED"

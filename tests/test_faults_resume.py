@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.run_dir import read_info
 from evomerge.cli import main
 from evomerge.config import load_experiment
 from evomerge.controller import Controller, RunLock
@@ -160,7 +161,7 @@ def test_sigkill_the_controller_then_resume(tmp_path, session_tiny_zoo, ray_sess
         assert got[key]["fitness"] == pytest.approx(ref[key]["fitness"], abs=1e-9)
 
     # the same MLflow run, reopened, now holds every trial once
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_info(run_dir)
     assert info["status"] == "finished" and info["resumed"] == 1 and info["mlflow_run_id"]
     mlrun = read_run(info["tracking_uri"], info["mlflow_run_id"])
     assert mlrun["status"] == "FINISHED"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,24 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from evomerge.run_dir import read_info
 from evomerge.cli import main
 from evomerge.ledger import Ledger
-from tests.tiny import experiment_file
+from netutil import free_port, get_json
+from tiny import experiment_file
 
 SUITE = {"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search"}],
          "test_tasks": [{"name": "zoo_arith_l2_test"}], "batch_size": 64}
 SVG = "{http://www.w3.org/2000/svg}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
 
 
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
@@ -63,7 +53,7 @@ def tracked_run(tmp_path_factory, session_tiny_zoo):
 def test_plots_and_recipe_curves_are_logged(tracked_run):
     from evomerge.tracking.mlflow_tracker import read_run
 
-    info = json.loads((tracked_run / "run.json").read_text())
+    info = read_info(tracked_run)
     run = read_run(info["tracking_uri"], info["mlflow_run_id"])
     assert {"fitness.svg", "coefficients.svg", "ledger.jsonl", "best_recipe.yaml", "experiment.yaml",
             "experiment.source.yaml"} <= set(run["artifacts"])
@@ -116,7 +106,7 @@ def test_hf_export_has_a_model_card_and_registers_in_mlflow(tracked_run, tmp_pat
 
     from mlflow.tracking import MlflowClient
 
-    info = json.loads((tracked_run / "run.json").read_text())
+    info = read_info(tracked_run)
     versions = MlflowClient(info["tracking_uri"]).search_model_versions("name='zoo-merge'")
     assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == info["mlflow_run_id"]
     assert main(["export", str(tracked_run), "--format", "recipe", "--out", str(tmp_path / "r"),
@@ -124,7 +114,7 @@ def test_hf_export_has_a_model_card_and_registers_in_mlflow(tracked_run, tmp_pat
 
 
 def test_evomerge_ui_serves_the_run(tracked_run):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "ui", str(tracked_run), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
@@ -134,10 +124,10 @@ def test_evomerge_ui_serves_the_run(tracked_run):
         # the run's page in the model-training view (MLflow 3 opens in its GenAI view otherwise)
         assert url == (f"http://127.0.0.1:{port}/#/experiments/{info['mlflow_experiment_id']}"
                        f"/runs/{info['mlflow_run_id']}?workflowType=machine_learning")
-        experiment = _get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get?"
+        experiment = get_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get?"
                           f"experiment_id={info['mlflow_experiment_id']}")["experiment"]
         assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
-        run = _get(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={info['mlflow_run_id']}")["run"]
+        run = get_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={info['mlflow_run_id']}")["run"]
         assert run["info"]["status"] == "FINISHED"
         assert any(m["key"] == "best_fitness" for m in run["data"]["metrics"])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
@@ -148,11 +138,11 @@ def test_evomerge_ui_serves_the_run(tracked_run):
 
 
 def test_a_run_goes_on_while_mlflow_is_down_and_sync_uploads_it_later(tmp_path, session_tiny_zoo):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     exp = experiment_file(tmp_path, "outage", suite=SUITE, budget={"max_trials": 5},
                           tracking={"backend": "mlflow", "tracking_uri": dead})
     run_dir = tmp_path / "run"
-    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")},  # evomerge's own timeouts
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(exp), "--run-dir", str(run_dir),
                            "--quiet"], env=env, capture_output=True, text=True, timeout=600)
@@ -160,7 +150,7 @@ def test_a_run_goes_on_while_mlflow_is_down_and_sync_uploads_it_later(tmp_path, 
     assert len(Ledger(run_dir / "ledger.jsonl").records("trial")) == 5
     assert json.loads((run_dir / "run.json").read_text()).get("tracking_error")
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--default-artifact-root", str(tmp_path / "artifacts")],
@@ -173,13 +163,13 @@ def test_a_run_goes_on_while_mlflow_is_down_and_sync_uploads_it_later(tmp_path, 
         assert out.returncode == 0, out.stderr
         res = json.loads(out.stdout)
         assert res["trials_uploaded"] == 5 and res["status"] == "finished"
-        history = _get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={res['mlflow_run_id']}&metric_key=fitness")
+        history = get_json(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={res['mlflow_run_id']}&metric_key=fitness")
         trials = Ledger(run_dir / "ledger.jsonl").records("trial")
         assert [m["value"] for m in sorted(history["metrics"], key=lambda m: m["step"])] == pytest.approx(
             [t["fitness"] for t in trials])
-        run = _get(f"{base}/api/2.0/mlflow/runs/get?run_id={res['mlflow_run_id']}")["run"]
+        run = get_json(f"{base}/api/2.0/mlflow/runs/get?run_id={res['mlflow_run_id']}")["run"]
         assert run["info"]["status"] == "FINISHED"
-        arts = _get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={res['mlflow_run_id']}")
+        arts = get_json(f"{base}/api/2.0/mlflow/artifacts/list?run_id={res['mlflow_run_id']}")
         assert {"ledger.jsonl", "fitness.svg", "experiment.yaml"} <= {f["path"] for f in arts.get("files", [])}
         # a second sync uploads nothing twice
         again = subprocess.run([sys.executable, "-m", "evomerge.cli", "sync", str(run_dir), "--json"], env=env,
@@ -195,10 +185,10 @@ def test_a_run_goes_on_while_mlflow_is_down_and_sync_uploads_it_later(tmp_path, 
         assert direct.returncode == 0, direct.stderr
         summary = json.loads(direct.stdout)
         assert summary["tracking_uri"] == base
-        history = _get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={summary['mlflow_run_id']}"
+        history = get_json(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={summary['mlflow_run_id']}"
                        "&metric_key=best_fitness")
         assert len(history["metrics"]) == 3
-        run = _get(f"{base}/api/2.0/mlflow/runs/get?run_id={summary['mlflow_run_id']}")["run"]
+        run = get_json(f"{base}/api/2.0/mlflow/runs/get?run_id={summary['mlflow_run_id']}")["run"]
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert tags["evomerge.experiment"] == "live" and tags["evomerge.seed"] == "0"
     finally:

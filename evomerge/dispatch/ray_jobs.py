@@ -7,11 +7,17 @@ job's working dir, and the entrypoint runs ``python -m evomerge.cli run`` on
 the cluster (whose Python must have evomerge installed, e.g. the project's
 image). Inside the job the controller joins the cluster through
 ``RAY_ADDRESS`` and starts its workers there.
+
+Token authentication (on by default for a Ray 2.60 head that has a token): every request
+carries ``Authorization: Bearer <token>``, the token found where Ray keeps it (``auth_token``).
+Ray's own client adds it only when ``RAY_AUTH_MODE=token`` is set in this process; passing the
+header ourselves needs no extra environment and leaves Ray's process-wide mode alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import shutil
 import tempfile
@@ -19,11 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
 from evomerge.errors import EvomergeError
 
 STAGED_EXPERIMENT = "experiment.yaml"
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+PRINT_TOKEN = "`ray get-auth-token` on the head prints it"
 
 
 @dataclass(frozen=True)
@@ -34,12 +44,57 @@ class SubmittedJob:
 
 
 def _client(address: Optional[str]) -> JobSubmissionClient:
+    """A Jobs API client that sends the cluster's auth token, if there is one."""
+    token, _ = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address)
-    except Exception as exc:  # connection refused, bad URL, auth: one clear line
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError:
+        raise _auth_error(address) from None
+    except Exception as exc:  # connection refused, bad URL: one clear line
         where = address or "$RAY_ADDRESS"
         raise EvomergeError(f"cannot reach the Ray Jobs API at {where}: {exc} "
                             "(pass --address http://HEAD:8265, the dashboard address)") from None
+
+
+def auth_token() -> tuple[Optional[str], str]:
+    """The cluster's auth token where Ray keeps it, and where it came from (or where we looked).
+
+    Ray's order: ``$RAY_AUTH_TOKEN``; else the file ``$RAY_AUTH_TOKEN_PATH`` names, which must
+    then hold the token; else ``~/.ray/auth_token`` (where ``ray get-auth-token --generate`` and a
+    local ``ray.init()`` write it). No token is fine for a cluster without authentication.
+    """
+    value = os.environ.get(TOKEN_ENV, "").strip()
+    if value:
+        return value, f"${TOKEN_ENV}"
+    named = os.environ.get(TOKEN_PATH_ENV, "").strip()
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    value = _read_token(path)
+    if named and not value:
+        raise EvomergeError(f"${TOKEN_PATH_ENV} names {path}, which is missing or empty: put the cluster's "
+                            f"auth token there ({PRINT_TOKEN}), or unset {TOKEN_PATH_ENV}")
+    if value:
+        return value, str(path)
+    return None, f"${TOKEN_ENV}, ${TOKEN_PATH_ENV} or {path}"
+
+
+def _read_token(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:  # absent or unreadable: the same as no token
+        return ""
+
+
+def _auth_error(address: Optional[str]) -> EvomergeError:
+    """Ray's 401/403 as one line: where the token was looked for or came from, and the fix."""
+    where = address or "$RAY_ADDRESS"
+    token, source = auth_token()
+    if token:
+        return EvomergeError(f"the Ray cluster at {where} rejected the auth token from {source}: put this "
+                             f"cluster's token there instead ({PRINT_TOKEN}; it is the head's ~/.ray/auth_token)")
+    return EvomergeError(f"the Ray cluster at {where} requires an auth token and none was found in {source}: "
+                         f"copy the head's ~/.ray/auth_token to the same path here, or set {TOKEN_ENV} "
+                         f"({PRINT_TOKEN})")
 
 
 def submit(address: Optional[str], experiment_yaml: str, run_id: str, *, run_dir: Optional[str] = None,
@@ -65,6 +120,8 @@ def submit(address: Optional[str], experiment_yaml: str, run_id: str, *, run_dir
                 runtime_env={"working_dir": staging, "env_vars": {"TQDM_DISABLE": "1", **dict(env or {})}},
                 metadata={"evomerge.run_id": run_id, "evomerge.run_dir": run_dir},
             )
+        except AuthenticationError:
+            raise _auth_error(address) from None
         except Exception as exc:
             raise EvomergeError(f"the Ray Jobs API refused the job: {exc}") from None
     return SubmittedJob(job_id=job_id, run_dir=run_dir, address=address or "")
@@ -86,6 +143,8 @@ def job_info(address: Optional[str], job_id: str) -> dict:
     client = _client(address)
     try:
         info = client.get_job_info(job_id)
+    except AuthenticationError:
+        raise _auth_error(address) from None
     except Exception as exc:
         raise EvomergeError(f"no job {job_id!r} at {address or '$RAY_ADDRESS'}: {_last_line(exc)}") from None
     return {

@@ -186,16 +186,17 @@ def build_shell(model_dir: str, dtype: torch.dtype = torch.float32, device: str 
     return shell.to(device).eval()
 
 
-def load_donors(model_dirs: Mapping[str, str], device: str = "cpu", trust_remote_code: bool = False,
+def load_donors(model_dirs: Mapping[str, str], device: str = "cpu", trusted: tuple[str, ...] = (),
                 dtype: torch.dtype = torch.float32) -> dict:
-    """Each donor as a resident model (safetensors only), in eval mode."""
+    """Each donor as a resident model (safetensors only), in eval mode; only the donors named in
+    ``trusted`` may run code of their own (``trust_remote_code``)."""
     from transformers import AutoModelForCausalLM
 
     donors = {}
     for name, path in model_dirs.items():
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code).to(device)
+                                                         trust_remote_code=name in trusted).to(device)
         except Exception as exc:  # safetensors' own error names neither the donor nor the file
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise MergeError(f"donor {name!r}: cannot load {path} ({type(exc).__name__}: {first}); a corrupt or "

@@ -22,7 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+MAX_ABS_BOUND = 1e6
+"""Largest magnitude of a searched bound: merge coefficients are O(1); 1e308 overflows."""
 
 
 class Bounds(_Frozen):
@@ -33,6 +37,8 @@ class Bounds(_Frozen):
 
     @model_validator(mode="after")
     def _ordered(self) -> "Bounds":
+        if max(abs(self.low), abs(self.high)) > MAX_ABS_BOUND:
+            raise ValueError(f"bounds must lie within +-{MAX_ABS_BOUND:g}, got [{self.low}, {self.high}]")
         if not self.high > self.low:
             raise ValueError(f"high ({self.high}) must be greater than low ({self.low})")
         return self
@@ -56,7 +62,12 @@ class ParameterSpace(_Frozen):
             problems.append(f"method: unknown merge method {self.method!r}; known: {sorted(METHODS)}")
         else:
             spec = METHODS[self.method]
-            for name in self.parameters:
+            legal = {**spec.model_parameters, **spec.global_parameters}
+            for name, bounds in self.parameters.items():
+                legal_range = legal[name].bounds if name in legal else None
+                if legal_range is not None and not legal_range[0] <= bounds.low < bounds.high <= legal_range[1]:
+                    problems.append(f"parameters.{name}: [{bounds.low}, {bounds.high}] leaves {self.method}'s legal "
+                                    f"range {list(legal_range)}; every candidate outside it would fail")
                 if name in spec.global_parameters and spec.global_parameters[name].kind is bool:
                     problems.append(f"parameters.{name}: {name!r} is true/false; set it under fixed")
                 elif name not in spec.model_parameters and name not in spec.global_parameters:
@@ -66,7 +77,11 @@ class ParameterSpace(_Frozen):
                     )
                 if name in self.fixed:
                     problems.append(f"parameters.{name}: also under fixed; a parameter is searched or fixed")
-            for name in self.fixed:
+            for name, value in self.fixed.items():
+                legal_range = spec.global_parameters[name].bounds if name in spec.global_parameters else None
+                if (legal_range is not None and not isinstance(value, bool)
+                        and not legal_range[0] <= value <= legal_range[1]):
+                    problems.append(f"fixed.{name}: {value} is outside {self.method}'s legal range {list(legal_range)}")
                 if name not in spec.global_parameters:
                     problems.append(
                         f"fixed.{name}: method {self.method!r} has no global parameter "
@@ -78,7 +93,9 @@ class ParameterSpace(_Frozen):
 
     @staticmethod
     def load_data(path: Path) -> dict[str, Any]:
-        data = yaml.safe_load(Path(path).read_text())
+        from evomerge.yaml_strict import load_file
+
+        data = load_file(path)
         if not isinstance(data, dict):
             raise yaml.YAMLError("a search space must be a mapping")
         return data

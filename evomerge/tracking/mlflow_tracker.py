@@ -3,13 +3,21 @@
 One MLflow run per evomerge run. Per-trial values are *stepped metrics* on that
 run (step = order of completion; the trial id is the metric `trial_id`), drawn as curves; logged with
 ``MlflowClient.log_batch`` (one call per batch of finished trials).
+
+MLflow's HTTP client retries a failed request 7 times with exponential backoff and waits up
+to 120 s for an answer (``MLFLOW_HTTP_REQUEST_*``): about 4 minutes per call against a dead
+server. The calls made here use their own, shorter settings (``_HTTP_START``, ``_HTTP_LOG``)
+unless those variables are set in the environment; ``GuardedTracker`` makes every call
+after ``start`` off the controller's thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -24,6 +32,28 @@ EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_develop
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+
+# MLflow reads these on every request (mlflow.utils.rest_utils.http_request), not at import.
+# start() is on the search's critical path: one try, a short timeout, then the run goes on without
+# tracking. Later calls run on GuardedTracker's thread: a few quick retries ride out a blip.
+_HTTP_START = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+_HTTP_LOG = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+_HTTP_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _http(settings: Mapping[str, str]):
+    """MLflow's HTTP settings for the calls inside, where the environment does not set them already
+    (an explicit ``MLFLOW_HTTP_REQUEST_*`` wins). The environment is the process's: one call at a time."""
+    with _HTTP_LOCK:
+        added = [k for k in settings if k not in os.environ]
+        os.environ.update({k: settings[k] for k in added})
+        try:
+            yield
+        finally:
+            for k in added:
+                os.environ.pop(k, None)
 
 
 class MlflowTracker:
@@ -42,6 +72,10 @@ class MlflowTracker:
         return self._lazy_client
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        with _http(_HTTP_START):
+            return self._start(run_name, params, tags)
+
+    def _start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         if self.run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment_name)
             exp_id = exp.experiment_id if exp else self._client.create_experiment(
@@ -61,25 +95,43 @@ class MlflowTracker:
         return self.run_id
 
     def logged_trials(self) -> int:
-        return len(self._client.get_metric_history(self.run_id, "trial_id"))
+        with _http(_HTTP_LOG):
+            return len(self._client.get_metric_history(self.run_id, "trial_id"))
 
     def log_trials(self, trials: Sequence[tuple[int, Mapping[str, float]]]) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for step, metrics in trials for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):  # MLflow's per-request limit on metrics
-            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        batch: list[Metric] = []
+        with _http(_HTTP_LOG):
+            for step, metrics in trials:
+                items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+                # MLflow's per-request limit is 1000 metrics; a trial is never split across requests
+                if batch and len(batch) + len(items) > 1000:
+                    self._client.log_batch(self.run_id, metrics=batch)
+                    batch = []
+                batch.extend(items)
+            for i in range(0, len(batch), 1000):
+                self._client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def log_summary(self, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        with _http(_HTTP_LOG):
+            self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
 
     def log_artifact(self, path: Path) -> None:
-        self._client.log_artifact(self.run_id, str(path))
+        with _http(_HTTP_LOG):
+            self._client.log_artifact(self.run_id, str(path))
 
     def finish(self, status: str) -> None:
-        # MLflow prints "View run at ..." on stdout for server stores; stdout is for results (--json)
-        with contextlib.redirect_stdout(sys.stderr):
+        # MLflow would print "View run at ..." on stdout for server stores; stdout is for results
+        # (--json), and redirecting it would catch the controller's output too (this runs on
+        # GuardedTracker's thread), so the link goes to stderr from here
+        with _http({**_HTTP_LOG, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
             self._client.set_terminated(self.run_id, status=status)
+        if self.tracking_uri.startswith(("http://", "https://")) and self.experiment_id:
+            from evomerge.tracking import run_url
+
+            print(f"View run at: {run_url(self.tracking_uri, self.experiment_id, self.run_id)}",
+                  file=sys.stderr, flush=True)
 
     @property
     def run_url_hint(self) -> str:

@@ -10,7 +10,6 @@ It does not touch a run that is still in progress (that run logs itself).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,8 +20,9 @@ _STATUS = {"finished": "FINISHED", "killed": "KILLED", "failed": "FAILED", "inte
 
 def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any]:
     from evomerge import __version__
-    from evomerge.controller import (BEST_RECIPE, EXPERIMENT_COPY, LEDGER, PARETO, RUN_INFO, SUMMARY, RunLock,
-                                     load_run_experiment, trial_metric_rows, write_json_atomic, write_plots)
+    from evomerge.controller import (BEST_RECIPE, EXPERIMENT_COPY, LEDGER, PARETO, SUMMARY, RunLock,
+                                     load_run_experiment, trial_metric_rows, write_plots)
+    from evomerge.run_dir import read_info, write_info
     from evomerge.ledger import Ledger, best_trial
     from evomerge.tracking import build_tracker
 
@@ -30,7 +30,7 @@ def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any
     exp = load_run_experiment(run_dir)
     if RunLock.is_held(run_dir):
         raise EvomergeError(f"{run_dir} is running; it logs to MLflow itself (sync it after it stops)")
-    info = json.loads((run_dir / RUN_INFO).read_text())
+    info = read_info(run_dir)
     uri = tracking_uri or info.get("tracking_uri")
     if not uri:
         raise EvomergeError(f"{run_dir} has no tracking URI; pass --tracking-uri")
@@ -71,6 +71,6 @@ def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any
     info.update({"tracking_uri": uri, "mlflow_run_id": run_id,
                  "mlflow_experiment_id": getattr(tracker, "experiment_id", "") or info.get("mlflow_experiment_id", "")})
     info.pop("tracking_error", None)
-    write_json_atomic(run_dir / RUN_INFO, info)
+    write_info(run_dir, info)
     return {"run_dir": str(run_dir), "tracking_uri": uri, "mlflow_run_id": run_id,
             "trials_uploaded": len(rows), "trials": len(trials), "status": state}
