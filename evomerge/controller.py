@@ -591,7 +591,12 @@ class Controller:
             info["updated_at"] = _dt.datetime.now().isoformat()
             if tracker.error:
                 info["tracking_error"] = tracker.error
-            write_info(self.run_dir, info)
+            try:
+                write_info(self.run_dir, info)
+            except OSError as exc:  # never hide the error that stopped the run behind this one
+                self.progress.message(f"could not update {RUN_INFO} ({type(exc).__name__}: {exc})")
+                if status == "FINISHED":
+                    raise
             self.progress.close()
 
     def _params(self, codec, popsize: int, islands: int) -> dict[str, Any]:

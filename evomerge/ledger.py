@@ -55,10 +55,15 @@ class Ledger:
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:  # read-only or full disk: the run cannot record, so it stops here
+            raise LedgerError(f"cannot append to {self.path} ({type(exc).__name__}: {exc.strerror or exc}); the run "
+                              "stops (every record written so far is kept): make the run dir writable, then "
+                              f"`evomerge resume {self.path.parent}`") from None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():

@@ -236,11 +236,20 @@ def test_a_copied_run_dir_resumes_into_its_own_mlflow_store(session_tiny_zoo, tm
     assert _cli(capsys, "run", exp, "--run-dir", original, "--quiet")[0] == 0
     assert "{run_dir}" in json.loads((original / "run.json").read_text())["tracking_uri"]  # stored relative
     before = (original / "mlflow.db").read_bytes()
+    def artifacts(root: Path) -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in (root / "mlartifacts").rglob("*") if p.is_file()}
+
+    logged = artifacts(original)
     moved = tmp_path / "elsewhere" / "moved"
     shutil.copytree(original, moved)
-    code, text = _cli(capsys, "resume", moved, "--max-trials", "6", "--quiet")
-    assert code == 0, text
+    # in a new process, as a user would (MLflow caches artifact locations per run id in-process)
+    done = subprocess.run([str(Path(sys.executable).parent / "evomerge"), "resume", str(moved), "--max-trials", "6",
+                           "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     assert (original / "mlflow.db").read_bytes() == before  # the original store is untouched
+    assert artifacts(original) == logged  # and so are its artifact files: the plots of 6 trials went to the copy
+    changed = {k for k, v in artifacts(moved).items() if logged.get(k) != v}
+    assert any(k.name == "fitness.svg" for k in changed), changed
     info = read_info(moved)
     assert info["tracking_uri"] == f"sqlite:///{(moved / 'mlflow.db').resolve()}"
     steps = [s for s, _ in read_run(info["tracking_uri"], info["mlflow_run_id"])["history"]["fitness"]]
@@ -263,3 +272,26 @@ def test_merge_and_export_refuse_a_non_empty_out_and_replace_it_whole_with_force
     code, _ = _cli(capsys, "merge", bad, "--out", tmp_path / "never", "--run", finished_run)
     assert code != 0 and not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never.")]
+
+
+def test_a_ledger_that_cannot_be_written_stops_the_run_naming_it(session_tiny_zoo, tmp_path, capsys, monkeypatch):
+    """A read-only or full disk (simulated: tests run as root, whom permissions do not stop):
+    the error names the ledger, and run.json does not say "running" afterwards."""
+    import os as _os
+
+    from evomerge import ledger as ledger_module
+
+    real_fsync, calls = _os.fsync, []
+
+    def failing_fsync(fd):
+        if _os.readlink(f"/proc/self/fd/{fd}").endswith("ledger.jsonl"):
+            calls.append(fd)
+            if len(calls) > 3:
+                raise OSError(30, "Read-only file system")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(ledger_module.os, "fsync", failing_fsync)
+    exp = experiment_file(tmp_path, "readonly", budget={"max_trials": 4})
+    code, text = _cli(capsys, "run", exp, "--run-dir", tmp_path / "run", "--quiet")
+    assert code == 1 and "cannot append to" in text and "ledger.jsonl (OSError: Read-only file system)" in text, text
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"

@@ -92,7 +92,29 @@ class MlflowTracker:
         else:
             self._client.update_run(self.run_id, status="RUNNING")
             self.experiment_id = self._client.get_run(self.run_id).info.experiment_id
+            self._relocate_artifacts()
         return self.run_id
+
+    def _relocate_artifacts(self) -> None:
+        """A run dir that was copied or moved: its sqlite store still names the old dir's artifact
+        folder (MLflow keeps absolute artifact URIs), so plots logged now would land there. Point
+        the experiment and the run at this store's own ``mlartifacts`` (the copy holds the earlier
+        artifacts already). Only for a sqlite store, which is the run dir's own file."""
+        here = _artifact_location(self.tracking_uri)
+        if here is None:
+            return
+        old_root = self._client.get_experiment(self.experiment_id).artifact_location
+        if old_root == here:
+            return
+        old_uri = self._client.get_run(self.run_id).info.artifact_uri
+        import sqlite3
+
+        with sqlite3.connect(self.tracking_uri[len("sqlite:///"):]) as db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                       (here, int(self.experiment_id)))
+            if old_uri.startswith(old_root):
+                db.execute("UPDATE runs SET artifact_uri = ? WHERE run_uuid = ?",
+                           (here + old_uri[len(old_root):], self.run_id))
 
     def logged_trials(self) -> int:
         with _http(_HTTP_LOG):
