@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 from evomerge.config import parse_experiment  # noqa: E402
-from evomerge.controller import build_codec, resolve_worker_spec  # noqa: E402
+from evomerge.wiring import build_codec, resolve_worker_spec  # noqa: E402
 from evomerge.worker import EvalRequest, TrialWorker  # noqa: E402
 
 TASK = "zoo_arith_l2_search"

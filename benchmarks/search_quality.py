@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 from evomerge.config import parse_experiment  # noqa: E402
-from evomerge.controller import Controller, resolve_worker_spec  # noqa: E402
+from evomerge.controller import Controller  # noqa: E402
+from evomerge.wiring import resolve_worker_spec  # noqa: E402
 from evomerge.recipe import ModelParams, Recipe  # noqa: E402
 
 METHODS = [  # (key, label, kind)

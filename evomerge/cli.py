@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     from evomerge.config import load_experiment
 
-    from evomerge.controller import source_problems, suite_problems
+    from evomerge.wiring import source_problems, suite_problems
 
     try:
         exp = load_experiment(args.experiment)
@@ -258,7 +258,8 @@ def _experiment_with_overrides(args):
 
 
 def _cmd_run(args) -> int:
-    from evomerge.controller import LEDGER, Controller, new_run_id
+    from evomerge.controller import Controller
+    from evomerge.run_dir import LEDGER, new_run_id
 
     if not args.dry_run and (args.calibrate or args.trial_seconds is not None):
         raise ConfigError(["--calibrate and --trial-seconds go with --dry-run"])
@@ -268,7 +269,7 @@ def _cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(exp, args)
     if args.resume and (args.run_dir / LEDGER).exists():
-        from evomerge.controller import load_run_experiment
+        from evomerge.run_dir import load_run_experiment
 
         held = load_run_experiment(args.run_dir)
         if held.model_dump(exclude={"budget"}) != exp.model_dump(exclude={"budget"}):
@@ -315,7 +316,7 @@ def _cmd_submit(args) -> int:
     import yaml
 
     from evomerge.config import portable_experiment
-    from evomerge.controller import new_run_id
+    from evomerge.run_dir import new_run_id
     from evomerge.dispatch import ray_jobs
 
     exp = _experiment_with_overrides(args)
@@ -428,7 +429,9 @@ def _print_summary(s, as_json: bool = False) -> None:
         rows.append((f"{name} (test)", f"{value:.4f}"))
     for reason, n in s.failure_reasons:
         rows.append((f"failed x{n}", reason))
-    best_file = s.run_dir / "best_recipe.yaml"
+    from evomerge.run_dir import BEST_RECIPE
+
+    best_file = s.run_dir / BEST_RECIPE
     rows.append(("best recipe", str(best_file) if best_file.exists() else "none (no trial completed)"))
     rows.append(("mlflow", f"{s.tracking_uri}  run {s.mlflow_run_id}" if s.mlflow_run_id else "off"))
     rows.append(("time", f"{s.seconds:.1f} s" + (" (this session, resumed)" if s.resumed else "")))
@@ -511,7 +514,8 @@ def _cmd_merge(args) -> int:
 
     dirs: dict[str, str] = {}
     if args.run:
-        from evomerge.controller import load_run_experiment, resolve_worker_spec
+        from evomerge.run_dir import load_run_experiment
+        from evomerge.wiring import resolve_worker_spec
 
         dirs.update(resolve_worker_spec(load_run_experiment(args.run)).model_dirs)
     elif args.experiment:
@@ -573,9 +577,10 @@ def _cmd_ui(args) -> int:
     import time
     import urllib.request
 
-    info_path = args.run_dir / "run.json"
-    if not info_path.exists():
-        raise EvomergeError(f"{args.run_dir} is not an evomerge run directory (no run.json)")
+    from evomerge.run_dir import RUN_INFO
+
+    if not (args.run_dir / RUN_INFO).exists():
+        raise EvomergeError(f"{args.run_dir} is not an evomerge run directory (no {RUN_INFO})")
     from evomerge.run_dir import read_info
     from evomerge.tracking import run_url
 

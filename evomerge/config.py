@@ -306,7 +306,9 @@ class Experiment(_Frozen):
                     problems.append(f"search_space.ps_donor.name: {space.ps_donor.name!r} is already a source name")
                 recipe = Path(space.ps_donor.recipe)
                 if recipe.is_dir():
-                    recipe = recipe / "best_recipe.yaml"
+                    from evomerge.run_dir import BEST_RECIPE
+
+                    recipe = recipe / BEST_RECIPE
                 if not recipe.is_file():
                     problems.append(f"search_space.ps_donor.recipe: no recipe at {recipe}")
         if problems:
@@ -436,7 +438,9 @@ def portable_experiment(exp: Experiment) -> tuple[dict[str, Any], dict[str, Path
     donor = data["search_space"].get("ps_donor")
     if donor:
         recipe = Path(donor["recipe"])
-        files["files/ps_donor.yaml"] = recipe / "best_recipe.yaml" if recipe.is_dir() else recipe
+        from evomerge.run_dir import BEST_RECIPE
+
+        files["files/ps_donor.yaml"] = recipe / BEST_RECIPE if recipe.is_dir() else recipe
         donor["recipe"] = "files/ps_donor.yaml"
     return data, files
 

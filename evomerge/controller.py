@@ -14,11 +14,8 @@ with a penalty — in ``islands.penalized`` only.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
-import json
 import math
 import os
-import secrets
 import socket
 import time
 from collections import Counter, deque
@@ -29,30 +26,24 @@ from typing import Any, Callable, Optional, Protocol
 import yaml
 
 from evomerge import __version__
-from evomerge.config import ZOO_PREFIX, Experiment, parse_experiment
+from evomerge.config import Experiment
 from evomerge.dispatch.base import Dispatcher
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness_cache import FitnessCache, recipe_key, source_key
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import DAMAGED, Ledger
-from evomerge.run_dir import RUN_INFO, read_info, write_info, write_json_atomic
+from evomerge.run_dir import (BEST_RECIPE, EXPERIMENT_COPY, EXPERIMENT_SOURCE, LEDGER, PARETO, RUN_INFO, SUMMARY,
+                              RunLock, load_run_experiment, read_info, write_info, write_json_atomic)
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
-from evomerge.recipe import Recipe, load_recipe, recipe_from_dict
-from evomerge.architecture import for_config
-from evomerge.sources import model_config
-from evomerge.space import DFSCodec, PSCodec
+from evomerge.recipe import Recipe, recipe_from_dict
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
 from evomerge.tracking.base import Tracker
+from evomerge.tracking.metrics import trial_metric_rows, trial_metrics
 from evomerge.tracking.null import NullTracker
+from evomerge.plots import write_plots
+from evomerge.wiring import build_codec, build_dispatcher, resolve_worker_spec, source_problems, suite_problems
 from evomerge.worker import EvalRequest, EvalResult, TrialWorker, WorkerSpec
-
-LEDGER = "ledger.jsonl"
-SUMMARY = "summary.json"
-BEST_RECIPE = "best_recipe.yaml"
-PARETO = "pareto.json"
-EXPERIMENT_COPY = "experiment.yaml"
-EXPERIMENT_SOURCE = "experiment.source.yaml"  # the file as the user wrote it (paths unresolved)
 
 
 class Progress(Protocol):
@@ -116,249 +107,6 @@ def failure_reason(error: Optional[str]) -> str:
     lines = (error or "").strip().splitlines()
     text = lines[0] if lines else "failed without a reason"
     return text if len(text) <= 200 else text[:197] + "..."
-
-
-def new_run_id(name: str) -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{name}-{stamp}-{secrets.token_hex(2)}"
-
-
-def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None]] = None) -> WorkerSpec:
-    """Model dirs and task dirs on this machine (building the embedded zoo if the experiment uses it)."""
-    zoo = None
-    if exp.zoo is not None:
-        from evomerge.zoo import build_zoo
-
-        zoo = build_zoo(kind=exp.zoo.kind, seed=exp.zoo.seed, progress=progress)
-    model_dirs: dict[str, str] = {}
-    problems = []
-    for m in exp.models:
-        if m.path.startswith(ZOO_PREFIX):
-            key = m.path[len(ZOO_PREFIX) :]
-            if key not in zoo.models:
-                problems.append(f"models: {m.name}: the {exp.zoo.kind} zoo has no model {key!r}; it has {sorted(zoo.models)}")
-                continue
-            model_dirs[m.name] = str(zoo.models[key])
-        else:
-            model_dirs[m.name] = m.path
-    if problems:
-        raise ConfigError(problems)
-    task_paths = tuple(str(zoo.tasks_dir) if p == "zoo" else p for p in exp.suite.task_paths)
-    threads = exp.dispatch.threads_per_worker or max(1, (os.cpu_count() or 1) // exp.dispatch.num_workers)
-    space = exp.search_space
-    dfs = {}
-    if space.kind == "dfs":
-        donor = None
-        if space.ps_donor is not None:
-            donor = (space.ps_donor.name, ps_donor_recipe(space.ps_donor.recipe).to_dict())
-        dfs = {"mode": "dfs", "dfs_donors": space.models, "dfs_embed_from": space.embed_from, "ps_donor": donor}
-    return WorkerSpec(
-        model_dirs=model_dirs,
-        base_model=exp.base_model,
-        suite=exp.suite,
-        task_paths=task_paths,
-        device=exp.dispatch.device,
-        dtype=exp.dispatch.dtype,
-        threads=threads,
-        trusted=tuple(m.name for m in exp.models if m.trust_remote_code),
-        **dfs,
-    )
-
-
-def suite_problems(exp: Experiment, task_paths: Optional[tuple[str, ...]] = None) -> list[str]:
-    """What is wrong with the experiment's fitness suite (see ``lm_eval_runner.check_suite``).
-
-    ``task_paths``: the resolved task dirs; by default the zoo's (``zoo``) is used if it is
-    built, and if not, zoo tasks are checked by name only (the zoo's tasks are fixed).
-    """
-    from evomerge.evaluate.lm_eval_runner import check_suite
-
-    suite = exp.suite
-    problems: list[str] = []
-    if task_paths is None:
-        paths = []
-        for p in suite.task_paths:
-            if p != "zoo":
-                paths.append(p)
-                continue
-            from evomerge.zoo import zoo_dir
-            from evomerge.zoo.tasks import LANGUAGES, task_name
-
-            tasks_dir = zoo_dir(exp.zoo.kind, exp.zoo.seed) / "tasks"
-            if any(tasks_dir.glob("*.yaml")):
-                paths.append(str(tasks_dir))
-                continue
-            known = {task_name(lang, split) for lang in LANGUAGES for split in ("search", "test")}
-            for part in ("tasks", "test_tasks"):
-                for i, t in enumerate(getattr(suite, part)):
-                    if t.name.startswith("zoo_") and t.name not in known:
-                        problems.append(f"suite.{part}.{i}.name: the zoo has no task {t.name!r}; it has {sorted(known)}")
-                    elif t.name in known and t.metric != "acc":
-                        problems.append(f"suite.{part}.{i}.metric: {t.name} reports 'acc', not {t.metric!r}")
-            suite = suite.model_copy(update={f: tuple(t for t in getattr(suite, f) if not t.name.startswith("zoo_"))
-                                             for f in ("tasks", "test_tasks")})
-        task_paths = tuple(paths)
-        if not suite.tasks and not suite.test_tasks and not suite.model_args:
-            return problems
-    return problems + check_suite(suite, task_paths)
-
-
-def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None, download: bool = False) -> list[str]:
-    """What keeps the experiment's sources from being merged as it asks (see
-    :func:`evomerge.architecture.source_problems`), from their config.json files.
-
-    ``model_dirs``: the resolved sources (by default: local dirs and the zoo if it is built).
-    Without ``download``, a Hub source not in the local cache and with no declared ``config``
-    is not checked here (the run checks it once it has its config).
-    """
-    from evomerge.architecture import source_problems as check
-
-    if model_dirs is None:
-        model_dirs = {}
-        zoo_models: dict[str, Any] = {}
-        if exp.zoo is not None:
-            from evomerge.zoo import ZooError, load_zoo, zoo_dir
-
-            try:
-                zoo_models = load_zoo(zoo_dir(exp.zoo.kind, exp.zoo.seed)).models
-            except ZooError:
-                pass  # not built yet: its models are one architecture by construction
-        for m in exp.models:
-            if not m.path.startswith(ZOO_PREFIX):
-                model_dirs[m.name] = m.path
-            elif m.path[len(ZOO_PREFIX):] in zoo_models:
-                model_dirs[m.name] = str(zoo_models[m.path[len(ZOO_PREFIX):]])
-    declared = {m.name: m.config for m in exp.models}
-    configs = {}
-    problems = []
-    for name, path in model_dirs.items():
-        try:
-            configs[name] = model_config(path, declared.get(name), download)
-        except ConfigError as exc:
-            if download:
-                problems.extend(exc.problems)
-        except (OSError, ValueError) as exc:
-            problems.append(f"models: {name}: cannot read its config.json ({type(exc).__name__}: {exc})")
-    space = exp.search_space
-    if space.kind == "ps":
-        return problems + check(configs, ps_models=tuple(m.name for m in exp.models), base_model=exp.base_model)
-    donors = tuple(space.models or [m.name for m in exp.models])
-    embed_from = space.embed_from or exp.base_model
-    if space.ps_donor is not None:  # merged from the sources in parameter space, lends layers too
-        donors = (*donors, exp.base_model)
-    elif embed_from not in donors:
-        donors = (embed_from, *donors)
-    return problems + check(configs, ps_models=tuple(m.name for m in exp.models) if space.ps_donor else (),
-                            base_model=exp.base_model, dfs_donors=donors, dfs_scaling=space.scaling)
-
-
-def ps_donor_recipe(path: str) -> Recipe:
-    """The PS recipe of a PS+DFS donor: a recipe YAML, or a run dir's best_recipe.yaml."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / BEST_RECIPE
-    recipe = load_recipe(p)
-    if not isinstance(recipe, Recipe):
-        raise ConfigError([f"search_space.ps_donor.recipe: {p} is a {recipe.kind} recipe; a PS recipe is needed"])
-    return recipe
-
-
-def build_codec(exp: Experiment, spec: WorkerSpec, download: bool = True):
-    """The genome <-> recipe codec of the experiment's search space.
-
-    Layer counts come from each model's config.json (see :func:`evomerge.sources.model_config`;
-    ``download=False`` for planning, which then needs local, cached or declared configs).
-    """
-    declared = {m.name: m.config for m in exp.models}
-
-    def layers(name: str) -> int:
-        return num_layers_of(spec.model_dirs[name], declared.get(name), download)
-
-    space = exp.search_space
-    if space.kind == "ps":
-        return PSCodec(space=space, base_model=exp.base_model, models=exp.merged_models,
-                       num_layers=layers(exp.base_model), seed=exp.optimizer.seed, dtype=exp.dispatch.dtype)
-    donors = list(space.models or [m.name for m in exp.models])
-    per_donor = [layers(d) for d in donors]
-    recipes = {}
-    if spec.ps_donor is not None:
-        name, recipe = spec.ps_donor
-        donors.append(name)
-        per_donor.append(layers(exp.base_model))
-        recipes[name] = Recipe.from_dict(recipe)
-    return DFSCodec(space=space, donors=tuple(donors), layers_per_donor=tuple(per_donor),
-                    embed_from=space.embed_from or exp.base_model, donor_recipes=recipes, dtype=exp.dispatch.dtype)
-
-
-def num_layers_of(model_dir: str, declared: Optional[str] = None, download: bool = True) -> int:
-    config = model_config(model_dir, declared, download)
-    return for_config(config, str(model_dir)).num_layers(config)
-
-
-def build_dispatcher(exp: Experiment, spec: WorkerSpec,
-                     worker_factory: Callable[[WorkerSpec], Any] = TrialWorker) -> Dispatcher:
-    if exp.dispatch.backend == "local":
-        from evomerge.dispatch.local import LocalDispatcher
-
-        return LocalDispatcher(spec, worker_factory)
-    from evomerge.dispatch.ray_pool import RayDispatcher
-
-    gpus = 1.0 if exp.dispatch.device.startswith("cuda") else 0.0
-    return RayDispatcher(spec, exp.dispatch.num_workers, address=exp.dispatch.address, num_gpus_per_worker=gpus,
-                         max_retries=exp.dispatch.max_retries, trial_timeout=exp.dispatch.trial_timeout,
-                         worker_factory=worker_factory)
-
-
-class RunLock:
-    """An exclusive lock on a run directory, held while a controller works on it.
-
-    An flock dies with its process (even on SIGKILL), so a crashed run is never
-    left locked; two controllers can never write one ledger.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise EvomergeError(f"run {self.path.parent} is in use by {holder}; wait for it or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    @staticmethod
-    def is_held(run_dir: Path) -> bool:
-        path = Path(run_dir) / ".lock"
-        if not path.exists():
-            return False
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
-
-def load_run_experiment(run_dir: Path) -> Experiment:
-    """The resolved experiment a run was started with (its ``experiment.yaml``)."""
-    path = Path(run_dir) / EXPERIMENT_COPY
-    if not (Path(run_dir) / RUN_INFO).exists() or not path.exists():
-        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {RUN_INFO} / {EXPERIMENT_COPY})")
-    return parse_experiment(yaml.safe_load(path.read_text()), Path(run_dir))
 
 
 def _normalized(res: EvalResult) -> EvalResult:
@@ -885,7 +633,7 @@ class _RunState:
         if self.best is not previous_best:
             self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
         # tracking waits until the free workers have their next candidates (see _loop)
-        self._tracker_backlog.append((self.finished - 1, _trial_metrics(
+        self._tracker_backlog.append((self.finished - 1, trial_metrics(
             rec, self.best[1] if self.best else None, len(self.front.members) if self.multi_objective else None)))
         tell = self.scheduler.receive(cand, res.state, self._told_input(rec))
         if tell is not None:
@@ -939,74 +687,3 @@ class _RunState:
         return out
 
 
-def write_plots(run_dir: Path, run_id: str, trials: list[dict], baselines: dict[str, float],
-                best: Optional[tuple[int, dict]]) -> list[Path]:
-    """The run's plots (``plots/*.svg``): fitness over trials, and the best recipe's
-    coefficients (PS) or layer path (DFS). ``best``: (trial id, recipe dict)."""
-    from evomerge import plots
-
-    folder = run_dir / "plots"
-    folder.mkdir(exist_ok=True)
-    out = [folder / "fitness.svg"]
-    out[0].write_text(plots.fitness_svg(trials, baselines, title=f"{run_id}: fitness over trials"))
-    if best is not None:
-        trial_id, recipe = best
-        if recipe.get("kind", "ps") == "ps":
-            out.append(folder / "coefficients.svg")
-            out[-1].write_text(plots.coefficients_svg(recipe, title=f"best recipe (trial {trial_id}): coefficients"))
-        else:
-            out.append(folder / "layer_path.svg")
-            out[-1].write_text(plots.path_svg(recipe, title=f"best recipe (trial {trial_id}): layer path"))
-    return out
-
-
-def trial_metric_rows(trials: list[dict], multi_objective: bool, start: int = 0) -> list[tuple[int, dict[str, float]]]:
-    """(step, metrics) of each trial record from ``start`` on, with the best so far (and Pareto size)."""
-    rows = []
-    best: Optional[float] = None
-    front = ParetoFront()
-    for step, rec in enumerate(trials):
-        if rec["state"] == "complete":
-            best = rec["fitness"] if best is None else max(best, rec["fitness"])
-            if multi_objective:
-                front.add(rec["trial_id"], rec["objectives"])
-        if step >= start:
-            rows.append((step, _trial_metrics(rec, best, len(front.members) if multi_objective else None)))
-    return rows
-
-
-def _trial_metrics(rec: dict, best: Optional[float], pareto_size: Optional[int] = None) -> dict[str, float]:
-    metrics = {"trial_id": float(rec["trial_id"]), "island": float(rec["island"]),
-               "generation": float(rec["generation"]), "merge_seconds": rec["merge_seconds"],
-               "eval_seconds": rec["eval_seconds"], "failed": float(rec["state"] != "complete"),
-               "cached": float(bool(rec.get("cached_from")))}
-    if best is not None:
-        metrics["best_fitness"] = best
-    if pareto_size is not None:
-        metrics["pareto_size"] = float(pareto_size)
-    if rec["fitness"] is not None:
-        metrics["fitness"] = rec["fitness"]
-        metrics.update({f"score.{k}": v for k, v in rec["scores"].items()})
-    metrics.update(_recipe_metrics(rec.get("recipe") or {}))
-    return metrics
-
-
-MAX_PARAM_METRICS = 64  # more per-trial curves than this would slow the MLflow UI down for nothing
-
-
-def _recipe_metrics(recipe: dict) -> dict[str, float]:
-    """A trial's recipe as MLflow curves: PS coefficients (``param.<model>.<name>[.<group>]``,
-    up to MAX_PARAM_METRICS values; all are in the ledger), DFS path length and mean scale."""
-    if recipe.get("kind") == "dfs":
-        scales = [s["scale"] for s in recipe.get("layers", [])]
-        return {"path_length": float(len(scales)), "path_mean_scale": sum(scales) / len(scales) if scales else 0.0}
-    out: dict[str, float] = {}
-    for m in recipe.get("models", []):
-        for name, v in m.get("parameters", {}).items():
-            if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v):
-                groups = ["embed", *(f"block{i}" for i in range(len(v) - 2)), "head"]
-                out.update({f"param.{m['model']}.{name}.{g}": float(x) for g, x in zip(groups, v)})
-            elif isinstance(v, (int, float)):
-                out[f"param.{m['model']}.{name}"] = float(v)
-            # gradients and filters (hand-written start recipes) have no single curve value
-    return out if len(out) <= MAX_PARAM_METRICS else {}

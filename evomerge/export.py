@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.ledger import Ledger, best_trial
+from evomerge.run_dir import EXPERIMENT_COPY, LEDGER, RUN_INFO
 from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
 
@@ -20,9 +21,9 @@ FORMATS = ("recipe", "hf", "mergekit")
 def find_recipe(run_dir: Path, trial: Optional[int] = None) -> tuple[AnyRecipe, dict]:
     """The best complete trial's recipe (or trial ``trial``'s) and its ledger record."""
     run_dir = Path(run_dir)
-    ledger_path = run_dir / "ledger.jsonl"
+    ledger_path = run_dir / LEDGER
     if not ledger_path.exists():
-        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no ledger.jsonl)")
+        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {LEDGER})")
     trials = Ledger(ledger_path).records("trial")
     if trial is not None:
         match = [r for r in trials if r["trial_id"] == trial]
@@ -43,14 +44,14 @@ def pareto_members(run_dir: Path) -> tuple[list[str], list[dict]]:
     from evomerge.pareto import front_of
 
     run_dir = Path(run_dir)
-    if not (run_dir / "ledger.jsonl").exists():
-        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no ledger.jsonl)")
-    exp = yaml.safe_load((run_dir / "experiment.yaml").read_text())
+    if not (run_dir / LEDGER).exists():
+        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {LEDGER})")
+    exp = yaml.safe_load((run_dir / EXPERIMENT_COPY).read_text())
     if exp.get("optimizer", {}).get("objectives") != "per_task":
         raise EvomergeError(f"run {run_dir.name} is single-objective (optimizer.objectives: weighted); "
                             "it has a best recipe, not a Pareto front")
     names = [t["name"] for t in exp["suite"]["tasks"]]
-    return names, front_of(Ledger(run_dir / "ledger.jsonl").records("trial"))
+    return names, front_of(Ledger(run_dir / LEDGER).records("trial"))
 
 
 @contextmanager
@@ -101,9 +102,9 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     if fmt == "recipe":
         path = out_dir / "recipe.yaml"
         path.write_text(header + recipe.to_yaml())
-        experiment = Path(run_dir) / "experiment.yaml"
+        experiment = Path(run_dir) / EXPERIMENT_COPY
         if experiment.exists():
-            shutil.copy(experiment, out_dir / "experiment.yaml")
+            shutil.copy(experiment, out_dir / EXPERIMENT_COPY)
         return path
     if fmt == "hf":
         model_dirs, base_model = _run_sources(Path(run_dir))
@@ -150,7 +151,7 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
         needed = {m.model for m in recipe.models} | {recipe.base_model}
         head = recipe.base_model
     missing = sorted(needed - set(model_dirs))
-    beside = path.parent / "experiment.yaml"
+    beside = path.parent / EXPERIMENT_COPY
     if missing and beside.is_file() and beside.resolve() != path.resolve():
         # `export --format recipe` writes the run's experiment next to the recipe: its sources
         found = experiment_sources(beside)
@@ -205,7 +206,7 @@ def experiment_sources(path: Path) -> dict[str, str]:
     """The source model dirs (or ``hf:`` ids) an experiment file names, on this machine (building
     the embedded zoo if it uses one)."""
     from evomerge.config import load_experiment
-    from evomerge.controller import resolve_worker_spec
+    from evomerge.wiring import resolve_worker_spec
 
     return dict(resolve_worker_spec(load_experiment(path)).model_dirs)
 
@@ -215,7 +216,8 @@ def _run_sources(run_dir: Path, resolve: bool = True) -> tuple[dict[str, str], s
 
     ``resolve=False`` keeps Hub models as ids (``org/name@rev``), for files read elsewhere.
     """
-    from evomerge.controller import load_run_experiment, resolve_worker_spec
+    from evomerge.run_dir import load_run_experiment
+    from evomerge.wiring import resolve_worker_spec
     from evomerge.sources import is_hub, resolve_model_dir
 
     exp = load_run_experiment(run_dir)
@@ -229,7 +231,8 @@ def run_architecture(run_dir: Path):
     """The :class:`~evomerge.architecture.Architecture` of a run's base model (its config.json:
     local, cached or declared; never downloaded)."""
     from evomerge.architecture import for_config
-    from evomerge.controller import load_run_experiment, resolve_worker_spec
+    from evomerge.run_dir import load_run_experiment
+    from evomerge.wiring import resolve_worker_spec
     from evomerge.sources import model_config
 
     exp = load_run_experiment(run_dir)
@@ -247,13 +250,13 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
 
     from evomerge.recipe import DFSRecipe
 
-    exp = yaml.safe_load((run_dir / "experiment.yaml").read_text())
+    exp = yaml.safe_load((run_dir / EXPERIMENT_COPY).read_text())
     from evomerge.run_dir import read_info
 
-    info = read_info(run_dir) if (run_dir / "run.json").exists() else {}
+    info = read_info(run_dir) if (run_dir / RUN_INFO).exists() else {}
     sources = {m["name"]: m["path"] for m in exp["models"]}
-    tests = {r["model"]: r for r in Ledger(run_dir / "ledger.jsonl").records("test") if r["state"] == "complete"}
-    baselines = {r["model"]: r for r in Ledger(run_dir / "ledger.jsonl").records("baseline")
+    tests = {r["model"]: r for r in Ledger(run_dir / LEDGER).records("test") if r["state"] == "complete"}
+    baselines = {r["model"]: r for r in Ledger(run_dir / LEDGER).records("baseline")
                  if r["state"] == "complete"}
     hub = [p[3:].split("@")[0] for p in sources.values() if p.startswith("hf:")]
     front = {"library_name": "transformers", "tags": ["merge", "evomerge"] + (["dfs"] if isinstance(recipe, DFSRecipe)

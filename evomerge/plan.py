@@ -145,7 +145,7 @@ def _task_info(task: TaskSpec, cfg: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 def calibrated_cost(run_dir: Path) -> TrialCost:
     """Median merge / eval seconds of the completed search trials of a (pilot) run."""
-    from evomerge.controller import LEDGER
+    from evomerge.run_dir import LEDGER
     from evomerge.ledger import Ledger
 
     path = Path(run_dir) / LEDGER
@@ -186,7 +186,7 @@ def roofline_cost(exp: Experiment, params: int, n_sources: int, tasks: list[dict
 def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: Optional[float] = None,
               device: Device = Device(), prompt_tokens: int = 256) -> Plan:
     """The plan of ``exp``; builds the embedded zoo if the experiment uses it, downloads nothing."""
-    from evomerge.controller import build_codec, resolve_worker_spec
+    from evomerge.wiring import build_codec, resolve_worker_spec
 
     spec = resolve_worker_spec(exp)
     codec = build_codec(exp, spec, download=False)

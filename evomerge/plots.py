@@ -7,12 +7,17 @@
   (model, parameter), one column per tensor group (embeddings, each block, head).
 - ``path_svg`` (DFS): the best layer path, one box per position, coloured by donor model,
   labelled with the layer index and the scale of the hidden state entering it.
+
+``write_plots`` writes them into a run dir's ``plots/``.
 """
 
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
+
+from evomerge.run_dir import PLOTS
 
 PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
 
@@ -148,3 +153,22 @@ def path_svg(recipe: Mapping, title: str = "best recipe: layer path") -> str:
         body.append(f'<rect x="{left + 150 * i}" y="{y_leg}" width="12" height="12" fill="{color[d]}"/>')
         body.append(f'<text x="{left + 150 * i + 16}" y="{y_leg + 11}">{escape(d)}</text>')
     return _svg(w, h, body, title)
+
+
+def write_plots(run_dir: Path, run_id: str, trials: list[dict], baselines: dict[str, float],
+                best: Optional[tuple[int, dict]]) -> list[Path]:
+    """The run's plots (``plots/*.svg``): fitness over trials, and the best recipe's
+    coefficients (PS) or layer path (DFS). ``best``: (trial id, recipe dict)."""
+    folder = Path(run_dir) / PLOTS
+    folder.mkdir(exist_ok=True)
+    out = [folder / "fitness.svg"]
+    out[0].write_text(fitness_svg(trials, baselines, title=f"{run_id}: fitness over trials"))
+    if best is not None:
+        trial_id, recipe = best
+        if recipe.get("kind", "ps") == "ps":
+            out.append(folder / "coefficients.svg")
+            out[-1].write_text(coefficients_svg(recipe, title=f"best recipe (trial {trial_id}): coefficients"))
+        else:
+            out.append(folder / "layer_path.svg")
+            out[-1].write_text(path_svg(recipe, title=f"best recipe (trial {trial_id}): layer path"))
+    return out

@@ -1,19 +1,43 @@
-"""``run.json``, the run dir's small state file, read and written so that the run dir can move.
+"""The run directory: its layout, its lock, and every read and write of its small files.
 
-Paths that point inside the run dir (the default sqlite MLflow store) are stored relative to
-it, as ``{run_dir}/...``, and expanded on reading against wherever the run dir is now: a
-copied or moved run dir resumes, syncs and opens in the UI against its *own* store, never
-the original's.
+A run dir holds ``ledger.jsonl`` (the source of truth, see :mod:`evomerge.ledger`),
+``run.json`` (ids, tracking URI, status), ``experiment.yaml`` (the resolved config) and
+``experiment.source.yaml`` (as written), ``summary.json``, ``best_recipe.yaml``,
+``pareto.json``, ``plots/``, the sqlite MLflow store and ``.lock``. Other modules name these
+files through the constants here, never by spelling them.
+
+Paths in ``run.json`` that point inside the run dir (the default sqlite MLflow store) are
+stored relative to it, as ``{run_dir}/...``, and expanded on reading against wherever the run
+dir is now: a copied or moved run dir resumes, syncs and opens in the UI against its *own*
+store, never the original's.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import fcntl
 import json
 import os
+import secrets
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import yaml
+
+from evomerge.config import Experiment, parse_experiment
+from evomerge.errors import EvomergeError
+from evomerge.ledger import Ledger
 
 RUN_INFO = "run.json"
+LEDGER = "ledger.jsonl"
+SUMMARY = "summary.json"
+BEST_RECIPE = "best_recipe.yaml"
+PARETO = "pareto.json"
+EXPERIMENT_COPY = "experiment.yaml"
+EXPERIMENT_SOURCE = "experiment.source.yaml"  # the file as the user wrote it (paths unresolved)
+PLOTS = "plots"
+LOCK = ".lock"
 _HERE = "{run_dir}"
 _PATH_KEYS = ("tracking_uri",)
 
@@ -61,3 +85,65 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_ledger(run_dir: Path) -> Ledger:
+    """The run's ledger (see :mod:`evomerge.ledger`)."""
+    return Ledger(Path(run_dir) / LEDGER)
+
+
+def new_run_id(name: str) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{name}-{stamp}-{secrets.token_hex(2)}"
+
+
+def load_run_experiment(run_dir: Path) -> Experiment:
+    """The resolved experiment a run was started with (its ``experiment.yaml``)."""
+    path = Path(run_dir) / EXPERIMENT_COPY
+    if not (Path(run_dir) / RUN_INFO).exists() or not path.exists():
+        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {RUN_INFO} / {EXPERIMENT_COPY})")
+    return parse_experiment(yaml.safe_load(path.read_text()), Path(run_dir))
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held while a controller works on it.
+
+    An flock dies with its process (even on SIGKILL), so a crashed run is never
+    left locked; two controllers can never write one ledger.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise EvomergeError(f"run {self.path.parent} is in use by {holder}; wait for it or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @staticmethod
+    def is_held(run_dir: Path) -> bool:
+        path = Path(run_dir) / LOCK
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False

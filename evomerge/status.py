@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from evomerge.controller import LEDGER, RUN_INFO, RunLock
+from evomerge.run_dir import LEDGER, RUN_INFO, RunLock
 from evomerge.errors import EvomergeError
 from evomerge.ledger import Ledger, best_trial
 from evomerge.run_dir import read_info

@@ -9,7 +9,7 @@ import yaml
 
 from evomerge.run_dir import read_info
 from evomerge.cli import main
-from evomerge.controller import num_layers_of
+from evomerge.wiring import num_layers_of
 from evomerge.ledger import Ledger, best_trial
 from evomerge.recipe import Recipe
 from evomerge.tracking.mlflow_tracker import read_run

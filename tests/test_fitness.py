@@ -99,7 +99,7 @@ def test_generate_until_tasks_with_gen_kwargs_and_per_task_fewshot(tmp_path, ses
     assert main(["validate", str(exp)]) == 0
 
     from evomerge.config import load_experiment
-    from evomerge.controller import resolve_worker_spec
+    from evomerge.wiring import resolve_worker_spec
     from evomerge.worker import EvalRequest, TrialWorker
 
     worker = TrialWorker(resolve_worker_spec(load_experiment(exp)))

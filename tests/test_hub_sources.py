@@ -99,7 +99,7 @@ def test_dfs_workers_keep_only_donors_on_the_device_and_score_other_sources_exac
     """A source that lends no layers waits on the host and visits for its baseline score, which
     equals a PS worker's score of the same source."""
     from evomerge.config import load_experiment
-    from evomerge.controller import resolve_worker_spec
+    from evomerge.wiring import resolve_worker_spec
     from evomerge.worker import EvalRequest, TrialWorker
 
     suite = {"task_paths": ["zoo"], "tasks": [{"name": "zoo_arith_l2_search"}], "batch_size": 64}

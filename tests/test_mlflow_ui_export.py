@@ -94,7 +94,8 @@ def test_hf_export_has_a_model_card_and_registers_in_mlflow(tracked_run, tmp_pat
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evomerge.controller import load_run_experiment, resolve_worker_spec
+    from evomerge.run_dir import load_run_experiment
+    from evomerge.wiring import resolve_worker_spec
     from evomerge.recipe import recipe_from_dict
     from evomerge.worker import TrialWorker
 

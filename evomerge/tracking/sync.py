@@ -20,9 +20,10 @@ _STATUS = {"finished": "FINISHED", "killed": "KILLED", "failed": "FAILED", "inte
 
 def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any]:
     from evomerge import __version__
-    from evomerge.controller import (BEST_RECIPE, EXPERIMENT_COPY, LEDGER, PARETO, SUMMARY, RunLock,
-                                     load_run_experiment, trial_metric_rows, write_plots)
-    from evomerge.run_dir import read_info, write_info
+    from evomerge.plots import write_plots
+    from evomerge.run_dir import (BEST_RECIPE, EXPERIMENT_COPY, LEDGER, PARETO, SUMMARY, RunLock, load_run_experiment,
+                                  read_info, write_info)
+    from evomerge.tracking.metrics import trial_metric_rows
     from evomerge.ledger import Ledger, best_trial
     from evomerge.tracking import build_tracker
 

@@ -1,0 +1,209 @@
+"""Wiring: an experiment turned into the parts a run needs, and checked before any worker starts.
+
+Model and task dirs on this machine (building the embedded zoo when used) as a
+:class:`~evomerge.worker.WorkerSpec`; the genome codec; the dispatcher; and the checks that
+``validate`` and ``run`` make of the suite and the sources. The controller gets these parts
+and runs the loop; nothing here runs a search.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from evomerge.architecture import for_config
+from evomerge.config import ZOO_PREFIX, Experiment
+from evomerge.dispatch.base import Dispatcher
+from evomerge.errors import ConfigError
+from evomerge.recipe import Recipe, load_recipe
+from evomerge.run_dir import BEST_RECIPE
+from evomerge.sources import model_config
+from evomerge.space import DFSCodec, PSCodec
+from evomerge.worker import TrialWorker, WorkerSpec
+
+
+def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None]] = None) -> WorkerSpec:
+    """Model dirs and task dirs on this machine (building the embedded zoo if the experiment uses it)."""
+    zoo = None
+    if exp.zoo is not None:
+        from evomerge.zoo import build_zoo
+
+        zoo = build_zoo(kind=exp.zoo.kind, seed=exp.zoo.seed, progress=progress)
+    model_dirs: dict[str, str] = {}
+    problems = []
+    for m in exp.models:
+        if m.path.startswith(ZOO_PREFIX):
+            key = m.path[len(ZOO_PREFIX) :]
+            if key not in zoo.models:
+                problems.append(f"models: {m.name}: the {exp.zoo.kind} zoo has no model {key!r}; it has {sorted(zoo.models)}")
+                continue
+            model_dirs[m.name] = str(zoo.models[key])
+        else:
+            model_dirs[m.name] = m.path
+    if problems:
+        raise ConfigError(problems)
+    task_paths = tuple(str(zoo.tasks_dir) if p == "zoo" else p for p in exp.suite.task_paths)
+    threads = exp.dispatch.threads_per_worker or max(1, (os.cpu_count() or 1) // exp.dispatch.num_workers)
+    space = exp.search_space
+    dfs = {}
+    if space.kind == "dfs":
+        donor = None
+        if space.ps_donor is not None:
+            donor = (space.ps_donor.name, ps_donor_recipe(space.ps_donor.recipe).to_dict())
+        dfs = {"mode": "dfs", "dfs_donors": space.models, "dfs_embed_from": space.embed_from, "ps_donor": donor}
+    return WorkerSpec(
+        model_dirs=model_dirs,
+        base_model=exp.base_model,
+        suite=exp.suite,
+        task_paths=task_paths,
+        device=exp.dispatch.device,
+        dtype=exp.dispatch.dtype,
+        threads=threads,
+        trusted=tuple(m.name for m in exp.models if m.trust_remote_code),
+        **dfs,
+    )
+
+
+def suite_problems(exp: Experiment, task_paths: Optional[tuple[str, ...]] = None) -> list[str]:
+    """What is wrong with the experiment's fitness suite (see ``lm_eval_runner.check_suite``).
+
+    ``task_paths``: the resolved task dirs; by default the zoo's (``zoo``) is used if it is
+    built, and if not, zoo tasks are checked by name only (the zoo's tasks are fixed).
+    """
+    from evomerge.evaluate.lm_eval_runner import check_suite
+
+    suite = exp.suite
+    problems: list[str] = []
+    if task_paths is None:
+        paths = []
+        for p in suite.task_paths:
+            if p != "zoo":
+                paths.append(p)
+                continue
+            from evomerge.zoo import zoo_dir
+            from evomerge.zoo.tasks import LANGUAGES, task_name
+
+            tasks_dir = zoo_dir(exp.zoo.kind, exp.zoo.seed) / "tasks"
+            if any(tasks_dir.glob("*.yaml")):
+                paths.append(str(tasks_dir))
+                continue
+            known = {task_name(lang, split) for lang in LANGUAGES for split in ("search", "test")}
+            for part in ("tasks", "test_tasks"):
+                for i, t in enumerate(getattr(suite, part)):
+                    if t.name.startswith("zoo_") and t.name not in known:
+                        problems.append(f"suite.{part}.{i}.name: the zoo has no task {t.name!r}; it has {sorted(known)}")
+                    elif t.name in known and t.metric != "acc":
+                        problems.append(f"suite.{part}.{i}.metric: {t.name} reports 'acc', not {t.metric!r}")
+            suite = suite.model_copy(update={f: tuple(t for t in getattr(suite, f) if not t.name.startswith("zoo_"))
+                                             for f in ("tasks", "test_tasks")})
+        task_paths = tuple(paths)
+        if not suite.tasks and not suite.test_tasks and not suite.model_args:
+            return problems
+    return problems + check_suite(suite, task_paths)
+
+
+def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None, download: bool = False) -> list[str]:
+    """What keeps the experiment's sources from being merged as it asks (see
+    :func:`evomerge.architecture.source_problems`), from their config.json files.
+
+    ``model_dirs``: the resolved sources (by default: local dirs and the zoo if it is built).
+    Without ``download``, a Hub source not in the local cache and with no declared ``config``
+    is not checked here (the run checks it once it has its config).
+    """
+    from evomerge.architecture import source_problems as check
+
+    if model_dirs is None:
+        model_dirs = {}
+        zoo_models: dict[str, Any] = {}
+        if exp.zoo is not None:
+            from evomerge.zoo import ZooError, load_zoo, zoo_dir
+
+            try:
+                zoo_models = load_zoo(zoo_dir(exp.zoo.kind, exp.zoo.seed)).models
+            except ZooError:
+                pass  # not built yet: its models are one architecture by construction
+        for m in exp.models:
+            if not m.path.startswith(ZOO_PREFIX):
+                model_dirs[m.name] = m.path
+            elif m.path[len(ZOO_PREFIX):] in zoo_models:
+                model_dirs[m.name] = str(zoo_models[m.path[len(ZOO_PREFIX):]])
+    declared = {m.name: m.config for m in exp.models}
+    configs = {}
+    problems = []
+    for name, path in model_dirs.items():
+        try:
+            configs[name] = model_config(path, declared.get(name), download)
+        except ConfigError as exc:
+            if download:
+                problems.extend(exc.problems)
+        except (OSError, ValueError) as exc:
+            problems.append(f"models: {name}: cannot read its config.json ({type(exc).__name__}: {exc})")
+    space = exp.search_space
+    if space.kind == "ps":
+        return problems + check(configs, ps_models=tuple(m.name for m in exp.models), base_model=exp.base_model)
+    donors = tuple(space.models or [m.name for m in exp.models])
+    embed_from = space.embed_from or exp.base_model
+    if space.ps_donor is not None:  # merged from the sources in parameter space, lends layers too
+        donors = (*donors, exp.base_model)
+    elif embed_from not in donors:
+        donors = (embed_from, *donors)
+    return problems + check(configs, ps_models=tuple(m.name for m in exp.models) if space.ps_donor else (),
+                            base_model=exp.base_model, dfs_donors=donors, dfs_scaling=space.scaling)
+
+
+def ps_donor_recipe(path: str) -> Recipe:
+    """The PS recipe of a PS+DFS donor: a recipe YAML, or a run dir's best_recipe.yaml."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / BEST_RECIPE
+    recipe = load_recipe(p)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError([f"search_space.ps_donor.recipe: {p} is a {recipe.kind} recipe; a PS recipe is needed"])
+    return recipe
+
+
+def build_codec(exp: Experiment, spec: WorkerSpec, download: bool = True):
+    """The genome <-> recipe codec of the experiment's search space.
+
+    Layer counts come from each model's config.json (see :func:`evomerge.sources.model_config`;
+    ``download=False`` for planning, which then needs local, cached or declared configs).
+    """
+    declared = {m.name: m.config for m in exp.models}
+
+    def layers(name: str) -> int:
+        return num_layers_of(spec.model_dirs[name], declared.get(name), download)
+
+    space = exp.search_space
+    if space.kind == "ps":
+        return PSCodec(space=space, base_model=exp.base_model, models=exp.merged_models,
+                       num_layers=layers(exp.base_model), seed=exp.optimizer.seed, dtype=exp.dispatch.dtype)
+    donors = list(space.models or [m.name for m in exp.models])
+    per_donor = [layers(d) for d in donors]
+    recipes = {}
+    if spec.ps_donor is not None:
+        name, recipe = spec.ps_donor
+        donors.append(name)
+        per_donor.append(layers(exp.base_model))
+        recipes[name] = Recipe.from_dict(recipe)
+    return DFSCodec(space=space, donors=tuple(donors), layers_per_donor=tuple(per_donor),
+                    embed_from=space.embed_from or exp.base_model, donor_recipes=recipes, dtype=exp.dispatch.dtype)
+
+
+def num_layers_of(model_dir: str, declared: Optional[str] = None, download: bool = True) -> int:
+    config = model_config(model_dir, declared, download)
+    return for_config(config, str(model_dir)).num_layers(config)
+
+
+def build_dispatcher(exp: Experiment, spec: WorkerSpec,
+                     worker_factory: Callable[[WorkerSpec], Any] = TrialWorker) -> Dispatcher:
+    if exp.dispatch.backend == "local":
+        from evomerge.dispatch.local import LocalDispatcher
+
+        return LocalDispatcher(spec, worker_factory)
+    from evomerge.dispatch.ray_pool import RayDispatcher
+
+    gpus = 1.0 if exp.dispatch.device.startswith("cuda") else 0.0
+    return RayDispatcher(spec, exp.dispatch.num_workers, address=exp.dispatch.address, num_gpus_per_worker=gpus,
+                         max_retries=exp.dispatch.max_retries, trial_timeout=exp.dispatch.trial_timeout,
+                         worker_factory=worker_factory)
