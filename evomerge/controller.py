@@ -259,7 +259,8 @@ class Controller:
         state = _RunState(self, exp, ledger, scheduler)
         from evomerge.zoo.build import default_cache_dir
 
-        state.cache = FitnessCache.for_run(exp.suite.cache, default_cache_dir(), exp, spec.model_dirs, spec.task_paths)
+        state.cache = _ScoreCache(FitnessCache.for_run(exp.suite.cache, default_cache_dir(), exp, spec.model_dirs,
+                                                       spec.task_paths), self.run_id)
         state.load(resuming)
 
         tracking_uri = info.get("tracking_uri") or default_tracking_uri(exp.tracking, self.run_dir)
@@ -289,14 +290,14 @@ class Controller:
         else:
             ledger.path.touch()  # with run.json: from now on a missing ledger is a lost one (_check_ledger)
         write_info(self.run_dir, info)
-        state.tracker = tracker
+        state.feed.tracker = tracker
         if not resuming:
             tracker.log_artifact(self.run_dir / EXPERIMENT_COPY)
             if self.source is not None and self.source.is_file():
                 kept = self.run_dir / EXPERIMENT_SOURCE
                 kept.write_text(self.source.read_text())
                 tracker.log_artifact(kept)
-        state.catch_up_tracker()
+        state.feed.catch_up(state.board)
         if resuming:
             self.progress.message(f"resuming {self.run_id}: {state.finished} trials done, "
                                   f"{len(state.redo)} to run again, {len(state.missing_tells)} tells replayed")
@@ -321,7 +322,7 @@ class Controller:
                     tracker.log_artifact(self.run_dir / name)
             best = (state.best[0], state.best[2].to_dict()) if state.best else None
             try:
-                plots = write_plots(self.run_dir, self.run_id, state.trial_records, state.baselines, best)
+                plots = write_plots(self.run_dir, self.run_id, state.board.records, state.baselines, best)
             except Exception as exc:  # a plot must never fail a finished search
                 plots = []
                 self.progress.message(f"plots skipped: {type(exc).__name__}: {exc}")
@@ -376,6 +377,96 @@ class Controller:
         }
 
 
+class _Scoreboard:
+    """The finished trials of a run: their records, the failure count, the best (ties: the
+    earliest finished) and, for a multi-objective run, the Pareto front."""
+
+    def __init__(self, multi_objective: bool) -> None:
+        self.multi_objective = multi_objective
+        self.records: list[dict] = []
+        self.failed = 0
+        self.best: Optional[tuple[int, float, Recipe]] = None
+        self.front = ParetoFront()
+        self.cached = 0
+
+    def note(self, rec: dict) -> bool:
+        """Count a finished trial record; True if the Pareto front changed."""
+        self.records.append(rec)
+        self.cached += bool(rec.get("cached_from"))
+        if rec["state"] != "complete":
+            self.failed += 1
+            return False
+        if self.best is None or rec["fitness"] > self.best[1]:
+            self.best = (rec["trial_id"], float(rec["fitness"]), recipe_from_dict(rec["recipe"]))
+        return self.multi_objective and self.front.add(rec["trial_id"], rec["objectives"])
+
+    def told_input(self, rec: dict):
+        """What a trial record tells its island: the fitness, or the vector of objectives."""
+        return rec.get("objectives") if self.multi_objective else rec["fitness"]
+
+    def write_pareto(self, path: Path, objectives: list[str]) -> None:
+        by_id = {r["trial_id"]: r for r in self.records}
+        write_json_atomic(path, {
+            "objectives": objectives,
+            "members": [{"trial_id": t, "objectives": self.front.members[t], "fitness": by_id[t]["fitness"],
+                         "recipe_hash": by_id[t]["recipe_hash"]} for t in self.front.trial_ids()],
+        })
+
+    def failure_reasons(self) -> list[list]:
+        """The three commonest failure reasons with their counts."""
+        return [[reason, n] for reason, n in Counter(
+            failure_reason(t.get("error")) for t in self.records if t.get("state") != "complete").most_common(3)]
+
+
+class _TrackerFeed:
+    """Per-trial metrics on their way to the tracker: queued as trials finish, sent when the free
+    workers have their next candidates (the ledger has them already)."""
+
+    def __init__(self) -> None:
+        self.tracker: Tracker = NullTracker()
+        self._backlog: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self._backlog.append((step, metrics))
+
+    def flush(self) -> None:
+        if self._backlog:
+            self.tracker.log_trials(self._backlog)
+            self._backlog = []
+
+    def catch_up(self, board: _Scoreboard) -> None:
+        """Log the trials the tracker missed (it was down, or the process died between ledger and tracker)."""
+        self._backlog.extend(trial_metric_rows(board.records, board.multi_objective, self.tracker.logged_trials()))
+        self.flush()
+
+
+class _ScoreCache:
+    """The run's link to the fitness cache (none when ``suite.cache: off``): scores known before
+    a worker is asked, and the scores this run adds."""
+
+    def __init__(self, cache: Optional[FitnessCache], run_id: str) -> None:
+        self.cache = cache
+        self.run_id = run_id
+
+    def lookup(self, work: _Work) -> Optional[EvalResult]:
+        rec = self.cache.get(*_cache_key(work)) if self.cache is not None else None
+        if rec is None:
+            return None
+        return EvalResult(trial_id=work.request.trial_id, state="complete", fitness=rec["fitness"],
+                          scores=dict(rec["scores"]), worker="cache", split=work.request.split,
+                          cached_from=rec.get("origin") or "cache")
+
+    def add(self, work: _Work, res: EvalResult) -> None:
+        if self.cache is not None and res.state == "complete":
+            what = f"trial {work.request.trial_id}" if work.kind == "trial" else f"{work.kind} {work.label}"
+            self.cache.put(*_cache_key(work), res.fitness, res.scores, origin=f"{self.run_id}: {what}")
+
+    def remember(self, key: str, split: str, rec: dict) -> None:
+        """A score from this run's ledger (resume): in memory only, it is in the shared file already."""
+        if self.cache is not None and rec.get("state") == "complete":
+            self.cache.put(key, split, rec["fitness"], rec.get("scores") or {}, origin="ledger", persist=False)
+
+
 class _RunState:
     """What a run knows: rebuilt from the ledger on resume, advanced by the event loop."""
 
@@ -384,26 +475,24 @@ class _RunState:
         self.exp = exp
         self.ledger = ledger
         self.scheduler = scheduler
-        self.tracker: Tracker = NullTracker()
+        self.feed = _TrackerFeed()
         self.sources = [m.name for m in exp.models]
-        self.best: Optional[tuple[int, float, Recipe]] = None
+        self.board = _Scoreboard(exp.optimizer.objectives == "per_task")
         self.baselines: dict[str, float] = {}
         self.baselines_done: set[str] = set()
         self.tests_done: dict[tuple[str, Optional[str]], dict] = {}
-        self.trial_records: list[dict] = []
-        self.failed = 0
         self.next_trial_id = 0
         self.redo: list[Candidate] = []
         self.missing_tells: list[Tell] = []
-        self.multi_objective = exp.optimizer.objectives == "per_task"
-        self.front = ParetoFront()
-        self._tracker_backlog: list[tuple[int, dict[str, float]]] = []
-        self.cache: Optional[FitnessCache] = None
-        self.cached_trials = 0
+        self.cache = _ScoreCache(None, ctl.run_id)
 
     @property
     def finished(self) -> int:
-        return len(self.trial_records)
+        return len(self.board.records)
+
+    @property
+    def best(self) -> Optional[tuple[int, float, Recipe]]:
+        return self.board.best
 
     def load(self, resuming: bool) -> None:
         """Replay the ledger: re-ask and re-tell every island, collect what is done."""
@@ -419,59 +508,32 @@ class _RunState:
                 self.next_trial_id = max(self.next_trial_id, rec["trial_id"] + 1)
             elif kind == "trial":
                 finished[rec["trial_id"]] = rec
-                self._note_trial(rec)
-                self.cached_trials += bool(rec.get("cached_from"))
-                self._remember(recipe_key(rec["recipe_hash"]), "search", rec)
+                self.board.note(rec)
+                self.cache.remember(recipe_key(rec["recipe_hash"]), "search", rec)
             elif kind == "tell":
                 tells[(rec["island"], rec["generation"])] = rec
             elif kind == "baseline":
                 self.baselines_done.add(rec["model"])
-                self._remember(source_key(rec["model"]), "search", rec)
+                self.cache.remember(source_key(rec["model"]), "search", rec)
                 if rec["state"] == "complete":
                     self.baselines[rec["model"]] = float(rec["fitness"])
             elif kind == "test":
                 self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
                 key = recipe_key(rec["recipe_hash"]) if rec.get("recipe_hash") else source_key(rec["model"])
-                self._remember(key, "test", rec)
+                self.cache.remember(key, "test", rec)
         try:
-            self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self._told_input)
+            self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self.board.told_input)
         except ReplayError as exc:
             raise EvomergeError(f"cannot resume {self.ctl.run_id}: {exc}") from None
         for tell in self.missing_tells:
             self._record_tell(tell)
         if self.best is not None:
             self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
-        if self.multi_objective:
+        if self.board.multi_objective:
             self._write_pareto()
 
-    def _told_input(self, rec: dict):
-        """What a trial record tells its island: the fitness, or the vector of objectives."""
-        return rec.get("objectives") if self.multi_objective else rec["fitness"]
-
-    def _note_trial(self, rec: dict) -> bool:
-        """Count a finished trial and update the best (ties: the earliest finished) and the
-        Pareto front; True if the front changed."""
-        self.trial_records.append(rec)
-        if rec["state"] != "complete":
-            self.failed += 1
-            return False
-        if self.best is None or rec["fitness"] > self.best[1]:
-            self.best = (rec["trial_id"], float(rec["fitness"]), recipe_from_dict(rec["recipe"]))
-        return self.multi_objective and self.front.add(rec["trial_id"], rec["objectives"])
-
     def _write_pareto(self) -> None:
-        by_id = {r["trial_id"]: r for r in self.trial_records}
-        write_json_atomic(self.ctl.run_dir / PARETO, {
-            "objectives": [t.name for t in self.exp.suite.tasks],
-            "members": [{"trial_id": t, "objectives": self.front.members[t], "fitness": by_id[t]["fitness"],
-                         "recipe_hash": by_id[t]["recipe_hash"]} for t in self.front.trial_ids()],
-        })
-
-    def catch_up_tracker(self) -> None:
-        """Log the trials the tracker missed (it was down, or the process died between ledger and tracker)."""
-        logged = self.tracker.logged_trials()
-        self._tracker_backlog.extend(trial_metric_rows(self.trial_records, self.multi_objective, logged))
-        self._flush_tracker()
+        self.board.write_pareto(self.ctl.run_dir / PARETO, [t.name for t in self.exp.suite.tasks])
 
     # ------------------------------------------------------------------ event loop
     def search(self, dispatcher: Dispatcher) -> RunSummary:
@@ -494,16 +556,14 @@ class _RunState:
             test_scores = self._test_split(dispatcher)
 
         best = self.best
+        board = self.board
         summary = RunSummary(
-            run_id=self.ctl.run_id, run_dir=self.ctl.run_dir, trials=self.finished, failed=self.failed,
+            run_id=self.ctl.run_id, run_dir=self.ctl.run_dir, trials=self.finished, failed=board.failed,
             best_trial=best[0] if best else None, best_fitness=best[1] if best else None,
             best_recipe_hash=best[2].content_hash() if best else None,
             baselines=dict(self.baselines), test_scores=test_scores,
-            pareto_trials=self.front.trial_ids() if self.multi_objective else [],
-            cached_trials=self.cached_trials,
-            failure_reasons=[[reason, n] for reason, n in Counter(
-                failure_reason(t.get("error")) for t in self.trial_records if t.get("state") != "complete"
-            ).most_common(3)],
+            pareto_trials=board.front.trial_ids() if board.multi_objective else [],
+            cached_trials=board.cached, failure_reasons=board.failure_reasons(),
         )
         if loop_s > 0 and handled:
             summary.search_seconds = loop_s
@@ -511,7 +571,7 @@ class _RunState:
             summary.controller_ms_per_trial = 1000.0 * (loop_s - wait_s) / handled
             if stats["steady_s"]:
                 summary.steady_busy_fraction = stats["steady_busy"] / (dispatcher.num_workers * stats["steady_s"])
-        self.tracker.log_summary({f"baseline.{k}": v for k, v in self.baselines.items()}
+        self.feed.tracker.log_summary({f"baseline.{k}": v for k, v in self.baselines.items()}
                                  | {f"test.{k}": v for k, v in test_scores.items()}
                                  | ({"best_fitness_final": best[1]} if best else {}))
         return summary
@@ -551,14 +611,14 @@ class _RunState:
                     break
                 if work.kind == "trial":
                     self._record_dispatch(work.candidate)
-                hit = self._from_cache(work)
+                hit = self.cache.lookup(work)
                 if hit is not None:  # a score already known: no worker needed
                     handled += 1
                     getattr(self, f"_on_{work.kind}")(work, hit)
                     continue
                 inflight[(work.request.split, work.request.trial_id)] = work
                 dispatcher.submit(work.request)
-            self._flush_tracker()
+            self.feed.flush()
             if steady_s is None and not queue and exhausted():
                 steady_s = time.perf_counter() - t0
             if not inflight:
@@ -569,8 +629,7 @@ class _RunState:
             for res in results:
                 work = inflight.pop((res.split, res.trial_id))
                 res = _normalized(res)
-                if self.cache is not None and res.state == "complete":
-                    self.cache.put(*_cache_key(work), res.fitness, res.scores, origin=self._origin(work))
+                self.cache.add(work, res)
                 busy += res.merge_seconds + res.eval_seconds
                 if steady_s is None:
                     steady_busy += res.merge_seconds + res.eval_seconds
@@ -578,26 +637,6 @@ class _RunState:
                 getattr(self, f"_on_{work.kind}")(work, res)
         return {"busy": busy, "loop_s": time.perf_counter() - t0, "wait_s": wait_s, "handled": handled,
                 "steady_busy": steady_busy, "steady_s": steady_s or 0.0}
-
-    # ------------------------------------------------------------------ fitness cache
-    def _from_cache(self, work: _Work) -> Optional[EvalResult]:
-        if self.cache is None:
-            return None
-        rec = self.cache.get(*_cache_key(work))
-        if rec is None:
-            return None
-        return EvalResult(trial_id=work.request.trial_id, state="complete", fitness=rec["fitness"],
-                          scores=dict(rec["scores"]), worker="cache", split=work.request.split,
-                          cached_from=rec.get("origin") or "cache")
-
-    def _remember(self, key: str, split: str, rec: dict) -> None:
-        """A score from this run's ledger (resume): in memory only, it is in the shared file already."""
-        if self.cache is not None and rec.get("state") == "complete":
-            self.cache.put(key, split, rec["fitness"], rec.get("scores") or {}, origin="ledger", persist=False)
-
-    def _origin(self, work: _Work) -> str:
-        what = f"trial {work.request.trial_id}" if work.kind == "trial" else f"{work.kind} {work.label}"
-        return f"{self.ctl.run_id}: {what}"
 
     # ------------------------------------------------------------------ records
     def _record_dispatch(self, cand: Candidate) -> None:
@@ -610,8 +649,9 @@ class _RunState:
     def _on_trial(self, work: _Work, res: EvalResult) -> None:
         """Ledger first (the source of truth), then best_recipe.yaml, tracker, optimizer, progress."""
         cand = work.candidate
+        board = self.board
         objectives = None
-        if self.multi_objective and res.state == "complete":
+        if board.multi_objective and res.state == "complete":
             objectives = [float(res.scores[t.name]) for t in self.exp.suite.tasks]
         rec = {
             "kind": "trial", "trial_id": res.trial_id, "island": cand.island, "generation": cand.generation,
@@ -623,29 +663,23 @@ class _RunState:
         }
         if res.cached_from:
             rec["cached_from"] = res.cached_from
-            self.cached_trials += 1
-        if self.multi_objective:
+        if board.multi_objective:
             rec["objectives"] = objectives
         self.ledger.append(rec)
-        previous_best = self.best
-        if self._note_trial(rec):
+        previous_best = board.best
+        if board.note(rec):
             self._write_pareto()
-        if self.best is not previous_best:
-            self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
+        if board.best is not previous_best:
+            board.best[2].save(self.ctl.run_dir / BEST_RECIPE)
         # tracking waits until the free workers have their next candidates (see _loop)
-        self._tracker_backlog.append((self.finished - 1, trial_metrics(
-            rec, self.best[1] if self.best else None, len(self.front.members) if self.multi_objective else None)))
-        tell = self.scheduler.receive(cand, res.state, self._told_input(rec))
+        self.feed.add(self.finished - 1, trial_metrics(
+            rec, board.best[1] if board.best else None, len(board.front.members) if board.multi_objective else None))
+        tell = self.scheduler.receive(cand, res.state, board.told_input(rec))
         if tell is not None:
             self._record_tell(tell)
         if res.state != "complete":
             self.ctl.progress.message(f"trial {res.trial_id} failed: {res.error.splitlines()[0]}")
-        self.ctl.progress.advance(self.best[1] if self.best else None, self.failed)
-
-    def _flush_tracker(self) -> None:
-        if self._tracker_backlog:
-            self.tracker.log_trials(self._tracker_backlog)
-            self._tracker_backlog = []
+        self.ctl.progress.advance(board.best[1] if board.best else None, board.failed)
 
     def _record_tell(self, tell: Tell) -> None:
         self.ledger.append({"kind": "tell", "island": tell.island, "generation": tell.generation,

@@ -59,7 +59,7 @@ def _mergekit_ps(recipe: Recipe, model_dirs: Mapping[str, str], arch: Architectu
     """
     import yaml
 
-    from evomerge.merge.methods import METHODS
+    from evomerge.method_specs import SPECS as METHODS
 
     config: dict = {
         "merge_method": recipe.method,
@@ -178,7 +178,7 @@ def from_mergekit(data: Mapping[str, Any], base_dir: Path = Path(".")) -> tuple[
     :class:`ConfigError` lists every problem: slices/modules (layer stacking), LoRA
     references, tokenizer merging, an unknown method, malformed settings.
     """
-    from evomerge.merge.methods import METHODS
+    from evomerge.method_specs import SPECS as METHODS
 
     problems: list[str] = []
     supported = {"merge_method", "models", "base_model", "dtype", "out_dtype", "parameters",

@@ -76,7 +76,7 @@ class PSCodec:
     @property
     def model_params(self) -> tuple[str, ...]:
         """Searched per-model parameters (the rest of ``space.parameters`` are global)."""
-        from evomerge.merge.methods import METHODS
+        from evomerge.method_specs import SPECS as METHODS
 
         return tuple(p for p in self.space.parameters if p in METHODS[self.space.method].model_parameters)
 

@@ -55,7 +55,7 @@ class ParameterSpace(_Frozen):
 
     @model_validator(mode="after")
     def _known_method(self) -> "ParameterSpace":
-        from evomerge.merge.methods import METHODS
+        from evomerge.method_specs import SPECS as METHODS
 
         problems = []
         if self.method not in METHODS:
