@@ -90,13 +90,12 @@ class DataFlowModel:
                 problems.append(f"layers.{k}: {step.model} has no layer {step.layer}")
             if not step.scale > 0:
                 problems.append(f"layers.{k}: scale must be positive, got {step.scale}")
-        for name in {s.model for s in recipe.layers} | {recipe.embed_from}:
-            if name in self.donors:
-                hidden = self.donors[name].config.hidden_size
-                first = self.donors[recipe.embed_from] if recipe.embed_from in self.donors else None
-                if first is not None and hidden != first.config.hidden_size:
-                    problems.append(f"{name} has hidden size {hidden} but embed_from {recipe.embed_from} has "
-                                    f"{first.config.hidden_size}: their layers cannot share a path")
+        head = self.donors.get(recipe.embed_from)
+        for name in sorted({s.model for s in recipe.layers} & set(self.donors)) if head is not None else ():
+            hidden = self.donors[name].config.hidden_size
+            if hidden != head.config.hidden_size:
+                problems.append(f"{name} has hidden size {hidden} but embed_from {recipe.embed_from} has "
+                                f"{head.config.hidden_size}: their layers cannot share a path")
         if problems:
             raise MergeError("invalid data-flow recipe: " + "; ".join(problems))
 
