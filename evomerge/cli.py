@@ -572,20 +572,16 @@ def _open_browser(url: str, refused: bool) -> None:
 
 
 def _cmd_ui(args) -> int:
-    import json
     import subprocess
     import time
     import urllib.request
 
-    from evomerge.run_dir import RUN_INFO
+    from evomerge.run_dir import RUN_INFO, read_info
+    from evomerge.tracking import run_url
 
     if not (args.run_dir / RUN_INFO).exists():
         raise EvomergeError(f"{args.run_dir} is not an evomerge run directory (no {RUN_INFO})")
-    from evomerge.run_dir import read_info
-    from evomerge.tracking import run_url
-
     info = read_info(args.run_dir)
-
     uri = info.get("tracking_uri") or ""
 
     def page(server: str) -> str:
