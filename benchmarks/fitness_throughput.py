@@ -1,7 +1,9 @@
 """Fitness throughput: lm-eval scoring vs a bare forward pass over the same tokens.
 
-A worker scores the search task through lm-eval (``HFLM`` on the in-memory model, as in a
-search). The same loglikelihood requests — each (context, continuation) pair of the task —
+A worker scores the search task through lm-eval on the in-memory model, as in a search: with
+evomerge's backend (``suite.backend: evomerge``, the default: each shared context runs once,
+continuations are scored from its KV cache) and with lm-eval's ``HFLM`` as is
+(``suite.backend: hf``); the accuracy of both is printed (it must be the same). The same loglikelihood requests — each (context, continuation) pair of the task —
 are then run as bare forward passes: the sequences tokenized once, sorted by length, padded
 per batch of ``--batch-size``, one ``model(input_ids)`` per batch. Both count the same
 tokens (every request's context + continuation), so tokens/s compare like for like; the
@@ -12,8 +14,15 @@ the padding share of the bare batches.
 - ``--shape 1b --device cuda``: a randomly initialised ~1B Llama-shaped model (hidden 2048,
   16 layers, GQA 32/8, the zoo's tokenizer) in bf16 on the GPU, same task, built in memory.
 
+``--generate``: greedy generation instead (batch ``--batch-size``, ``--new-tokens`` new tokens,
+prompts: the search task's questions; no stop string when ``--new-tokens`` is given, so every
+decoder generates the same number of tokens): lm-eval's ``HFLM`` and the evomerge backend with
+each decoder (``generate``, continuous batching, static cache, and ``auto``'s pick), each
+checked against ``HFLM``'s texts.
+
 Usage: python benchmarks/fitness_throughput.py [--device cpu|cuda] [--shape zoo|1b] [--batch-size 64] [--repeats 3]
        [--items N]   (a smoke run on the first N items)
+       [--generate [--new-tokens N] [--prompts N]]
 """
 
 from __future__ import annotations
@@ -52,6 +61,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
     ap.add_argument("--items", type=int, default=None, help="score only the first N items (a smoke run)")
+    ap.add_argument("--generate", action="store_true", help="time greedy generation per decoder instead")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help="tokens to generate per prompt (default: up to the answer's stop string, at most 8)")
+    ap.add_argument("--prompts", type=int, default=128, help="prompts to generate from (--generate)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -79,7 +92,13 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     tasks = tuple(t.model_copy(update={"limit": args.items}) for t in exp.suite.tasks)
     suite = exp.suite.model_copy(update={"batch_size": args.batch_size, "test_tasks": (), "tasks": tasks})
-    evaluator = LmEvalEvaluator(model, tokenizer, suite, [str(zoo.tasks_dir)], device=args.device)
+    evaluators = {backend: LmEvalEvaluator(model, tokenizer, suite.model_copy(update={"backend": backend}),
+                                           [str(zoo.tasks_dir)], device=args.device)
+                  for backend in ("evomerge", "hf")}
+    evaluator = evaluators["hf"]
+
+    if args.generate:
+        return generation(args, model, tokenizer, evaluator, params, dtype)
 
     pairs = requests_of(evaluator)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -91,13 +110,15 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    evaluator.evaluate("search")  # warm-up
-    sync()
-    t = time.perf_counter()
-    for _ in range(args.repeats):
-        evaluator.evaluate("search")
-    sync()
-    lm_eval_s = (time.perf_counter() - t) / args.repeats
+    lm_eval_s, scores = {}, {}
+    for backend, ev in evaluators.items():
+        scores[backend] = ev.evaluate("search")  # warm-up
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.repeats):
+            ev.evaluate("search")
+        sync()
+        lm_eval_s[backend] = (time.perf_counter() - t) / args.repeats
 
     ordered = sorted(seqs, key=len, reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -125,9 +146,63 @@ def main() -> None:
     print("| path | seconds per evaluation | tokens/s | share of bare forward |")
     print("|---|---|---|---|")
     print(f"| bare forward (sorted, padded batches) | {bare_s:.3f} | {tokens / bare_s:,.0f} | 100 % |")
-    print(f"| lm-eval (HFLM, as in a search) | {lm_eval_s:.3f} | {tokens / lm_eval_s:,.0f} | "
-          f"{100 * bare_s / lm_eval_s:.0f} % |")
+    for backend, label in (("hf", "lm-eval, HFLM (`suite.backend: hf`)"),
+                           ("evomerge", "lm-eval, evomerge backend (default)")):
+        sec = lm_eval_s[backend]
+        print(f"| {label} | {sec:.3f} | {tokens / sec:,.0f} | {100 * bare_s / sec:.0f} % |")
+    print(f"scores: evomerge backend {scores['evomerge']}, HFLM {scores['hf']}"
+          + (" (equal)" if scores["evomerge"] == scores["hf"] else " (DIFFERENT)"))
+    print(f"speed-up of the evomerge backend over HFLM: {lm_eval_s['hf'] / lm_eval_s['evomerge']:.2f}x")
     print(f"padding in the bare batches: {100 * (1 - tokens / padded):.1f} % of the positions")
+
+
+def generation(args, model, tokenizer, evaluator, params, dtype) -> None:
+    """Greedy generation through lm-eval's HFLM and the evomerge backend's decoders."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate.lm_eval_runner import evomerge_lm_class
+
+    questions = [q for q, _ in requests_of(evaluator)][:: 4][: args.prompts]  # one per item (4 choices each)
+    kwargs = {"do_sample": False, "max_gen_toks": args.new_tokens or 8, "until": [] if args.new_tokens else ["!"]}
+
+    def instances():
+        return [Instance(request_type="generate_until", doc={}, arguments=(q, dict(kwargs)), idx=0) for q in questions]
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    common = dict(pretrained=model, tokenizer=tokenizer, device=args.device, batch_size=args.batch_size,
+                  max_length=max(64, args.new_tokens + 64 if args.new_tokens else 64))
+    paths = [("lm-eval HFLM (generate)", HFLM(**common))]
+    for decoder in ("hf", "static", "continuous", "auto"):
+        paths.append((f"evomerge backend, `generation: {decoder}`", evomerge_lm_class()(**common, generation=decoder)))
+    print(f"model: {args.shape} ({params / 1e6:.1f} M params, {dtype}), device {args.device}, "
+          f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, {len(questions)} prompts, "
+          f"{kwargs['max_gen_toks']} new tokens at most" + ("" if args.new_tokens else ", stop at '!'"))
+    print("| path | seconds | prompts/s | texts equal to HFLM's |")
+    print("|---|---|---|---|")
+    reference = None
+    for label, lm in paths:
+        try:
+            lm.generate_until(instances(), disable_tqdm=True)  # warm-up (and auto's measurement)
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                texts = lm.generate_until(instances(), disable_tqdm=True)
+            sync()
+        except Exception as error:  # a decoder this model or device does not support
+            print(f"| {label} | failed: {type(error).__name__}: {str(error)[:80]} | | |")
+            continue
+        sec = (time.perf_counter() - start) / args.repeats
+        reference = reference if reference is not None else texts
+        same = sum(a == b for a, b in zip(texts, reference))
+        print(f"| {label} | {sec:.3f} | {len(questions) / sec:,.1f} | {same}/{len(texts)} |")
+        decoders = getattr(lm, "decoders", None)
+        if decoders is not None and decoders.setting == "auto":
+            print(f"auto chose {decoders.chosen}" + (f"; measured {decoders.measured}" if decoders.measured else
+                                                     " (CPU: generate, not measured)"))
 
 
 if __name__ == "__main__":

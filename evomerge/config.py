@@ -105,6 +105,13 @@ class SuiteConfig(_Frozen):
     model_args: dict[str, Any] = {}
     subsample_seed: int = Field(default=0, ge=0)
     cache: Literal["run", "shared", "off"] = "run"
+    # evomerge: lm-eval driven through our backend (shared contexts scored once); hf: lm-eval's
+    # HFLM as is. Both give the same scores, so neither is part of the suite's hash.
+    backend: Literal["evomerge", "hf"] = "evomerge"
+    # generate_until decoder of the evomerge backend: auto measures hf (transformers' generate),
+    # continuous (its continuous batching) and static (a static cache) on the first batch and
+    # keeps the fastest whose texts equal generate's. Not part of the hash either.
+    generation: Literal["auto", "hf", "continuous", "static"] = "auto"
 
     @model_validator(mode="after")
     def _has_tasks(self) -> "SuiteConfig":
@@ -135,7 +142,7 @@ class SuiteConfig(_Frozen):
         import hashlib
         import json
 
-        data = self.model_dump(mode="json", exclude={"cache"})
+        data = self.model_dump(mode="json", exclude={"cache", "backend", "generation"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

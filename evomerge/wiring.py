@@ -81,20 +81,21 @@ def suite_problems(exp: Experiment, task_paths: Optional[tuple[str, ...]] = None
             if p != "zoo":
                 paths.append(p)
                 continue
-            from evomerge.zoo import zoo_dir
-            from evomerge.zoo.tasks import LANGUAGES, task_name
+            from evomerge.zoo import ZooError, load_zoo, zoo_dir
+            from evomerge.zoo.tasks import task_metrics
 
-            tasks_dir = zoo_dir(exp.zoo.kind, exp.zoo.seed) / "tasks"
-            if any(tasks_dir.glob("*.yaml")):
-                paths.append(str(tasks_dir))
+            try:  # opening a built zoo writes the task YAMLs this evomerge knows (cheap, no build)
+                paths.append(str(load_zoo(zoo_dir(exp.zoo.kind, exp.zoo.seed)).tasks_dir))
                 continue
-            known = {task_name(lang, split) for lang in LANGUAGES for split in ("search", "test")}
+            except ZooError:
+                pass  # not built (or incomplete): check zoo task names and metrics only
+            known = task_metrics()
             for part in ("tasks", "test_tasks"):
                 for i, t in enumerate(getattr(suite, part)):
                     if t.name.startswith("zoo_") and t.name not in known:
                         problems.append(f"suite.{part}.{i}.name: the zoo has no task {t.name!r}; it has {sorted(known)}")
-                    elif t.name in known and t.metric != "acc":
-                        problems.append(f"suite.{part}.{i}.metric: {t.name} reports 'acc', not {t.metric!r}")
+                    elif t.name in known and t.metric != known[t.name]:
+                        problems.append(f"suite.{part}.{i}.metric: {t.name} reports {known[t.name]!r}, not {t.metric!r}")
             suite = suite.model_copy(update={f: tuple(t for t in getattr(suite, f) if not t.name.startswith("zoo_"))
                                              for f in ("tasks", "test_tasks")})
         task_paths = tuple(paths)

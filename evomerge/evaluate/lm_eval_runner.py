@@ -39,7 +39,9 @@ class LmEvalEvaluator:
 
         _quiet_lm_eval()
         self.suite = suite
-        self._lm = HFLM(
+        own = {} if suite.backend == "hf" else {"generation": suite.generation}
+        self._lm = (HFLM if suite.backend == "hf" else evomerge_lm_class())(
+            **own,
             pretrained=model,
             tokenizer=tokenizer,
             device=device,
@@ -122,6 +124,100 @@ class LmEvalEvaluator:
                 raise EvaluationError(f"task {t.name!r} has no metric {t.metric!r}; it reports {have}")
             scores[t.name] = float(task_results[key])
         return scores
+
+
+_LM_CLASS = None
+
+
+def evomerge_lm_class():
+    """lm-eval's ``HFLM`` with shared contexts scored once (registered with lm-eval as
+    ``evomerge``).
+
+    Tokenization, truncation, chat templates and generation are ``HFLM``'s own; only the
+    log-likelihood kernel differs: requests that share a context run it once and score their
+    continuations from its KV cache (:mod:`evomerge.evaluate.shared_context`). Models whose
+    forward takes no KV cache, seq2seq models and ``batch_size: auto`` use ``HFLM``'s kernel.
+    """
+    global _LM_CLASS
+    if _LM_CLASS is not None:
+        return _LM_CLASS
+    import torch
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate import decoding, shared_context
+
+    class EvomergeLM(HFLM):
+        def __init__(self, *args, generation: str = "auto", **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.decoders = decoding.DecoderChoice(generation, self.device.type)
+
+        def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+            sampling = generation_kwargs.get("do_sample") or generation_kwargs.get("temperature", 0.0) not in (0, 0.0, None)
+            if self.backend != "causal" or sampling:
+                return super()._model_generate(context, max_length, stop, **generation_kwargs)
+            attention_mask = generation_kwargs.get("attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(context)
+
+            def generate(name: str):
+                if name == "continuous":
+                    return decoding.continuous_generate(self.model, context, attention_mask, max_length,
+                                                        self.tokenizer.pad_token_id, self.eot_token_id)
+                extra = {"cache_implementation": "static"} if name == "static" else {}
+                return HFLM._model_generate(self, context, max_length, stop, **dict(generation_kwargs), **extra)
+
+            def texts(out) -> list[str]:
+                found = []
+                for row in out[:, context.shape[1]:].tolist():
+                    text = self.tok_decode(row)
+                    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+                    found.append(text[:cut])
+                return found
+
+            sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+            return self.decoders.run(generate, texts, sync)
+
+        # A search asks for the same (context, continuation) pairs every trial, and the tokenizer
+        # never changes: tokenize each pair once (a tenth of a small model's trial otherwise).
+        _ENCODED_MAX = 200_000
+
+        def _encode_pair(self, context: str, continuation: str):
+            memo = self.__dict__.setdefault("_encoded", {})
+            key = (context, continuation)
+            hit = memo.get(key)
+            if hit is None:
+                if len(memo) >= self._ENCODED_MAX:
+                    memo.clear()
+                hit = memo[key] = tuple(map(tuple, super()._encode_pair(context, continuation)))
+            return list(hit[0]), list(hit[1])
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            batch_size = override_bs or self.batch_size
+            if self.backend != "causal" or not isinstance(batch_size, int) or shared_context.cache_argument(self.model) is None:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+            def done(i, answer):
+                if requests[i][0] is not None:  # loglikelihood_rolling caches per document itself
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+
+            return shared_context.score(
+                self.model,
+                [(context, continuation) for _, context, continuation in requests],
+                max_length=self.max_length,
+                batch_size=batch_size,
+                device=self.device,
+                softmax_dtype=self.softmax_dtype,
+                autocast_dtype=self.mixed_precision_dtype,
+                on_done=done,
+            )
+
+    try:
+        register_model("evomerge")(EvomergeLM)
+    except (AssertionError, ValueError):
+        pass  # already registered (a re-import)
+    _LM_CLASS = EvomergeLM
+    return EvomergeLM
 
 
 def task_manager(task_paths: Sequence[str], names: Sequence[str] = ()):

@@ -9,6 +9,9 @@ Tasks (4-way log-likelihood multiple choice, metric `acc`): `zoo.search_tasks` a
 `zoo.test_tasks` are the L2 target on disjoint operand pairs; `zoo.other_tasks` are the same
 skill in L1 (expert A's own). A document reads `4 5 tepu 2 7 =` and is scored on the choices
 `7 2 !`, `1 8 !`, ... (digits and "=" are shared by both languages, words are not).
+Each task has a generate_until variant over the same data (`tasks.gen_task_name`:
+`zoo_arith_l2_search` -> `zoo_arith_l2_gen_search`, metric `exact_match`): greedy, stopped at
+the language's period, scored against the correct choice with whitespace and period ignored.
 
 Evaluating with lm-eval (facts for the evaluator author, checked with lm-eval 0.4.13):
 - Index only the zoo's tasks: `TaskManager(include_path=str(zoo.tasks_dir),

@@ -4,6 +4,7 @@ Layout of a zoo directory:
     models/{base,expert_a,expert_b}/   config.json, model.safetensors, generation_config.json,
                                        tokenizer.json, tokenizer_config.json
     tasks/zoo_arith_{l1,l2}_{search,test}.{yaml,jsonl}
+    tasks/zoo_arith_{l1,l2}_gen_{search,test}.yaml   generate_until variants over the same data
     manifest.json                      written last: a zoo without it is not a zoo
 """
 
@@ -33,6 +34,7 @@ from evomerge.zoo.kinds import FORMAT_VERSION, ModelShape, ZooSpec, zoo_spec
 from evomerge.zoo.score import choice_accuracy
 from evomerge.zoo.tasks import (
     LANGUAGES,
+    SPLITS,
     PairSplit,
     data_path,
     make_task_items,
@@ -55,7 +57,6 @@ from evomerge.zoo.vocab import BOS, PAD, VOCABULARY, build_tokenizer
 MANIFEST = "manifest.json"
 BASE_MODEL = "base"
 TARGET_LANGUAGE = "l2"
-SPLITS: tuple[str, ...] = ("search", "test")
 _REQUIRED_KEYS = (
     "format_version", "kind", "seed", "base_model", "models", "tasks", "build_seconds",
 )
@@ -131,7 +132,8 @@ def load_zoo(path: Path) -> Zoo:
     """Open a built zoo from its manifest.json; ZooError if it is missing or incomplete.
 
     If the directory was moved since it was built, its task YAMLs are rewritten to point at
-    the data files' new absolute paths.
+    the data files' new absolute paths. The YAMLs are written from this evomerge's templates
+    each time, so a zoo built before a task variant existed (the generate_until ones) gains it.
     """
     root = Path(path).absolute()
     manifest = _read_manifest(root)

@@ -9,6 +9,16 @@ in the text corpus). Search and test items use disjoint operand pairs.
 lm-eval joins context and choice with `target_delimiter` " ": context `4 5 plus 2 7 =`,
 continuation ` 7 2 .`. The whitespace word-level tokenizer splits the joined string at the
 same place, so the scored tokens are exactly the answer words (digits and period).
+
+Every task also has a `generate_until` variant over the same data file (`zoo_arith_l2_gen_search`
+beside `zoo_arith_l2_search`): the model greedily writes the answer after the question, stopped
+at its language's period (`.` in L1, `!` in L2) or after `GEN_MAX_TOKENS` tokens, and scores
+`exact_match` against the correct choice. The gold answer is `choices[label]` without a template:
+for `generate_until`, lm-eval indexes `doc_to_choice` by `doc_to_target`. Both sides are
+compared with every whitespace and the period removed (`exact_match`'s `regexes_to_ignore`), so
+`6 3 !`, ` 6 3` and `63` are the same answer: answer words are single digits, so nothing else
+can collapse onto a gold answer. These YAMLs need no data of their own, so a zoo opened by
+`load_zoo` gains them without a rebuild.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +35,16 @@ from typing import Any
 import yaml
 
 from evomerge.zoo.corpus import OPERATIONS, Problem, answer_words, problem_prompt
-from evomerge.zoo.vocab import Language
+from evomerge.zoo.vocab import PERIOD, Language
 
 NEAR_MISS_OFFSETS: tuple[int, ...] = (1, -1, 2, -2, 9, -9, 10, -10, 11, -11)
 N_CHOICES = 4
 LANGUAGES: tuple[Language, ...] = ("l1", "l2")
+SPLITS: tuple[str, ...] = ("search", "test")
+# The longest answer is 4 tokens (`1 9 8 !`, 99 + 99); the rest is margin for a model that
+# misses the period, so such an answer is cut off short and scored wrong.
+GEN_MAX_TOKENS = 8
+_TASK_NAME = re.compile(r"zoo_arith_(l1|l2)(_gen)?_(search|test)")
 
 
 @dataclass(frozen=True)
@@ -40,9 +56,33 @@ class PairSplit:
     test: tuple[tuple[int, int], ...]
 
 
-def task_name(language: Language, split: str) -> str:
-    """lm-eval task name, e.g. `zoo_arith_l2_search`."""
-    return f"zoo_arith_{language}_{split}"
+def task_name(language: Language, split: str, generate: bool = False) -> str:
+    """lm-eval task name, e.g. `zoo_arith_l2_search`; its generate_until variant (`generate`)
+    `zoo_arith_l2_gen_search`. Both read the data file `zoo_arith_l2_search.jsonl`."""
+    return f"zoo_arith_{language}{'_gen' if generate else ''}_{split}"
+
+
+def parse_task_name(name: str) -> tuple[Language, str, bool]:
+    """(language, split, generate) of a zoo task name; ValueError for any other name."""
+    match = _TASK_NAME.fullmatch(name)
+    if match is None:
+        raise ValueError(f"not a zoo task name: {name!r}")
+    language: Language = "l1" if match.group(1) == "l1" else "l2"
+    return language, match.group(3), match.group(2) is not None
+
+
+def gen_task_name(name: str) -> str:
+    """The generate_until variant of a multiple-choice zoo task:
+    `zoo_arith_l2_search` -> `zoo_arith_l2_gen_search`."""
+    language, split, _ = parse_task_name(name)
+    return task_name(language, split, generate=True)
+
+
+def task_metrics() -> dict[str, str]:
+    """Every task a zoo writes, with the metric it reports (`acc`, or `exact_match` for the
+    generate_until variants)."""
+    return {task_name(language, split, generate): "exact_match" if generate else "acc"
+            for language in LANGUAGES for generate in (False, True) for split in SPLITS}
 
 
 def all_pairs() -> list[tuple[int, int]]:
@@ -138,6 +178,37 @@ def task_yaml(name: str, data_file: Path) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
+def gen_task_yaml(name: str, data_file: Path, language: Language) -> str:
+    """lm-eval config text of a generate_until task over a multiple-choice task's data file."""
+    period = PERIOD[language]
+    config = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "question",
+        # generate_until with doc_to_choice: the gold answer is choices[label] (no template)
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "generation_kwargs": {
+            "until": [period],
+            "max_gen_toks": GEN_MAX_TOKENS,
+            "do_sample": False,
+            "temperature": 0.0,
+        },
+        "metric_list": [{
+            "metric": "exact_match",
+            "aggregation": "mean",
+            "higher_is_better": True,
+            # applied to the generation and the gold answer alike: `6 3 !` and ` 6 3 ` -> `63`
+            "regexes_to_ignore": [r"\s+", re.escape(period)],
+        }],
+        "metadata": {"version": 1.0},
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write a file atomically (readers never see a partial file)."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
@@ -154,16 +225,21 @@ def write_task_data(tasks_dir: Path, items: dict[str, list[dict[str, Any]]]) -> 
 
 
 def write_task_yamls(tasks_dir: Path, data_dir: Path, names: Sequence[str]) -> None:
-    """Write (or refresh) the YAMLs in `tasks_dir`, pointing at the data files in `data_dir`.
+    """Write (or refresh) the YAMLs in `tasks_dir`, pointing at the data files in `data_dir`:
+    for each (multiple-choice) task in `names`, its own YAML and its generate_until variant's.
 
     `data_dir` is where the data will live when the YAMLs are used, which differs from
     `tasks_dir` while a zoo is being built in a temporary directory.
     """
     for name in names:
-        text = task_yaml(name, data_path(data_dir.resolve(), name))
-        target = yaml_path(tasks_dir, name)
-        if not target.exists() or target.read_text(encoding="utf-8") != text:
-            _write_text(target, text)
+        data_file = data_path(data_dir.resolve(), name)
+        language, _, _ = parse_task_name(name)
+        generate = gen_task_name(name)
+        for task, text in ((name, task_yaml(name, data_file)),
+                           (generate, gen_task_yaml(generate, data_file, language))):
+            target = yaml_path(tasks_dir, task)
+            if not target.exists() or target.read_text(encoding="utf-8") != text:
+                _write_text(target, text)
 
 
 def read_items(tasks_dir: Path, name: str) -> list[dict[str, Any]]:

@@ -1,0 +1,170 @@
+"""Log-likelihood scoring that computes each shared context once.
+
+A multiple-choice item asks lm-eval for one ``(context, continuation)`` log-likelihood per
+choice; lm-eval's ``HFLM`` runs the model over ``context + continuation`` for every one of them
+(it only reuses logits when the continuations are a single token). Here requests that share a
+context are grouped: the context runs once, its KV cache is copied to one row per
+continuation, and only the continuation tokens run again. Groups are batched in order of
+length (longest first), so padding stays small.
+
+The result equals ``HFLM``'s for the same requests: the same left truncation to the model's
+window, the same log-softmax over the same logits, the same greedy test (every continuation
+token is the argmax). Only the batching differs, which moves log-likelihoods by float rounding.
+
+Pure torch; the lm-eval adapter that feeds it lives in ``lm_eval_runner``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Request = tuple[Sequence[int], Sequence[int]]
+
+
+@dataclass
+class _Group:
+    context: tuple[int, ...]
+    rows: list[tuple[int, tuple[int, ...]]]  # (request index, continuation)
+
+
+def truncate(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The context ``HFLM`` keeps: ``(context + continuation)[-(max_length + 1):]`` minus the
+    continuation, i.e. the context cut from the left so the model's input fits its window."""
+    if not context or not continuation:
+        raise ValueError("a log-likelihood request needs a non-empty context and continuation")
+    if len(continuation) > max_length:
+        raise ValueError(f"continuation of {len(continuation)} tokens exceeds the model's window ({max_length})")
+    keep = max_length + 1 - len(continuation)
+    return tuple(context[-keep:]), tuple(continuation)
+
+
+def cache_argument(model) -> Optional[str]:
+    """The name under which ``model``'s forward takes a KV cache (``cache`` in transformers
+    >= 5.2x, ``past_key_values`` before), or None when it takes none, or no explicit positions
+    and attention mask."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if not all(p in params for p in ("position_ids", "attention_mask")):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _takes(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_of(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def score(
+    model,
+    requests: Sequence[Request],
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device | str,
+    softmax_dtype: Optional[torch.dtype] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    on_done: Optional[Callable[[int, tuple[float, bool]], None]] = None,
+) -> list[tuple[float, bool]]:
+    """``(log-likelihood, is_greedy)`` of each request's continuation given its context.
+
+    ``batch_size`` bounds the continuation rows per forward (a group is never split, so one
+    context with more continuations than that runs as a batch of its own). ``on_done(i,
+    answer)`` is called as request ``i`` is scored.
+    """
+    groups: dict[tuple[int, ...], _Group] = {}
+    for i, (context, continuation) in enumerate(requests):
+        ctx, cont = truncate(context, continuation, max_length)
+        groups.setdefault(ctx, _Group(ctx, [])).rows.append((i, cont))
+    # longest first, like HFLM: memory problems show at once, and lengths in a batch are close
+    ordered = sorted(groups.values(), key=lambda g: (-(len(g.context) + max(len(c) for _, c in g.rows)), g.context))
+    out: list[Optional[tuple[float, bool]]] = [None] * len(requests)
+    batch: list[_Group] = []
+    rows = 0
+    for group in ordered:
+        if batch and rows + len(group.rows) > max(1, batch_size):
+            _score_batch(model, batch, out, device, softmax_dtype, autocast_dtype, on_done)
+            batch, rows = [], 0
+        batch.append(group)
+        rows += len(group.rows)
+    if batch:
+        _score_batch(model, batch, out, device, softmax_dtype, autocast_dtype, on_done)
+    return out  # type: ignore[return-value]
+
+
+def _score_batch(model, groups, out, device, softmax_dtype, autocast_dtype, on_done) -> None:
+    device = torch.device(device)
+    n_groups = len(groups)
+    ctx_lens = torch.tensor([len(g.context) for g in groups])
+    width = int(ctx_lens.max())
+    ids = torch.zeros((n_groups, width), dtype=torch.long)
+    ctx_mask = torch.zeros((n_groups, width), dtype=torch.long)
+    for g, group in enumerate(groups):
+        ids[g, width - len(group.context):] = torch.tensor(group.context)
+        ctx_mask[g, width - len(group.context):] = 1
+    # Left padding, as in generation: every context ends at the same slot, so the distance
+    # between two cache slots is the distance between the tokens (sliding-window attention
+    # masks by slot), and the last slot holds each context's last token. Positions count real
+    # tokens; pads take position 0.
+    ctx_pos = (ctx_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    rows = [(i, cont) for group in groups for i, cont in group.rows]
+    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group.rows])
+    cont_lens = torch.tensor([len(cont) for _, cont in rows])
+    span = int(cont_lens.max())
+    targets = torch.zeros((len(rows), span), dtype=torch.long)
+    for r, (_, cont) in enumerate(rows):
+        targets[r, : len(cont)] = torch.tensor(cont)
+    valid = torch.arange(span).unsqueeze(0) < cont_lens.unsqueeze(1)
+    cache_arg = cache_argument(model)
+
+    # only the logits of each context's last token (the last slot) are needed from the first pass
+    kwargs = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+    with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
+                                         enabled=autocast_dtype is not None):
+        first = model(
+            input_ids=ids.to(device),
+            attention_mask=ctx_mask.to(device),
+            position_ids=ctx_pos.to(device),
+            use_cache=span > 1,
+            **kwargs,
+        )
+        logits = first.logits[:, -1]
+        logits = logits[owner.to(logits.device)].unsqueeze(1)  # [rows, 1, vocab]
+        if span > 1:
+            cache = _cache_of(first)
+            cache.reorder_cache(owner.to(device))
+            fed = targets[:, :-1]
+            positions = ctx_lens[owner].unsqueeze(1) + torch.arange(span - 1).unsqueeze(0)
+            second = model(
+                input_ids=fed.to(device),
+                attention_mask=torch.cat([ctx_mask[owner], valid[:, :-1].long()], dim=1).to(device),
+                position_ids=positions.to(device),
+                use_cache=False,
+                **{cache_arg: cache},
+            )
+            logits = torch.cat([logits, second.logits.to(logits.device)], dim=1)  # [rows, span, vocab]
+        logp = F.log_softmax(logits, dim=-1, dtype=softmax_dtype)
+        targets = targets.to(logp.device)
+        valid = valid.to(logp.device)
+        token_logp = logp.gather(2, targets.unsqueeze(2)).squeeze(2).masked_fill(~valid, 0.0)
+        sums = token_logp.sum(dim=1).tolist()
+        greedy = ((logp.argmax(dim=-1) == targets) | ~valid).all(dim=1).tolist()
+    for r, (i, _) in enumerate(rows):
+        answer = (float(sums[r]), bool(greedy[r]))
+        out[i] = answer
+        if on_done is not None:
+            on_done(i, answer)
