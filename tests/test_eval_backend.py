@@ -96,6 +96,35 @@ def test_shared_context_scores_equal_hflm_for_every_family(family, tokenizer):
     assert all(ll < 0 for ll, _ in got)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_a_few_shot_prefix_shared_by_every_context_runs_once(family, tokenizer):
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate.shared_context import MIN_SHARED_PREFIX
+
+    config_class, kwargs = FAMILIES[family]
+    cfg = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    rng = random.Random(1)
+    prefix = [rng.randrange(3, cfg.vocab_size) for _ in range(MIN_SHARED_PREFIX + 4)]
+    requests = []
+    for n in range(6):
+        context = prefix + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(2, 6))]
+        for _ in range(4):
+            requests.append(((f"c{n}", str(len(requests))), context,
+                             [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(1, 4))]))
+    kw = dict(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=64)
+    ref = HFLM(**kw)._loglikelihood_tokens(requests, disable_tqdm=True)
+    got, calls = _calls(model, lambda: evomerge_lm_class()(**kw)._loglikelihood_tokens(requests, disable_tqdm=True))
+    assert max(abs(a[0] - b[0]) for a, b in zip(got, ref)) < 1e-4
+    assert [a[1] for a in got] == [b[1] for b in ref]
+    # the prefix alone first (one row), then the contexts' own tokens, then the continuations;
+    # gemma2's 8-token window is shorter than the sequences, so there the prefix is not shared
+    assert (calls[0][0] == len(prefix)) == (family != "gemma2"), calls
+
+
 def test_a_data_flow_shell_with_a_repeated_layer_scores_like_hflm(session_tiny_zoo, tokenizer):
     from evomerge.merge.dataflow import DataFlowModel, load_donors
     from evomerge.recipe import DFSRecipe, PathStep

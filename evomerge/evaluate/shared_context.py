@@ -5,7 +5,9 @@ choice; lm-eval's ``HFLM`` runs the model over ``context + continuation`` for ev
 (it only reuses logits when the continuations are a single token). Here requests that share a
 context are grouped: the context runs once, its KV cache is copied to one row per
 continuation, and only the continuation tokens run again. Groups are batched in order of
-length (longest first), so padding stays small.
+length (longest first), so padding stays small. A prefix that every context of a batch shares
+(few-shot examples that the task's sampler makes identical, e.g. ``first_n``) runs once for
+the batch, at least ``MIN_SHARED_PREFIX`` tokens long.
 
 The result equals ``HFLM``'s for the same requests: the same left truncation to the model's
 window, the same log-softmax over the same logits, the same greedy test (every continuation
@@ -105,21 +107,81 @@ def score(
     return out  # type: ignore[return-value]
 
 
+# A prefix common to every context of a batch (identical few-shot examples) runs once when it is
+# at least this long; shorter ones are not worth the extra forward call.
+MIN_SHARED_PREFIX = 16
+
+
+def _common_prefix(contexts: Sequence[tuple[int, ...]]) -> int:
+    """Length of the token prefix all ``contexts`` share, leaving each at least one own token."""
+    first = contexts[0]
+    n = min(len(c) for c in contexts) - 1
+    for c in contexts[1:]:
+        k = 0
+        while k < n and c[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def _sliding_window(model) -> Optional[int]:
+    """The smallest attention window of ``model``'s layers, None if every layer sees everything."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 def _score_batch(model, groups, out, device, softmax_dtype, autocast_dtype, on_done) -> None:
     device = torch.device(device)
     n_groups = len(groups)
+    cache_arg = cache_argument(model)
+    # A prefix every context shares runs once. Its suffixes are left-padded after it, so pads sit
+    # between prefix and suffix: harmless with explicit positions and mask, except that
+    # sliding-window attention counts cache slots, so there only when the window spans everything.
+    shared = _common_prefix([g.context for g in groups]) if n_groups > 1 else 0
+    if shared >= MIN_SHARED_PREFIX:
+        window = _sliding_window(model)
+        longest = max(len(g.context) + max(len(c) for _, c in g.rows) for g in groups)
+        if window is not None and window < longest + max(len(g.context) for g in groups):
+            shared = 0
+    else:
+        shared = 0
+    prefix_cache = None
+    if shared:
+        with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
+                                             enabled=autocast_dtype is not None):
+            prefix = model(
+                input_ids=torch.tensor([groups[0].context[:shared]], device=device),
+                attention_mask=torch.ones((1, shared), dtype=torch.long, device=device),
+                position_ids=torch.arange(shared, device=device).unsqueeze(0),
+                use_cache=True,
+                **({"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}),
+            )
+        prefix_cache = _cache_of(prefix)
+        prefix_cache.reorder_cache(torch.zeros(n_groups, dtype=torch.long, device=device))
+    suffixes = [g.context[shared:] for g in groups]
     ctx_lens = torch.tensor([len(g.context) for g in groups])
-    width = int(ctx_lens.max())
+    width = max(len(x) for x in suffixes)
     ids = torch.zeros((n_groups, width), dtype=torch.long)
     ctx_mask = torch.zeros((n_groups, width), dtype=torch.long)
-    for g, group in enumerate(groups):
-        ids[g, width - len(group.context):] = torch.tensor(group.context)
-        ctx_mask[g, width - len(group.context):] = 1
+    for g, suffix in enumerate(suffixes):
+        ids[g, width - len(suffix):] = torch.tensor(suffix)
+        ctx_mask[g, width - len(suffix):] = 1
     # Left padding, as in generation: every context ends at the same slot, so the distance
     # between two cache slots is the distance between the tokens (sliding-window attention
     # masks by slot), and the last slot holds each context's last token. Positions count real
-    # tokens; pads take position 0.
-    ctx_pos = (ctx_mask.cumsum(dim=1) - 1).clamp(min=0)
+    # tokens; pads take the position of the prefix's end (0 without a prefix).
+    ctx_pos = shared + (ctx_mask.cumsum(dim=1) - 1).clamp(min=0)
+    if shared:
+        ctx_mask = torch.cat([torch.ones((n_groups, shared), dtype=torch.long), ctx_mask], dim=1)
 
     rows = [(i, cont) for group in groups for i, cont in group.rows]
     owner = torch.tensor([g for g, group in enumerate(groups) for _ in group.rows])
@@ -129,17 +191,18 @@ def _score_batch(model, groups, out, device, softmax_dtype, autocast_dtype, on_d
     for r, (_, cont) in enumerate(rows):
         targets[r, : len(cont)] = torch.tensor(cont)
     valid = torch.arange(span).unsqueeze(0) < cont_lens.unsqueeze(1)
-    cache_arg = cache_argument(model)
 
     # only the logits of each context's last token (the last slot) are needed from the first pass
     kwargs = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                                          enabled=autocast_dtype is not None):
+        if prefix_cache is not None:
+            kwargs[cache_arg] = prefix_cache
         first = model(
             input_ids=ids.to(device),
             attention_mask=ctx_mask.to(device),
             position_ids=ctx_pos.to(device),
-            use_cache=span > 1,
+            use_cache=span > 1 or prefix_cache is not None,
             **kwargs,
         )
         logits = first.logits[:, -1]
