@@ -427,6 +427,9 @@ def _print_summary(s, as_json: bool = False) -> None:
         rows.append((f"source {name} (search)", f"{value:.4f}"))
     for name, value in sorted(s.test_scores.items(), key=lambda kv: (kv[0] != "best", kv[0])):
         rows.append((f"{name} (test)", f"{value:.4f}"))
+    if s.racing_stopped:
+        rows.append(("racing", "trials final at rung " + ", ".join(f"{k}: {n}" for k, n in enumerate(s.racing_stopped))
+                     + f"; {s.item_evaluations} item evaluations"))
     for reason, n in s.failure_reasons:
         rows.append((f"failed x{n}", reason))
     from evomerge.run_dir import BEST_RECIPE

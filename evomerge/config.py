@@ -79,6 +79,34 @@ class TaskSpec(_Frozen):
         return self
 
 
+class RacingConfig(_Frozen):
+    """Multi-fidelity fitness: every candidate is scored on ``rungs[0]`` items per search task
+    (fixed, stratified); only those that could still be among the best go on to the next rung's
+    items, and so on. The rung sets are nested: a promoted candidate is scored on the new items
+    only, and its score is the mean over all items it has seen (so metrics must be means of
+    per-item values, like acc and exact_match). A rung at or over a task's item count is all of
+    its items; the last rung is the fitness that counts (baselines are scored on it).
+
+    ``rule: top``: promote a candidate whose score at its rung is in the top ``promote`` share
+    of the scores seen at that rung so far. ``rule: bound``: promote it while its score plus
+    ``z`` standard errors reaches the best last-rung fitness so far.
+    """
+
+    rungs: tuple[int, ...] = Field(min_length=1)
+    rule: Literal["top", "bound"] = "top"
+    promote: float = Field(default=0.3, gt=0, le=1)
+    z: float = Field(default=2.0, gt=0, le=10)
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(n <= 0 for n in value):
+            raise ValueError("every rung is a positive number of items")
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"rungs must increase: {list(value)}")
+        return value
+
+
 # HFLM arguments the suite sets itself (model_args may not repeat them)
 _OWN_MODEL_ARGS = ("pretrained", "tokenizer", "device", "batch_size", "add_bos_token", "dtype")
 
@@ -112,6 +140,7 @@ class SuiteConfig(_Frozen):
     # continuous (its continuous batching) and static (a static cache) on the first batch and
     # keeps the fastest whose texts equal generate's. Not part of the hash either.
     generation: Literal["auto", "hf", "continuous", "static"] = "auto"
+    racing: Optional[RacingConfig] = None
 
     @model_validator(mode="after")
     def _has_tasks(self) -> "SuiteConfig":
@@ -142,7 +171,9 @@ class SuiteConfig(_Frozen):
         import hashlib
         import json
 
-        data = self.model_dump(mode="json", exclude={"cache", "backend", "generation"})
+        # racing changes which items a score is over, so it is hashed; absent, the hash is as before
+        data = self.model_dump(mode="json", exclude={"cache", "backend", "generation"}
+                               | (set() if self.racing else {"racing"}))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -285,6 +316,8 @@ class Experiment(_Frozen):
         uses_zoo = any(m.path.startswith(ZOO_PREFIX) for m in self.models) or "zoo" in self.suite.task_paths
         if uses_zoo and self.zoo is None:
             problems.append("zoo: models or suite.task_paths refer to the zoo, but no `zoo:` section is given")
+        if self.suite.racing is not None and self.optimizer.objectives == "per_task":
+            problems.append("suite.racing: racing ranks one fitness; it cannot be combined with objectives: per_task")
         if self.optimizer.objectives == "per_task" and len(self.suite.tasks) < 2:
             problems.append("suite.tasks: objectives per_task needs at least 2 search tasks (one objective each)")
         search = {t.name for t in self.suite.tasks}

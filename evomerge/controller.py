@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -32,8 +32,9 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness_cache import FitnessCache, recipe_key, source_key
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import DAMAGED, Ledger
+from evomerge.racing import Race, counts_for_best, tallies_of
 from evomerge.run_dir import (BEST_RECIPE, EXPERIMENT_COPY, EXPERIMENT_SOURCE, LEDGER, PARETO, RUN_INFO, SUMMARY,
-                              RunLock, load_run_experiment, read_info, write_info, write_json_atomic)
+                              ItemLog, RunLock, load_run_experiment, read_info, write_info, write_json_atomic)
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, recipe_from_dict
@@ -90,6 +91,9 @@ class RunSummary:
     pareto_trials: list[int] = field(default_factory=list)  # multi-objective runs: the Pareto front
     cached_trials: int = 0  # trials answered by the fitness cache (no worker)
     failure_reasons: list[list] = field(default_factory=list)  # [[reason, count], ...], commonest first
+    # racing: finished trials per rung they stopped at, and item evaluations of the search's trials
+    racing_stopped: list[int] = field(default_factory=list)
+    item_evaluations: Optional[int] = None
 
     @property
     def all_failed(self) -> bool:
@@ -396,7 +400,7 @@ class _Scoreboard:
         if rec["state"] != "complete":
             self.failed += 1
             return False
-        if self.best is None or rec["fitness"] > self.best[1]:
+        if counts_for_best(rec) and (self.best is None or rec["fitness"] > self.best[1]):
             self.best = (rec["trial_id"], float(rec["fitness"]), recipe_from_dict(rec["recipe"]))
         return self.multi_objective and self.front.add(rec["trial_id"], rec["objectives"])
 
@@ -485,6 +489,12 @@ class _RunState:
         self.redo: list[Candidate] = []
         self.missing_tells: list[Tell] = []
         self.cache = _ScoreCache(None, ctl.run_id)
+        self.items = ItemLog(ctl.run_dir)
+        racing = exp.suite.racing
+        self.race = Race(racing, exp.suite.tasks) if racing is not None else None
+        self.promoted: deque[_Work] = deque()  # racing: trials going on to their next rung
+        self.rung_seconds: dict[int, list[float]] = {}  # racing: merge and eval seconds so far
+        self.last_rungs: dict[int, dict] = {}  # racing: each unfinished trial's last rung record
 
     @property
     def finished(self) -> int:
@@ -506,10 +516,22 @@ class _RunState:
             if kind == "dispatch":
                 dispatched[(rec["island"], rec["generation"], rec["member"])] = rec
                 self.next_trial_id = max(self.next_trial_id, rec["trial_id"] + 1)
+            elif kind == "rung" and self.race is not None:
+                self.race.replay(rec)
+                self.last_rungs[rec["trial_id"]] = rec
+                spent = self.rung_seconds.setdefault(rec["trial_id"], [0.0, 0.0])
+                spent[0] += rec.get("merge_seconds", 0.0)
+                spent[1] += rec.get("eval_seconds", 0.0)
             elif kind == "trial":
                 finished[rec["trial_id"]] = rec
                 self.board.note(rec)
-                self.cache.remember(recipe_key(rec["recipe_hash"]), "search", rec)
+                if self.race is not None:
+                    self.race.finish(rec["trial_id"], rec.get("rung", self.race.last), rec["fitness"])
+                    self.race.fitness_by_rung.pop(rec["trial_id"], None)
+                    self.last_rungs.pop(rec["trial_id"], None)
+                    self.rung_seconds.pop(rec["trial_id"], None)
+                if counts_for_best(rec):
+                    self.cache.remember(recipe_key(rec["recipe_hash"]), "search", rec)
             elif kind == "tell":
                 tells[(rec["island"], rec["generation"])] = rec
             elif kind == "baseline":
@@ -543,8 +565,20 @@ class _RunState:
             _Work("baseline", EvalRequest(trial_id=-(i + 1), source=name, split="search"), label=name)
             for i, name in enumerate(self.sources) if name not in self.baselines_done
         )
-        queue.extend(_Work("trial", self._request(c), candidate=c) for c in self.redo)
+        finish_now = []
+        for c in self.redo:
+            last = self.last_rungs.get(c.trial_id)
+            if last is None:
+                queue.append(_Work("trial", self._request(c), candidate=c))
+            elif last["promoted"]:  # it was on its way to the next rung: go on from there
+                queue.append(_Work("trial", replace(self._request(c), rung=last["rung"] + 1), candidate=c))
+            else:  # its last rung was final; the process died before the trial was recorded
+                finish_now.append((c, last))
         self.redo = []
+        for c, last in finish_now:
+            self._finish_trial(_Work("trial", self._request(c), candidate=c), EvalResult(
+                trial_id=c.trial_id, state="complete", fitness=last["fitness"], scores=dict(last["scores"]),
+                worker=last.get("worker", ""), rung=last["rung"]))
         progress.start(exp.budget.max_trials, done=self.finished)
         stats = self._loop(dispatcher, queue, self._next_candidate, exhausted=lambda: self.scheduler.exhausted)
         busy, loop_s, wait_s, handled = stats["busy"], stats["loop_s"], stats["wait_s"], stats["handled"]
@@ -565,6 +599,13 @@ class _RunState:
             pareto_trials=board.front.trial_ids() if board.multi_objective else [],
             cached_trials=board.cached, failure_reasons=board.failure_reasons(),
         )
+        if self.race is not None:
+            stopped = [0] * (self.race.last + 1)
+            for rec in board.records:
+                if rec["state"] == "complete" and not rec.get("cached_from"):
+                    stopped[rec["rung"]] += 1
+            summary.racing_stopped = stopped
+            summary.item_evaluations = self.race.items_scored
         if loop_s > 0 and handled:
             summary.search_seconds = loop_s
             summary.worker_busy_fraction = busy / (dispatcher.num_workers * loop_s)
@@ -577,6 +618,8 @@ class _RunState:
         return summary
 
     def _next_candidate(self) -> Optional[_Work]:
+        if self.promoted:  # finish started trials first: their islands wait on them
+            return self.promoted.popleft()
         cand = self.scheduler.next()
         if cand is None:
             return None
@@ -585,7 +628,8 @@ class _RunState:
         return _Work("trial", self._request(cand), candidate=cand)
 
     def _request(self, cand: Candidate) -> EvalRequest:
-        return EvalRequest(trial_id=int(cand.trial_id), recipe=cand.recipe.to_dict())
+        return EvalRequest(trial_id=int(cand.trial_id), recipe=cand.recipe.to_dict(),
+                           rung=0 if self.race is not None else None)
 
     def _loop(self, dispatcher: Dispatcher, queue: deque[_Work], more: Callable[[], Optional[_Work]],
               exhausted: Callable[[], bool] = lambda: True) -> dict[str, float]:
@@ -609,9 +653,9 @@ class _RunState:
                 work = queue.popleft() if queue else more()
                 if work is None:
                     break
-                if work.kind == "trial":
+                if work.kind == "trial" and not work.request.rung:
                     self._record_dispatch(work.candidate)
-                hit = self.cache.lookup(work)
+                hit = self.cache.lookup(work) if not work.request.rung else None
                 if hit is not None:  # a score already known: no worker needed
                     handled += 1
                     getattr(self, f"_on_{work.kind}")(work, hit)
@@ -629,7 +673,8 @@ class _RunState:
             for res in results:
                 work = inflight.pop((res.split, res.trial_id))
                 res = _normalized(res)
-                self.cache.add(work, res)
+                if work.request.rung is None:  # racing rungs are cached once final (_finish_trial)
+                    self.cache.add(work, res)
                 busy += res.merge_seconds + res.eval_seconds
                 if steady_s is None:
                     steady_busy += res.merge_seconds + res.eval_seconds
@@ -647,9 +692,46 @@ class _RunState:
         })
 
     def _on_trial(self, work: _Work, res: EvalResult) -> None:
+        """A trial's result; under racing, one rung's: promote it, or make its score so far final."""
+        race = self.race
+        if res.state == "complete" and not res.cached_from:
+            self.items.append(res.items, trial_id=res.trial_id, rung=work.request.rung)
+        if race is None or work.request.rung is None or res.cached_from:
+            if race is not None and res.cached_from:
+                res.rung = race.last  # this run caches racing scores only from the last rung
+            return self._finish_trial(work, res)
+        rung = work.request.rung
+        spent = self.rung_seconds.setdefault(res.trial_id, [0.0, 0.0])
+        spent[0] += res.merge_seconds
+        spent[1] += res.eval_seconds
+        if res.state != "complete":
+            return self._finish_trial(work, res)
+        try:
+            fitness, scores, se = race.add(res.trial_id, rung, tallies_of(res.items))
+        except ValueError as exc:  # a rung without items for a task: the suite cannot race
+            return self._finish_trial(work, replace(res, state="failed", fitness=None, error=str(exc)))
+        promoted = race.promote(rung, fitness, se)
+        rec = {"kind": "rung", "trial_id": res.trial_id, "rung": rung, "fitness": fitness, "scores": scores,
+               "stderr": se, "tallies": tallies_of(res.items), "promoted": promoted,
+               "merge_seconds": res.merge_seconds, "eval_seconds": res.eval_seconds, "worker": res.worker,
+               "at": time.time()}
+        self.ledger.append(rec)
+        self.last_rungs[res.trial_id] = rec
+        if promoted:
+            self.promoted.append(_Work("trial", replace(work.request, rung=rung + 1), candidate=work.candidate))
+            return
+        self._finish_trial(work, replace(res, fitness=fitness, scores=scores, rung=rung))
+
+    def _finish_trial(self, work: _Work, res: EvalResult) -> None:
         """Ledger first (the source of truth), then best_recipe.yaml, tracker, optimizer, progress."""
         cand = work.candidate
         board = self.board
+        race = self.race
+        if race is not None:
+            spent = self.rung_seconds.pop(res.trial_id, None)
+            if spent is not None:
+                res = replace(res, merge_seconds=spent[0], eval_seconds=spent[1])
+            self.last_rungs.pop(res.trial_id, None)
         objectives = None
         if board.multi_objective and res.state == "complete":
             objectives = [float(res.scores[t.name]) for t in self.exp.suite.tasks]
@@ -665,6 +747,12 @@ class _RunState:
             rec["cached_from"] = res.cached_from
         if board.multi_objective:
             rec["objectives"] = objectives
+        if race is not None:
+            rung = res.rung if res.rung is not None else race.last
+            rec.update(rung=rung, last_rung=race.last, rung_fitness=race.fitness_by_rung.pop(res.trial_id, []))
+            race.finish(res.trial_id, rung, res.fitness if res.state == "complete" else None)
+            if res.state == "complete" and rung == race.last and not res.cached_from:
+                self.cache.add(work, res)
         self.ledger.append(rec)
         previous_best = board.best
         if board.note(rec):
@@ -687,6 +775,8 @@ class _RunState:
                             "at": time.time()})
 
     def _on_baseline(self, work: _Work, res: EvalResult) -> None:
+        if res.state == "complete" and not res.cached_from:
+            self.items.append(res.items, source=work.label)
         self.ledger.append({"kind": "baseline", "model": work.label, "split": res.split, "state": res.state,
                             "fitness": res.fitness, "scores": res.scores, "eval_seconds": res.eval_seconds,
                             "error": res.error, "finished_at": time.time(),

@@ -116,12 +116,19 @@ class Ledger:
         return [r for r in self if kind is None or r.get("kind") == kind]
 
 
+def counts_for_best(rec: dict[str, Any]) -> bool:
+    """Whether a trial record may be the run's best: a racing trial only when scored on the last
+    rung (a score on a few items is not compared with full ones; see :mod:`evomerge.racing`)."""
+    return rec.get("rung") is None or rec.get("rung") == rec.get("last_rung")
+
+
 def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The complete trial record with the highest fitness; ties go to the one finished first
-    (ledger order) — the rule the controller uses for best_recipe.yaml."""
+    (ledger order) — the rule the controller uses for best_recipe.yaml. Racing: among the trials
+    scored on the last rung."""
     best = None
     for r in trials:
-        if r.get("state") == "complete" and (best is None or r["fitness"] > best["fitness"]):
+        if r.get("state") == "complete" and counts_for_best(r) and (best is None or r["fitness"] > best["fitness"]):
             best = r
     return best
 

@@ -3,7 +3,8 @@
 A run dir holds ``ledger.jsonl`` (the source of truth, see :mod:`evomerge.ledger`),
 ``run.json`` (ids, tracking URI, status), ``experiment.yaml`` (the resolved config) and
 ``experiment.source.yaml`` (as written), ``summary.json``, ``best_recipe.yaml``,
-``pareto.json``, ``plots/``, the sqlite MLflow store and ``.lock``. Other modules name these
+``pareto.json``, ``items.jsonl`` (per-item scores, see :class:`ItemLog`), ``plots/``, the
+sqlite MLflow store and ``.lock``. Other modules name these
 files through the constants here, never by spelling them.
 
 Paths in ``run.json`` that point inside the run dir (the default sqlite MLflow store) are
@@ -38,6 +39,7 @@ EXPERIMENT_COPY = "experiment.yaml"
 EXPERIMENT_SOURCE = "experiment.source.yaml"  # the file as the user wrote it (paths unresolved)
 PLOTS = "plots"
 LOCK = ".lock"
+ITEMS = "items.jsonl"
 _HERE = "{run_dir}"
 _PATH_KEYS = ("tracking_uri",)
 
@@ -147,3 +149,77 @@ class RunLock:
         finally:
             os.close(fd)
         return False
+
+
+class ItemLog:
+    """``items.jsonl``: the per-item scores of every search-split evaluation (trials, each racing
+    rung, baselines), for racing, cheap-fitness studies and niche-based optimizers.
+
+    Compact: a document list is written once (a ``docs`` line with a short key) and referred
+    to by its key; values that are all 0 or 1 are a string of ``0``/``1`` characters, others a
+    list of numbers. A score line: ``{"trial_id": 12 | "source": "base", "rung": 0 | null,
+    "task": leaf task, "docs": key, "values": "0110..."}``. Appended and flushed per line; not
+    the source of truth (the ledger is), so a torn last line is skipped on reading.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ITEMS
+        self._keys: dict[tuple[str, tuple[int, ...]], str] = {}
+        for rec in read_items_raw(self.path):
+            if rec.get("kind") == "docs":
+                self._keys[(rec["task"], tuple(rec["docs"]))] = rec["key"]
+
+    def append(self, items: Optional[dict], *, trial_id: Optional[int] = None, source: Optional[str] = None,
+               rung: Optional[int] = None) -> None:
+        if not items:
+            return
+        import hashlib
+
+        lines = []
+        for leaf, entry in sorted(items.items()):
+            docs = tuple(int(d) for d in entry["docs"])
+            key = self._keys.get((leaf, docs))
+            if key is None:
+                key = hashlib.sha256(json.dumps([leaf, docs]).encode()).hexdigest()[:12]
+                self._keys[(leaf, docs)] = key
+                lines.append({"kind": "docs", "key": key, "task": leaf, "docs": list(docs)})
+            values = entry["values"]
+            packed: Any = ("".join("1" if v == 1 else "0" for v in values)
+                           if all(v in (0, 1) for v in values) else [float(v) for v in values])
+            owner = {"trial_id": trial_id} if source is None else {"source": source}
+            lines.append({"kind": "score", **owner, "rung": rung, "task": leaf, "docs": key, "values": packed})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines))
+            f.flush()
+
+
+def read_items_raw(path: Path) -> list[dict]:
+    """The lines of an ``items.jsonl`` (a torn or damaged line is skipped)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def read_items(run_dir: Path) -> list[dict]:
+    """Every per-item score of a run, expanded: ``{"trial_id" | "source", "rung", "task",
+    "items": {doc id: value}}``, in the order they were written."""
+    docs: dict[str, list[int]] = {}
+    out = []
+    for rec in read_items_raw(Path(run_dir) / ITEMS):
+        if rec.get("kind") == "docs":
+            docs[rec["key"]] = rec["docs"]
+        elif rec.get("kind") == "score" and rec.get("docs") in docs:
+            values = rec["values"]
+            values = [float(c) for c in values] if isinstance(values, str) else values
+            owner = {k: rec[k] for k in ("trial_id", "source") if k in rec}
+            out.append({**owner, "rung": rec.get("rung"), "task": rec["task"],
+                        "items": dict(zip(docs[rec["docs"]], values))})
+    return out

@@ -23,11 +23,14 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         state = "interrupted"  # the process died without saying so: `evomerge resume` continues it
     dispatched: set[int] = set()
     done: list[dict] = []
+    rungs: list[dict] = []
     for rec in Ledger(run_dir / LEDGER):
         if rec.get("kind") == "dispatch":
             dispatched.add(rec["trial_id"])
         elif rec.get("kind") == "trial":
             done.append(rec)
+        elif rec.get("kind") == "rung":
+            rungs.append(rec)
     finished_ids = {r["trial_id"] for r in done}
     complete = [r for r in done if r["state"] == "complete"]
     best: Optional[dict] = best_trial(done)
@@ -57,7 +60,21 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "tracking_uri": info.get("tracking_uri"),
         "mlflow_run_id": info.get("mlflow_run_id"),
         "resumed": info.get("resumed", 0),
+        "racing": _racing(done, rungs),
     }
+
+
+def _racing(done: list[dict], rungs: list[dict]) -> Optional[dict[str, Any]]:
+    """Racing runs: how many finished trials stopped at each rung, and the item evaluations."""
+    racing = [r for r in done if r.get("last_rung") is not None]
+    if not racing:
+        return None
+    stopped = [0] * (racing[0]["last_rung"] + 1)
+    for r in racing:
+        if r["state"] == "complete" and not r.get("cached_from"):
+            stopped[r["rung"]] += 1
+    items = sum(int(n) for rec in rungs for n, _, _ in rec["tallies"].values())
+    return {"stopped_at_rung": stopped, "item_evaluations": items}
 
 
 def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
@@ -69,6 +86,10 @@ def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
                    + (f"{s['trials_cached']} from the fitness cache, " if s.get("trials_cached") else "")
                    + f"{s['trials_running']} running ({s['islands']} island(s))"),
     ]
+    if s.get("racing"):
+        r = s["racing"]
+        rows.append(("racing", "trials final at rung " + ", ".join(f"{k}: {n}" for k, n in enumerate(r["stopped_at_rung"]))
+                     + f"; {r['item_evaluations']} item evaluations"))
     if s["best_fitness"] is not None:
         rows.append(("best", f"{s['best_fitness']:.4f}  trial {s['best_trial']}, recipe {s['best_recipe_hash']}"))
     if s["trials_per_hour"] is not None:

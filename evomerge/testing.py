@@ -102,16 +102,16 @@ class FaultInjectingWorker(TrialWorker):
         return result
 
     def _failing(self, request: EvalRequest) -> EvalResult:
-        original = self.evaluator.evaluate
+        original = self.evaluator.score
 
-        def boom(split):
+        def boom(*args, **kwargs):
             raise RuntimeError(f"injected failure in trial {request.trial_id}")
 
-        self.evaluator.evaluate = boom
+        self.evaluator.score = boom
         try:
             return super().run(request)
         finally:
-            self.evaluator.evaluate = original
+            self.evaluator.score = original
 
 
 class VirtualDispatcher:

@@ -52,6 +52,7 @@ class EvalRequest:
     recipe: Optional[dict] = None
     source: Optional[str] = None
     split: Split = "search"
+    rung: Optional[int] = None  # racing: score this rung's new items only (None: the fitness that counts)
 
     def __post_init__(self) -> None:
         if (self.recipe is None) == (self.source is None):
@@ -73,6 +74,9 @@ class EvalResult:
     split: Split = "search"
     attempts: int = 1  # > 1 when the request was retried after its worker died
     cached_from: Optional[str] = None  # answered by the fitness cache: where the score came from
+    # per-item values of a search-split score: {leaf task: {"task", "docs", "values"}}
+    items: Optional[dict[str, dict]] = None
+    rung: Optional[int] = None
 
 
 class TrialWorker:
@@ -160,7 +164,8 @@ class TrialWorker:
 
     def run(self, request: EvalRequest) -> EvalResult:
         """Merge (or load) and score; any failure becomes a failed result with its reason."""
-        result = EvalResult(trial_id=request.trial_id, state="failed", worker=self.name, split=request.split)
+        result = EvalResult(trial_id=request.trial_id, state="failed", worker=self.name, split=request.split,
+                            rung=request.rung)
         visiting = None
         try:
             t0 = time.perf_counter()
@@ -183,15 +188,19 @@ class TrialWorker:
             else:
                 self._load_source(request.source)
             t1 = time.perf_counter()
-            scores = self.evaluator.evaluate(request.split)
+            rung = request.rung
+            scores, items = self.evaluator.score(request.split, rung=rung, new_only=bool(rung))
             t2 = time.perf_counter()
             tasks = self.spec.suite.tasks if request.split == "search" else self.spec.suite.test_tasks
-            fitness = weighted_fitness(tasks, scores)
+            if rung:  # a later rung's new items only: the controller combines them with the earlier rungs'
+                tasks = [t for t in tasks if t.name in scores]
+            fitness = weighted_fitness(tasks, scores) if tasks else 0.0
             if not math.isfinite(fitness):
                 raise EvaluationError(f"fitness is not finite: {fitness}")
             result.state = "complete"
             result.fitness = fitness
             result.scores = scores
+            result.items = items if request.split == "search" else None
             result.merge_seconds = t1 - t0
             result.eval_seconds = t2 - t1
         except EvomergeError as exc:

@@ -69,6 +69,9 @@ class LmEvalEvaluator:
                     if suite.gen_kwargs and task.OUTPUT_TYPE == "generate_until":
                         task.set_config(key="generation_kwargs", value=dict(suite.gen_kwargs), update=True)
             self._splits[split] = (tasks, task_dict, self._items(tasks, task_dict))
+        self._rungs: dict[str, list[list[int]]] = {}
+        if suite.racing is not None:
+            self._rungs = self._rung_items(suite.racing.rungs)
 
     def _items(self, tasks: Sequence[TaskSpec], task_dict: dict) -> Optional[dict[str, list[int]]]:
         """Which documents each leaf task scores (None: all of them)."""
@@ -84,6 +87,59 @@ class LmEvalEvaluator:
                     items[name] = list(range(min(spec.limit or n, n)))
         return items
 
+    def _rung_items(self, sizes: Sequence[int]) -> dict[str, list[list[int]]]:
+        """Per search leaf task, the documents of each racing rung: nested prefixes of one
+        stratified order over the task's scored items (every prefix is itself stratified)."""
+        from lm_eval.api.metrics import mean
+
+        tasks, task_dict, chosen = self._splits["search"]
+        out: dict[str, list[list[int]]] = {}
+        for spec in tasks:
+            for name, task in _leaves_of(task_dict, spec.name).items():
+                aggregate = task.aggregation().get(spec.metric)
+                if aggregate is not mean:
+                    raise EvaluationError(
+                        f"suite.racing: task {name!r} aggregates {spec.metric!r} with "
+                        f"{getattr(aggregate, '__name__', aggregate)!r}, not a mean of per-item values; "
+                        "racing combines rungs item by item, so it needs a mean metric (acc, exact_match, ...)")
+                pool = chosen[name] if chosen and name in chosen else list(range(len(task.eval_docs)))
+                order = stratified_order(task, pool, self.suite.subsample_seed, name)
+                out[name] = [sorted(order[: min(n, len(order))]) for n in sizes]
+        return out
+
+    @property
+    def rungs(self) -> int:
+        """Racing rungs of the search split (0 without racing)."""
+        return len(next(iter(self._rungs.values()))) if self._rungs else 0
+
+    def score(self, split: Split = "search", rung: Optional[int] = None, new_only: bool = False
+              ) -> tuple[dict[str, float], dict[str, dict]]:
+        """Per-task metric values of the model as its weights are *now*, and per-item values:
+        ``{leaf task: {"task": suite task, "docs": [doc ids], "values": [the metric per doc]}}``.
+
+        Racing (search split): ``rung=k`` scores the documents of rung k (``new_only``: only
+        those not in rung k-1); ``rung=None`` scores the last rung's documents (the fitness
+        that counts, e.g. for a source's baseline).
+        """
+        if split not in self._splits:
+            raise EvaluationError(f"the suite has no {split} tasks")
+        samples = self._splits[split][2]
+        if split == "search" and self._rungs:
+            last = self.rungs - 1
+            k = last if rung is None else rung
+            if not 0 <= k <= last:
+                raise EvaluationError(f"racing has rungs 0..{last}; rung {k} asked")
+            samples = {}
+            for name, sets in self._rungs.items():
+                docs = sets[k]
+                if new_only and k > 0:
+                    before = set(sets[k - 1])
+                    docs = [d for d in docs if d not in before]
+                samples[name] = docs
+        elif rung is not None:
+            raise EvaluationError("a rung was asked, but the suite does not race (suite.racing)")
+        return self._run(split, samples)
+
     def has_split(self, split: Split) -> bool:
         return split in self._splits
 
@@ -94,19 +150,27 @@ class LmEvalEvaluator:
                 for spec in tasks for name, task in _leaves_of(task_dict, spec.name).items()}
 
     def evaluate(self, split: Split = "search") -> dict[str, float]:
-        """Per-task metric values of the model as its weights are *now*."""
+        """Per-task metric values of the model as its weights are *now* (racing: on the last rung)."""
+        return self.score(split)[0]
+
+    def _run(self, split: Split, samples: Optional[dict[str, list[int]]]) -> tuple[dict[str, float], dict[str, dict]]:
         from lm_eval.evaluator import evaluate
 
-        if split not in self._splits:
-            raise EvaluationError(f"the suite has no {split} tasks")
-        tasks, task_dict, samples = self._splits[split]
+        tasks, task_dict, _ = self._splits[split]
+        if samples is not None and samples and not any(samples.values()):
+            return {}, {}  # this rung adds no documents to any task
+        if samples is not None and any(not docs for docs in samples.values()):
+            # a rung that adds no documents to a task (it has fewer items than the rung before)
+            empty = [n for n, docs in samples.items() if not docs]
+            samples = {n: d for n, d in samples.items() if d}
+            task_dict = _without(task_dict, empty)
         with contextlib.redirect_stdout(io.StringIO()):
             out = evaluate(
                 lm=self._lm,
                 task_dict=task_dict,
                 samples=samples,
                 bootstrap_iters=0,
-                log_samples=False,
+                log_samples=True,
                 verbosity="ERROR",
                 system_instruction=self.suite.system_instruction,
                 apply_chat_template=self.suite.apply_chat_template,
@@ -116,14 +180,25 @@ class LmEvalEvaluator:
             raise EvaluationError("lm-eval returned no results")
         results = out["results"]
         scores: dict[str, float] = {}
+        items: dict[str, dict] = {}
         for t in tasks:
             task_results = results.get(t.name, {})
             key = next((k for k in task_results if k == t.metric or k.startswith(t.metric + ",")), None)
             if key is None:
+                if samples is not None and all(n not in samples for n in _leaves_of(self._splits[split][1], t.name)):
+                    continue  # nothing of this task on this rung
                 have = sorted(k.split(",")[0] for k in task_results if not k.endswith("_stderr") and "," in k)
                 raise EvaluationError(f"task {t.name!r} has no metric {t.metric!r}; it reports {have}")
             scores[t.name] = float(task_results[key])
-        return scores
+            chosen_filter = key.split(",", 1)[1] if "," in key else "none"
+            for leaf in _leaves_of(self._splits[split][1], t.name):
+                rows = [r for r in out.get("samples", {}).get(leaf, []) if r.get("filter", "none") == chosen_filter
+                        and t.metric in r]
+                if rows:
+                    rows.sort(key=lambda r: r["doc_id"])
+                    items[leaf] = {"task": t.name, "docs": [int(r["doc_id"]) for r in rows],
+                                   "values": [float(r[t.metric]) for r in rows]}
+        return scores, items
 
 
 _LM_CLASS = None
@@ -218,6 +293,47 @@ def evomerge_lm_class():
         pass  # already registered (a re-import)
     _LM_CLASS = EvomergeLM
     return EvomergeLM
+
+
+def _without(task_dict: dict, names: Sequence[str]) -> dict:
+    """``task_dict`` without the leaf tasks ``names`` (flat dicts; groups keep their members)."""
+    return {k: v for k, v in task_dict.items() if (getattr(k, "group_name", None) or str(k)) not in names}
+
+
+def stratified_order(task, pool: Sequence[int], seed: int, name: str) -> list[int]:
+    """The documents of ``pool`` in an order whose every prefix is stratified like
+    :func:`stratified_subsample` (strata: the targets when few, else prompt-length bins):
+    each next document comes from the stratum furthest behind its share; within a stratum
+    the order is random, seeded by (seed, task name)."""
+    import zlib
+
+    import numpy as np
+
+    docs = task.eval_docs
+    pool = list(pool)
+    if not pool:
+        return []
+    targets = [str(task.doc_to_target(docs[i])) for i in pool]
+    if len(set(targets)) <= max(2, len(pool) // 4):
+        keys = targets
+    else:
+        lengths = np.array([len(str(task.doc_to_text(docs[i]))) for i in pool])
+        edges = np.quantile(lengths, [0.2, 0.4, 0.6, 0.8])
+        keys = [str(int(np.searchsorted(edges, x, side="right"))) for x in lengths]
+    strata: dict[str, list[int]] = {}
+    for i, k in zip(pool, keys):
+        strata.setdefault(k, []).append(i)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 1])
+    order_keys = sorted(strata)
+    queues = {k: [strata[k][j] for j in rng.permutation(len(strata[k]))] for k in order_keys}
+    share = {k: len(strata[k]) / len(pool) for k in order_keys}
+    taken = dict.fromkeys(order_keys, 0)
+    out: list[int] = []
+    for step in range(1, len(pool) + 1):
+        k = max((k for k in order_keys if taken[k] < len(queues[k])), key=lambda k: (step * share[k] - taken[k], -order_keys.index(k)))
+        out.append(int(queues[k][taken[k]]))
+        taken[k] += 1
+    return out
 
 
 def task_manager(task_paths: Sequence[str], names: Sequence[str] = ()):

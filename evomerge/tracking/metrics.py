@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from evomerge.pareto import ParetoFront
+from evomerge.ledger import counts_for_best
 
 
 def trial_metric_rows(trials: list[dict], multi_objective: bool, start: int = 0) -> list[tuple[int, dict[str, float]]]:
@@ -13,7 +14,7 @@ def trial_metric_rows(trials: list[dict], multi_objective: bool, start: int = 0)
     best: Optional[float] = None
     front = ParetoFront()
     for step, rec in enumerate(trials):
-        if rec["state"] == "complete":
+        if rec["state"] == "complete" and counts_for_best(rec):
             best = rec["fitness"] if best is None else max(best, rec["fitness"])
             if multi_objective:
                 front.add(rec["trial_id"], rec["objectives"])
@@ -31,6 +32,8 @@ def trial_metrics(rec: dict, best: Optional[float], pareto_size: Optional[int] =
         metrics["best_fitness"] = best
     if pareto_size is not None:
         metrics["pareto_size"] = float(pareto_size)
+    if rec.get("rung") is not None:  # racing: the rung the trial's score is from
+        metrics["rung"] = float(rec["rung"])
     if rec["fitness"] is not None:
         metrics["fitness"] = rec["fitness"]
         metrics.update({f"score.{k}": v for k, v in rec["scores"].items()})
