@@ -1,27 +1,30 @@
-"""Fitness throughput: lm-eval scoring vs a bare forward pass over the same tokens.
+"""Fitness throughput: what one evaluation costs per request kind, through lm-eval's ``HFLM``,
+through evomerge's backend, and as a bare forward pass over the same tokens.
 
-A worker scores the search task through lm-eval on the in-memory model, as in a search: with
-evomerge's backend (``suite.backend: evomerge``, the default: each shared context runs once,
-continuations are scored from its KV cache) and with lm-eval's ``HFLM`` as is
-(``suite.backend: hf``); the accuracy of both is printed (it must be the same). The same loglikelihood requests — each (context, continuation) pair of the task —
-are then run as bare forward passes: the sequences tokenized once, sorted by length, padded
-per batch of ``--batch-size``, one ``model(input_ids)`` per batch. Both count the same
-tokens (every request's context + continuation), so tokens/s compare like for like; the
-bare pass is the floor of what scoring these requests costs on this device. It also prints
-the padding share of the bare batches.
+A worker scores a task through lm-eval on its in-memory model, as in a search. For each request
+kind — multiple choice zero-shot and 5-shot (the zoo's search task, 300 items x 4 choices) and
+generation (its generate_until variant) — this prints, in one run on one model: the seconds
+per evaluation and the tokens fed to the model (counted at its forward, padding included) with
+``HFLM`` (``suite.backend: hf``) and with the evomerge backend (the default: each shared context
+runs once, continuations are scored from its KV cache), and both scores (they must be equal).
+For the log-likelihood kinds, the same (context, continuation) pairs also run as bare forward
+passes (sorted by length, padded per batch of ``--batch-size``): the floor of HFLM's approach.
 
-- CPU (default): the cross-skill zoo's expert_a on its search task (300 items x 4 choices).
+Targets on 2 CPU threads (issue: fitness cost): 5-shot multiple choice >= 2x faster than
+``HFLM``; zero-shot never slower.
+
+- CPU (default): the cross-skill zoo's expert_a.
 - ``--shape 1b --device cuda``: a randomly initialised ~1B Llama-shaped model (hidden 2048,
-  16 layers, GQA 32/8, the zoo's tokenizer) in bf16 on the GPU, same task, built in memory.
+  16 layers, GQA 32/8, the zoo's tokenizer) in bf16 on the GPU, same tasks, built in memory.
 
-``--generate``: greedy generation instead (batch ``--batch-size``, ``--new-tokens`` new tokens,
-prompts: the search task's questions; no stop string when ``--new-tokens`` is given, so every
-decoder generates the same number of tokens): lm-eval's ``HFLM`` and the evomerge backend with
-each decoder (``generate``, continuous batching, static cache, and ``auto``'s pick), each
-checked against ``HFLM``'s texts.
+``--generate``: greedy generation per decoder instead (batch ``--batch-size``, ``--new-tokens``
+new tokens, prompts: the search task's questions; no stop string when ``--new-tokens`` is
+given, so every decoder generates the same number of tokens): lm-eval's ``HFLM`` and the
+evomerge backend with each decoder (``generate``, continuous batching, static cache, and
+``auto``'s pick), each checked against ``HFLM``'s texts.
 
 Usage: python benchmarks/fitness_throughput.py [--device cpu|cuda] [--shape zoo|1b] [--batch-size 64] [--repeats 3]
-       [--items N]   (a smoke run on the first N items)
+       [--threads N] [--items N]   (a smoke run on the first N items)
        [--generate [--new-tokens N] [--prompts N]]
 """
 
@@ -40,6 +43,14 @@ sys.path.insert(0, str(ROOT))
 from evomerge.config import load_experiment  # noqa: E402
 from evomerge.evaluate.lm_eval_runner import LmEvalEvaluator  # noqa: E402
 from evomerge.zoo import build_zoo  # noqa: E402
+
+
+TASK = "zoo_arith_l2_search"
+KINDS = [  # (request kind, task, few-shot examples)
+    ("multiple choice, 0-shot", TASK, None),
+    ("multiple choice, 5-shot", TASK, 5),
+    ("generation (greedy, <= 8 tokens)", "zoo_arith_l2_gen_search", None),
+]
 
 
 def requests_of(evaluator: LmEvalEvaluator) -> list[tuple[str, str]]:
@@ -90,36 +101,62 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model = model.to(args.device).eval()
     params = sum(p.numel() for p in model.parameters())
-    tasks = tuple(t.model_copy(update={"limit": args.items}) for t in exp.suite.tasks)
-    suite = exp.suite.model_copy(update={"batch_size": args.batch_size, "test_tasks": (), "tasks": tasks})
-    evaluators = {backend: LmEvalEvaluator(model, tokenizer, suite.model_copy(update={"backend": backend}),
-                                           [str(zoo.tasks_dir)], device=args.device)
-                  for backend in ("evomerge", "hf")}
-    evaluator = evaluators["hf"]
-
-    if args.generate:
-        return generation(args, model, tokenizer, evaluator, params, dtype)
-
-    pairs = requests_of(evaluator)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    seqs = [bos + tokenizer(c, add_special_tokens=False).input_ids + tokenizer(x, add_special_tokens=False).input_ids
-            for c, x in pairs]
-    tokens = sum(len(s) for s in seqs)
 
     def sync() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    lm_eval_s, scores = {}, {}
-    for backend, ev in evaluators.items():
-        scores[backend] = ev.evaluate("search")  # warm-up
-        sync()
-        t = time.perf_counter()
-        for _ in range(args.repeats):
-            ev.evaluate("search")
-        sync()
-        lm_eval_s[backend] = (time.perf_counter() - t) / args.repeats
+    def evaluators_for(task: str, fewshot):
+        spec = exp.suite.tasks[0].model_copy(update={"name": task, "limit": args.items, "num_fewshot": fewshot,
+                                                     "metric": "exact_match" if "_gen_" in task else "acc"})
+        suite = exp.suite.model_copy(update={"batch_size": args.batch_size, "test_tasks": (), "tasks": (spec,)})
+        return {backend: LmEvalEvaluator(model, tokenizer, suite.model_copy(update={"backend": backend}),
+                                         [str(zoo.tasks_dir)], device=args.device)
+                for backend in ("evomerge", "hf")}
 
+    if args.generate:
+        return generation(args, model, tokenizer, evaluators_for(TASK, None)["hf"], params, dtype)
+
+    print(f"model: {args.shape} ({params / 1e6:.1f} M params, {dtype}), device {args.device}, "
+          f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, {args.repeats} repeats")
+    print("| request kind | path | seconds per evaluation | tokens fed to the model | vs HFLM | score |")
+    print("|---|---|---|---|---|---|")
+    for kind, task, fewshot in KINDS:
+        evaluators = evaluators_for(task, fewshot)
+        timed, fed, scores = {}, {}, {}
+        for backend, ev in evaluators.items():
+            scores[backend] = next(iter(ev.evaluate("search").values()))  # warm-up (and tokenization memo)
+            counted = []
+            hook = model.register_forward_pre_hook(
+                lambda _m, a, kw: counted.append((kw.get("input_ids", a[0] if a else None)).numel()), with_kwargs=True)
+            try:
+                ev.evaluate("search")
+            finally:
+                hook.remove()
+            fed[backend] = sum(counted)
+            sync()
+            t = time.perf_counter()
+            for _ in range(args.repeats):
+                ev.evaluate("search")
+            sync()
+            timed[backend] = (time.perf_counter() - t) / args.repeats
+        rows = [("lm-eval `HFLM`", "hf"), ("evomerge backend", "evomerge")]
+        if "_gen_" not in task:
+            bare_s, bare_tokens = bare_forward(args, model, tokenizer, requests_of(evaluators["hf"]), sync)
+            print(f"| {kind} | bare forward (context + continuation, sorted, padded) | {bare_s:.3f} | "
+                  f"{bare_tokens:,} | {timed['hf'] / bare_s:.2f}x faster | |")
+        for label, backend in rows:
+            print(f"| {kind} | {label} | {timed[backend]:.3f} | {fed[backend]:,} | "
+                  f"{timed['hf'] / timed[backend]:.2f}x | {scores[backend]:.4f} |")
+        if scores["hf"] != scores["evomerge"]:
+            print(f"WARNING: {kind}: the scores differ ({scores})")
+
+
+def bare_forward(args, model, tokenizer, pairs, sync) -> tuple[float, int]:
+    """Seconds per pass and tokens (with padding) of the requests as bare padded forward passes."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    seqs = [bos + tokenizer(c, add_special_tokens=False).input_ids + tokenizer(x, add_special_tokens=False).input_ids
+            for c, x in pairs]
     ordered = sorted(seqs, key=len, reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches, padded = [], 0
@@ -128,7 +165,6 @@ def main() -> None:
         width = len(chunk[0])
         padded += width * len(chunk)
         batches.append(torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=args.device))
-
     with torch.inference_mode():
         for b in batches:
             model(b)  # warm-up
@@ -138,22 +174,7 @@ def main() -> None:
             for b in batches:
                 model(b)
         sync()
-    bare_s = (time.perf_counter() - t) / args.repeats
-
-    print(f"model: {args.shape} ({params / 1e6:.1f} M params, {dtype}), device {args.device}, "
-          f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}")
-    print(f"requests: {len(pairs)} loglikelihood, {tokens} tokens (context + continuation)")
-    print("| path | seconds per evaluation | tokens/s | share of bare forward |")
-    print("|---|---|---|---|")
-    print(f"| bare forward (sorted, padded batches) | {bare_s:.3f} | {tokens / bare_s:,.0f} | 100 % |")
-    for backend, label in (("hf", "lm-eval, HFLM (`suite.backend: hf`)"),
-                           ("evomerge", "lm-eval, evomerge backend (default)")):
-        sec = lm_eval_s[backend]
-        print(f"| {label} | {sec:.3f} | {tokens / sec:,.0f} | {100 * bare_s / sec:.0f} % |")
-    print(f"scores: evomerge backend {scores['evomerge']}, HFLM {scores['hf']}"
-          + (" (equal)" if scores["evomerge"] == scores["hf"] else " (DIFFERENT)"))
-    print(f"speed-up of the evomerge backend over HFLM: {lm_eval_s['hf'] / lm_eval_s['evomerge']:.2f}x")
-    print(f"padding in the bare batches: {100 * (1 - tokens / padded):.1f} % of the positions")
+    return (time.perf_counter() - t) / args.repeats, padded
 
 
 def generation(args, model, tokenizer, evaluator, params, dtype) -> None:

@@ -167,6 +167,13 @@ def test_the_suite_backends_give_the_same_scores_and_hf_is_lm_evals_own(session_
     for split in ("search", "test"):
         assert ours.evaluate(split) == theirs.evaluate(split)
         assert ours.evaluate(split) == theirs.evaluate(split)  # again, with the memoized tokenization
+    # 5-shot: lm-eval's few-shot sampler is re-seeded per evaluation (as simple_evaluate does), so
+    # every candidate sees the same prompts; without it the second evaluation drew new examples
+    shot = dict(base, tasks=[{"name": "zoo_arith_l2_search", "metric": "acc", "num_fewshot": 5}], test_tasks=[])
+    ours = LmEvalEvaluator(model, tokenizer, SuiteConfig(**shot), paths)
+    theirs = LmEvalEvaluator(model, tokenizer, SuiteConfig(**shot, backend="hf"), paths)
+    first = theirs.score("search")[1]
+    assert theirs.score("search")[1] == first == ours.score("search")[1] == ours.score("search")[1]
     # the zoo's generation tasks (exact match of generated digits) through both backends
     gen = dict(tasks=[{"name": "zoo_arith_l1_gen_search", "metric": "exact_match"}],
                test_tasks=[{"name": "zoo_arith_l2_gen_test", "metric": "exact_match"}], batch_size=16)

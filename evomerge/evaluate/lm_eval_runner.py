@@ -20,6 +20,7 @@ from evomerge.config import SuiteConfig, TaskSpec
 from evomerge.errors import EvaluationError
 
 Split = Literal["search", "test"]
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 
 # lm-eval looks up its git revision and prints "fatal: not a git repository" outside a checkout.
 os.environ.setdefault("GIT_DIR", os.devnull)
@@ -157,6 +158,11 @@ class LmEvalEvaluator:
         from lm_eval.evaluator import evaluate
 
         tasks, task_dict, _ = self._splits[split]
+        # lm-eval's few-shot sampler draws from one generator per task that goes on across calls
+        # (simple_evaluate re-seeds it per run; evaluate does not): re-seed it, as simple_evaluate
+        # does, so every candidate is scored on the same prompts
+        for leaf in _leaf_tasks(task_dict).values():
+            leaf.set_fewshot_seed(seed=FEWSHOT_SEED)
         if samples is not None and samples and not any(samples.values()):
             return {}, {}  # this rung adds no documents to any task
         if samples is not None and any(not docs for docs in samples.values()):
