@@ -471,6 +471,148 @@ class _ScoreCache:
             self.cache.put(key, split, rec["fitness"], rec.get("scores") or {}, origin="ledger", persist=False)
 
 
+class _Racing:
+    """A racing run's trials between rungs: the race, the trials promoted to their next rung, the
+    seconds each has spent so far and its last ``rung`` record (for resume)."""
+
+    def __init__(self, race: Race) -> None:
+        self.race = race
+        self.promoted: deque[_Work] = deque()
+        self.spent: dict[int, list[float]] = {}
+        self.last_rungs: dict[int, dict] = {}
+
+    def replay(self, rec: dict) -> None:
+        """A ledger record on resume: a ``rung`` one, or a ``trial`` that ended its race."""
+        if rec["kind"] == "rung":
+            self.race.replay(rec)
+            self.last_rungs[rec["trial_id"]] = rec
+            self._spend(rec["trial_id"], rec.get("merge_seconds", 0.0), rec.get("eval_seconds", 0.0))
+        else:
+            self.race.finish(rec["trial_id"], rec.get("rung", self.race.last), rec["fitness"])
+            self.race.fitness_by_rung.pop(rec["trial_id"], None)
+            self.last_rungs.pop(rec["trial_id"], None)
+            self.spent.pop(rec["trial_id"], None)
+
+    def resumed(self, work: _Work) -> tuple[Optional[_Work], Optional[EvalResult]]:
+        """A trial that was in flight at the crash: the work to queue, or the final result of a
+        trial whose last rung was final but whose trial record was lost."""
+        last = self.last_rungs.get(work.request.trial_id)
+        if last is None:
+            return work, None
+        if last["promoted"]:  # it was on its way to the next rung: go on from there
+            return replace(work, request=replace(work.request, rung=last["rung"] + 1)), None
+        return None, EvalResult(trial_id=work.request.trial_id, state="complete", fitness=last["fitness"],
+                                scores=dict(last["scores"]), worker=last.get("worker", ""), rung=last["rung"])
+
+    def _spend(self, trial_id: int, merge: float, evaluation: float) -> None:
+        spent = self.spent.setdefault(trial_id, [0.0, 0.0])
+        spent[0] += merge
+        spent[1] += evaluation
+
+    def on_rung(self, work: _Work, res: EvalResult, ledger: Ledger) -> Optional[EvalResult]:
+        """One rung's result: recorded, then the trial is promoted (None) or its final result returned."""
+        rung = work.request.rung
+        self._spend(res.trial_id, res.merge_seconds, res.eval_seconds)
+        if res.state != "complete":
+            return res
+        tallies = tallies_of(res.items)
+        try:
+            fitness, scores, se = self.race.add(res.trial_id, rung, tallies)
+        except ValueError as exc:  # a rung without items for a task: the suite cannot race
+            return replace(res, state="failed", fitness=None, error=str(exc))
+        promoted = self.race.promote(rung, fitness, se)
+        rec = {"kind": "rung", "trial_id": res.trial_id, "rung": rung, "fitness": fitness, "scores": scores,
+               "stderr": se, "tallies": tallies, "promoted": promoted, "merge_seconds": res.merge_seconds,
+               "eval_seconds": res.eval_seconds, "worker": res.worker, "at": time.time()}
+        ledger.append(rec)
+        self.last_rungs[res.trial_id] = rec
+        if promoted:
+            self.promoted.append(replace(work, request=replace(work.request, rung=rung + 1)))
+            return None
+        return replace(res, fitness=fitness, scores=scores, rung=rung)
+
+    def finish(self, res: EvalResult) -> tuple[EvalResult, dict]:
+        """A trial's final result with the seconds of all its rungs, and its record's racing fields."""
+        spent = self.spent.pop(res.trial_id, None)
+        if spent is not None:
+            res = replace(res, merge_seconds=spent[0], eval_seconds=spent[1])
+        self.last_rungs.pop(res.trial_id, None)
+        rung = res.rung if res.rung is not None else self.race.last
+        fields = {"rung": rung, "last_rung": self.race.last,
+                  "rung_fitness": self.race.fitness_by_rung.pop(res.trial_id, [])}
+        self.race.finish(res.trial_id, rung, res.fitness if res.state == "complete" else None)
+        return res, fields
+
+    def stopped(self, records: list[dict]) -> list[int]:
+        """Finished trials (scored by a worker) per rung they stopped at."""
+        out = [0] * (self.race.last + 1)
+        for rec in records:
+            if rec["state"] == "complete" and not rec.get("cached_from"):
+                out[rec["rung"]] += 1
+        return out
+
+
+class _SourceScores:
+    """The scores beside the search: each source's baseline (search split), and the test split's
+    scores of the best recipe and every source."""
+
+    def __init__(self, ledger: Ledger, items: ItemLog, progress: "Progress") -> None:
+        self.ledger = ledger
+        self.items = items
+        self.progress = progress
+        self.baselines: dict[str, float] = {}
+        self.baselines_done: set[str] = set()
+        self.tests_done: dict[tuple[str, Optional[str]], dict] = {}
+
+    def replay(self, rec: dict) -> None:
+        """A ``baseline`` or ``test`` ledger record on resume."""
+        if rec["kind"] == "baseline":
+            self.baselines_done.add(rec["model"])
+            if rec["state"] == "complete":
+                self.baselines[rec["model"]] = float(rec["fitness"])
+        else:
+            self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
+
+    def on_baseline(self, work: _Work, res: EvalResult) -> None:
+        if res.state == "complete" and not res.cached_from:
+            self.items.append(res.items, source=work.label)
+        self.ledger.append({"kind": "baseline", "model": work.label, "split": res.split, "state": res.state,
+                            "fitness": res.fitness, "scores": res.scores, "eval_seconds": res.eval_seconds,
+                            "error": res.error, "finished_at": time.time(),
+                            **({"cached_from": res.cached_from} if res.cached_from else {})})
+        self.baselines_done.add(work.label)
+        if res.state == "complete":
+            self.baselines[work.label] = float(res.fitness)
+        else:
+            self.progress.message(f"baseline {work.label} failed: {res.error.splitlines()[0]}")
+
+    def on_test(self, work: _Work, res: EvalResult, trial_id: Optional[int]) -> None:
+        rec = {"kind": "test", "model": work.label, "trial_id": trial_id,
+               "recipe_hash": work.recipe_hash, "split": "test", "state": res.state, "fitness": res.fitness,
+               "scores": res.scores, "eval_seconds": res.eval_seconds, "error": res.error,
+               "finished_at": time.time(), **({"cached_from": res.cached_from} if res.cached_from else {})}
+        self.ledger.append(rec)
+        self.tests_done[(work.label, work.recipe_hash)] = rec
+
+    @staticmethod
+    def test_works(recipe: Recipe, sources: list[str]) -> list[_Work]:
+        wanted = [_Work("test", EvalRequest(trial_id=0, recipe=recipe.to_dict(), split="test"), label="best",
+                        recipe_hash=recipe.content_hash())]
+        return wanted + [_Work("test", EvalRequest(trial_id=i + 1, source=name, split="test"), label=name)
+                         for i, name in enumerate(sources)]
+
+    def has_test(self, work: _Work) -> bool:
+        return (work.label, work.recipe_hash) in self.tests_done
+
+    def test_scores(self, wanted: list[_Work]) -> dict[str, float]:
+        out = {}
+        for w in wanted:
+            rec = self.tests_done.get((w.label, w.recipe_hash))
+            if rec is not None and rec["state"] == "complete":
+                out[w.label] = float(rec["fitness"])
+        return out
+
+
 class _RunState:
     """What a run knows: rebuilt from the ledger on resume, advanced by the event loop."""
 
@@ -482,19 +624,14 @@ class _RunState:
         self.feed = _TrackerFeed()
         self.sources = [m.name for m in exp.models]
         self.board = _Scoreboard(exp.optimizer.objectives == "per_task")
-        self.baselines: dict[str, float] = {}
-        self.baselines_done: set[str] = set()
-        self.tests_done: dict[tuple[str, Optional[str]], dict] = {}
         self.next_trial_id = 0
         self.redo: list[Candidate] = []
         self.missing_tells: list[Tell] = []
         self.cache = _ScoreCache(None, ctl.run_id)
         self.items = ItemLog(ctl.run_dir)
+        self.scores = _SourceScores(ledger, self.items, ctl.progress)
         racing = exp.suite.racing
-        self.race = Race(racing, exp.suite.tasks) if racing is not None else None
-        self.promoted: deque[_Work] = deque()  # racing: trials going on to their next rung
-        self.rung_seconds: dict[int, list[float]] = {}  # racing: merge and eval seconds so far
-        self.last_rungs: dict[int, dict] = {}  # racing: each unfinished trial's last rung record
+        self.racing = _Racing(Race(racing, exp.suite.tasks)) if racing is not None else None
 
     @property
     def finished(self) -> int:
@@ -503,6 +640,10 @@ class _RunState:
     @property
     def best(self) -> Optional[tuple[int, float, Recipe]]:
         return self.board.best
+
+    @property
+    def baselines(self) -> dict[str, float]:
+        return self.scores.baselines
 
     def load(self, resuming: bool) -> None:
         """Replay the ledger: re-ask and re-tell every island, collect what is done."""
@@ -516,31 +657,22 @@ class _RunState:
             if kind == "dispatch":
                 dispatched[(rec["island"], rec["generation"], rec["member"])] = rec
                 self.next_trial_id = max(self.next_trial_id, rec["trial_id"] + 1)
-            elif kind == "rung" and self.race is not None:
-                self.race.replay(rec)
-                self.last_rungs[rec["trial_id"]] = rec
-                spent = self.rung_seconds.setdefault(rec["trial_id"], [0.0, 0.0])
-                spent[0] += rec.get("merge_seconds", 0.0)
-                spent[1] += rec.get("eval_seconds", 0.0)
+            elif kind == "rung" and self.racing is not None:
+                self.racing.replay(rec)
             elif kind == "trial":
                 finished[rec["trial_id"]] = rec
                 self.board.note(rec)
-                if self.race is not None:
-                    self.race.finish(rec["trial_id"], rec.get("rung", self.race.last), rec["fitness"])
-                    self.race.fitness_by_rung.pop(rec["trial_id"], None)
-                    self.last_rungs.pop(rec["trial_id"], None)
-                    self.rung_seconds.pop(rec["trial_id"], None)
+                if self.racing is not None:
+                    self.racing.replay(rec)
                 if counts_for_best(rec):
                     self.cache.remember(recipe_key(rec["recipe_hash"]), "search", rec)
             elif kind == "tell":
                 tells[(rec["island"], rec["generation"])] = rec
             elif kind == "baseline":
-                self.baselines_done.add(rec["model"])
+                self.scores.replay(rec)
                 self.cache.remember(source_key(rec["model"]), "search", rec)
-                if rec["state"] == "complete":
-                    self.baselines[rec["model"]] = float(rec["fitness"])
             elif kind == "test":
-                self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
+                self.scores.replay(rec)
                 key = recipe_key(rec["recipe_hash"]) if rec.get("recipe_hash") else source_key(rec["model"])
                 self.cache.remember(key, "test", rec)
         try:
@@ -563,25 +695,17 @@ class _RunState:
         progress = self.ctl.progress
         queue: deque[_Work] = deque(
             _Work("baseline", EvalRequest(trial_id=-(i + 1), source=name, split="search"), label=name)
-            for i, name in enumerate(self.sources) if name not in self.baselines_done
+            for i, name in enumerate(self.sources) if name not in self.scores.baselines_done
         )
-        finish_now = []
-        for c in self.redo:
-            last = self.last_rungs.get(c.trial_id)
-            if last is None:
-                queue.append(_Work("trial", self._request(c), candidate=c))
-            elif last["promoted"]:  # it was on its way to the next rung: go on from there
-                queue.append(_Work("trial", replace(self._request(c), rung=last["rung"] + 1), candidate=c))
-            else:  # its last rung was final; the process died before the trial was recorded
-                finish_now.append((c, last))
+        redo = [_Work("trial", self._request(c), candidate=c) for c in self.redo]
         self.redo = []
-        for c, last in finish_now:
-            self._finish_trial(_Work("trial", self._request(c), candidate=c), EvalResult(
-                trial_id=c.trial_id, state="complete", fitness=last["fitness"], scores=dict(last["scores"]),
-                worker=last.get("worker", ""), rung=last["rung"]))
+        for work in redo:
+            go_on, final = self.racing.resumed(work) if self.racing is not None else (work, None)
+            queue.extend([go_on] if go_on is not None else [])
+            if final is not None:
+                self._finish_trial(work, final)
         progress.start(exp.budget.max_trials, done=self.finished)
         stats = self._loop(dispatcher, queue, self._next_candidate, exhausted=lambda: self.scheduler.exhausted)
-        busy, loop_s, wait_s, handled = stats["busy"], stats["loop_s"], stats["wait_s"], stats["handled"]
         progress.close()
 
         test_scores: dict[str, float] = {}
@@ -589,37 +713,15 @@ class _RunState:
             progress.message("scoring the best recipe and the sources on the held-out test split")
             test_scores = self._test_split(dispatcher)
 
-        best = self.best
-        board = self.board
-        summary = RunSummary(
-            run_id=self.ctl.run_id, run_dir=self.ctl.run_dir, trials=self.finished, failed=board.failed,
-            best_trial=best[0] if best else None, best_fitness=best[1] if best else None,
-            best_recipe_hash=best[2].content_hash() if best else None,
-            baselines=dict(self.baselines), test_scores=test_scores,
-            pareto_trials=board.front.trial_ids() if board.multi_objective else [],
-            cached_trials=board.cached, failure_reasons=board.failure_reasons(),
-        )
-        if self.race is not None:
-            stopped = [0] * (self.race.last + 1)
-            for rec in board.records:
-                if rec["state"] == "complete" and not rec.get("cached_from"):
-                    stopped[rec["rung"]] += 1
-            summary.racing_stopped = stopped
-            summary.item_evaluations = self.race.items_scored
-        if loop_s > 0 and handled:
-            summary.search_seconds = loop_s
-            summary.worker_busy_fraction = busy / (dispatcher.num_workers * loop_s)
-            summary.controller_ms_per_trial = 1000.0 * (loop_s - wait_s) / handled
-            if stats["steady_s"]:
-                summary.steady_busy_fraction = stats["steady_busy"] / (dispatcher.num_workers * stats["steady_s"])
+        summary = _summarize(self, stats, test_scores, dispatcher.num_workers)
         self.feed.tracker.log_summary({f"baseline.{k}": v for k, v in self.baselines.items()}
-                                 | {f"test.{k}": v for k, v in test_scores.items()}
-                                 | ({"best_fitness_final": best[1]} if best else {}))
+                                      | {f"test.{k}": v for k, v in test_scores.items()}
+                                      | ({"best_fitness_final": summary.best_fitness} if self.best else {}))
         return summary
 
     def _next_candidate(self) -> Optional[_Work]:
-        if self.promoted:  # finish started trials first: their islands wait on them
-            return self.promoted.popleft()
+        if self.racing is not None and self.racing.promoted:  # finish started trials first: islands wait on them
+            return self.racing.promoted.popleft()
         cand = self.scheduler.next()
         if cand is None:
             return None
@@ -629,7 +731,7 @@ class _RunState:
 
     def _request(self, cand: Candidate) -> EvalRequest:
         return EvalRequest(trial_id=int(cand.trial_id), recipe=cand.recipe.to_dict(),
-                           rung=0 if self.race is not None else None)
+                           rung=0 if self.racing is not None else None)
 
     def _loop(self, dispatcher: Dispatcher, queue: deque[_Work], more: Callable[[], Optional[_Work]],
               exhausted: Callable[[], bool] = lambda: True) -> dict[str, float]:
@@ -693,45 +795,24 @@ class _RunState:
 
     def _on_trial(self, work: _Work, res: EvalResult) -> None:
         """A trial's result; under racing, one rung's: promote it, or make its score so far final."""
-        race = self.race
         if res.state == "complete" and not res.cached_from:
             self.items.append(res.items, trial_id=res.trial_id, rung=work.request.rung)
-        if race is None or work.request.rung is None or res.cached_from:
-            if race is not None and res.cached_from:
-                res.rung = race.last  # this run caches racing scores only from the last rung
-            return self._finish_trial(work, res)
-        rung = work.request.rung
-        spent = self.rung_seconds.setdefault(res.trial_id, [0.0, 0.0])
-        spent[0] += res.merge_seconds
-        spent[1] += res.eval_seconds
-        if res.state != "complete":
-            return self._finish_trial(work, res)
-        try:
-            fitness, scores, se = race.add(res.trial_id, rung, tallies_of(res.items))
-        except ValueError as exc:  # a rung without items for a task: the suite cannot race
-            return self._finish_trial(work, replace(res, state="failed", fitness=None, error=str(exc)))
-        promoted = race.promote(rung, fitness, se)
-        rec = {"kind": "rung", "trial_id": res.trial_id, "rung": rung, "fitness": fitness, "scores": scores,
-               "stderr": se, "tallies": tallies_of(res.items), "promoted": promoted,
-               "merge_seconds": res.merge_seconds, "eval_seconds": res.eval_seconds, "worker": res.worker,
-               "at": time.time()}
-        self.ledger.append(rec)
-        self.last_rungs[res.trial_id] = rec
-        if promoted:
-            self.promoted.append(_Work("trial", replace(work.request, rung=rung + 1), candidate=work.candidate))
-            return
-        self._finish_trial(work, replace(res, fitness=fitness, scores=scores, rung=rung))
+        racing = self.racing
+        if racing is not None and res.cached_from:
+            res.rung = racing.race.last  # this run caches racing scores only from the last rung
+        elif racing is not None and work.request.rung is not None:
+            res = racing.on_rung(work, res, self.ledger)
+            if res is None:
+                return  # promoted: the next rung is queued
+        self._finish_trial(work, res)
 
     def _finish_trial(self, work: _Work, res: EvalResult) -> None:
         """Ledger first (the source of truth), then best_recipe.yaml, tracker, optimizer, progress."""
         cand = work.candidate
         board = self.board
-        race = self.race
-        if race is not None:
-            spent = self.rung_seconds.pop(res.trial_id, None)
-            if spent is not None:
-                res = replace(res, merge_seconds=spent[0], eval_seconds=spent[1])
-            self.last_rungs.pop(res.trial_id, None)
+        racing_fields = {}
+        if self.racing is not None:
+            res, racing_fields = self.racing.finish(res)
         objectives = None
         if board.multi_objective and res.state == "complete":
             objectives = [float(res.scores[t.name]) for t in self.exp.suite.tasks]
@@ -747,11 +828,9 @@ class _RunState:
             rec["cached_from"] = res.cached_from
         if board.multi_objective:
             rec["objectives"] = objectives
-        if race is not None:
-            rung = res.rung if res.rung is not None else race.last
-            rec.update(rung=rung, last_rung=race.last, rung_fitness=race.fitness_by_rung.pop(res.trial_id, []))
-            race.finish(res.trial_id, rung, res.fitness if res.state == "complete" else None)
-            if res.state == "complete" and rung == race.last and not res.cached_from:
+        if racing_fields:
+            rec.update(racing_fields)
+            if res.state == "complete" and counts_for_best(rec) and not res.cached_from:
                 self.cache.add(work, res)
         self.ledger.append(rec)
         previous_best = board.best
@@ -775,39 +854,37 @@ class _RunState:
                             "at": time.time()})
 
     def _on_baseline(self, work: _Work, res: EvalResult) -> None:
-        if res.state == "complete" and not res.cached_from:
-            self.items.append(res.items, source=work.label)
-        self.ledger.append({"kind": "baseline", "model": work.label, "split": res.split, "state": res.state,
-                            "fitness": res.fitness, "scores": res.scores, "eval_seconds": res.eval_seconds,
-                            "error": res.error, "finished_at": time.time(),
-                            **({"cached_from": res.cached_from} if res.cached_from else {})})
-        self.baselines_done.add(work.label)
-        if res.state == "complete":
-            self.baselines[work.label] = float(res.fitness)
-        else:
-            self.ctl.progress.message(f"baseline {work.label} failed: {res.error.splitlines()[0]}")
+        self.scores.on_baseline(work, res)
 
     def _on_test(self, work: _Work, res: EvalResult) -> None:
-        rec = {"kind": "test", "model": work.label, "trial_id": self.best[0] if work.label == "best" else None,
-               "recipe_hash": work.recipe_hash, "split": "test", "state": res.state, "fitness": res.fitness,
-               "scores": res.scores, "eval_seconds": res.eval_seconds, "error": res.error,
-               "finished_at": time.time(), **({"cached_from": res.cached_from} if res.cached_from else {})}
-        self.ledger.append(rec)
-        self.tests_done[(work.label, work.recipe_hash)] = rec
+        self.scores.on_test(work, res, self.best[0] if work.label == "best" else None)
 
     def _test_split(self, dispatcher: Dispatcher) -> dict[str, float]:
-        _, _, recipe = self.best
-        wanted = [_Work("test", EvalRequest(trial_id=0, recipe=recipe.to_dict(), split="test"), label="best",
-                        recipe_hash=recipe.content_hash())]
-        wanted += [_Work("test", EvalRequest(trial_id=i + 1, source=name, split="test"), label=name)
-                   for i, name in enumerate(self.sources)]
-        queue = deque(w for w in wanted if (w.label, w.recipe_hash) not in self.tests_done)
-        self._loop(dispatcher, queue, lambda: None)
-        out = {}
-        for w in wanted:
-            rec = self.tests_done.get((w.label, w.recipe_hash))
-            if rec is not None and rec["state"] == "complete":
-                out[w.label] = float(rec["fitness"])
-        return out
+        wanted = self.scores.test_works(self.best[2], self.sources)
+        self._loop(dispatcher, deque(w for w in wanted if not self.scores.has_test(w)), lambda: None)
+        return self.scores.test_scores(wanted)
 
 
+def _summarize(state: _RunState, stats: dict[str, float], test_scores: dict[str, float],
+               num_workers: int) -> RunSummary:
+    """The summary of a finished search: best, baselines, test scores, racing, worker use."""
+    best, board = state.best, state.board
+    summary = RunSummary(
+        run_id=state.ctl.run_id, run_dir=state.ctl.run_dir, trials=state.finished, failed=board.failed,
+        best_trial=best[0] if best else None, best_fitness=best[1] if best else None,
+        best_recipe_hash=best[2].content_hash() if best else None,
+        baselines=dict(state.baselines), test_scores=test_scores,
+        pareto_trials=board.front.trial_ids() if board.multi_objective else [],
+        cached_trials=board.cached, failure_reasons=board.failure_reasons(),
+    )
+    if state.racing is not None:
+        summary.racing_stopped = state.racing.stopped(board.records)
+        summary.item_evaluations = state.racing.race.items_scored
+    loop_s, handled = stats["loop_s"], stats["handled"]
+    if loop_s > 0 and handled:
+        summary.search_seconds = loop_s
+        summary.worker_busy_fraction = stats["busy"] / (num_workers * loop_s)
+        summary.controller_ms_per_trial = 1000.0 * (loop_s - stats["wait_s"]) / handled
+        if stats["steady_s"]:
+            summary.steady_busy_fraction = stats["steady_busy"] / (num_workers * stats["steady_s"])
+    return summary
