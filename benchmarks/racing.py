@@ -11,8 +11,9 @@ held-out test score (600 items), and the search's wall time.
 Target (issue: fitness cost): racing at >= 2.5x fewer item evaluations than full fitness with a
 mean test score within one standard error of full fitness's.
 
-Usage: python benchmarks/racing.py [--seeds 0,1,2] [--trials N]   (~15 min on 2 cores, zoos cached)
-Writes benchmarks/results/racing.{json,md}.
+Usage: python benchmarks/racing.py [--seeds 0,1,2] [--trials N] [--only 1,6] [--out racing]
+       (~15 min on 2 cores with the zoos cached; --only picks settings by number, full fitness always runs)
+Writes benchmarks/results/<out>.{json,md}.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ SETTINGS = {  # label -> suite overrides
     "racing top 20 %, rungs 50 / 300": {"racing": {"rungs": [50, 300], "promote": 0.2}},
     "racing bound z = 2, rungs 50 / 300": {"racing": {"rungs": [50, 300], "rule": "bound", "z": 2.0}},
     "racing top 30 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "promote": 0.3}},
+    "racing top 20 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "promote": 0.2}},
     "fixed subsample, 50 items": {"subsample": 50},
 }
 
@@ -63,6 +65,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=None, help="default: the quickstart's budget")
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/evomerge-racing"))
+    ap.add_argument("--only", default=None,
+                    help="comma-separated numbers of the settings to run (0 = full fitness, always run)")
+    ap.add_argument("--out", default="racing", help="results file stem under benchmarks/results/")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     import yaml
@@ -71,15 +76,18 @@ def main() -> None:
 
     quickstart = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
     trials = args.trials or quickstart["budget"]["max_trials"]
-    rows: dict[str, dict[str, dict]] = {label: {} for label in SETTINGS}
+    chosen = list(SETTINGS) if args.only is None else \
+        [label for i, label in enumerate(SETTINGS) if i == 0 or str(i) in args.only.split(",")]
+    rows: dict[str, dict[str, dict]] = {label: {} for label in chosen}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for label, suite in SETTINGS.items():
+        for label in chosen:
+            suite = SETTINGS[label]
             base = quickstart["suite"]
             tasks = [{**t, **({"subsample": suite["subsample"]} if "subsample" in suite else {})} for t in base["tasks"]]
             overrides = {k: v for k, v in suite.items() if k != "subsample"}
             exp = experiment("quickstart.yaml", seed, trials, f"racing-{seed}",
                              suite={**base, "tasks": tasks, **overrides})
-            run_dir = args.work_dir / f"seed{seed}-{len(rows[label])}-{abs(hash(label)) % 10**6}"
+            run_dir = args.work_dir / f"{args.out}-seed{seed}-setting{list(SETTINGS).index(label)}"
             shutil.rmtree(run_dir, ignore_errors=True)
             t0 = time.perf_counter()
             res = run_search(exp, run_dir)
@@ -90,12 +98,12 @@ def main() -> None:
                                       "seconds": round(wall, 1)}
             print(f"seed {seed}, {label}: test {res['test']:.3f}, items {rows[label][str(seed)]['item_evaluations']}, "
                   f"{wall:.0f} s", file=sys.stderr, flush=True)
-    write_report(rows, trials)
+    write_report(rows, trials, args.out)
 
 
-def write_report(rows: dict[str, dict[str, dict]], trials: int) -> None:
+def write_report(rows: dict[str, dict[str, dict]], trials: int, out: str = "racing") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "racing.json").write_text(json.dumps({"trials": trials, "rows": rows}, indent=2, sort_keys=True))
+    (RESULTS / f"{out}.json").write_text(json.dumps({"trials": trials, "rows": rows}, indent=2, sort_keys=True))
     full_label = next(iter(rows))
     full_items = mean_se([r["item_evaluations"] for r in rows[full_label].values()])[0]
     full_test, full_se = mean_se([r["test"] for r in rows[full_label].values()])
@@ -122,7 +130,7 @@ def write_report(rows: dict[str, dict[str, dict]], trials: int) -> None:
         ok = full_items / items >= 2.5 and test >= full_test - full_se
         lines.append(f"- {label}: {full_items / items:.2f}x, test {test:.3f}: {'met' if ok else 'not met'}")
     text = "\n".join(lines) + "\n"
-    (RESULTS / "racing.md").write_text(text)
+    (RESULTS / f"{out}.md").write_text(text)
     print(text)
 
 

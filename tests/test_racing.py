@@ -168,3 +168,17 @@ def test_a_crash_mid_race_resumes_without_scoring_anything_twice(tmp_path, sessi
     key = lambda r: (r["trial_id"], r["rung"], r["fitness"])  # noqa: E731
     assert sorted(map(key, (r for r in after if r["kind"] == "trial"))) == \
         sorted(map(key, (r for r in recs if r["kind"] == "trial")))  # the same trials as the clean run
+
+
+def test_validate_refuses_racing_on_a_metric_that_is_not_a_mean(tmp_path, session_tiny_zoo):
+    task = yaml.safe_load((session_tiny_zoo.tasks_dir / "zoo_arith_l2_search.yaml").read_text())
+    task["task"] = "median_task"
+    task["metric_list"] = [{"metric": "acc", "aggregation": "median", "higher_is_better": True}]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "median_task.yaml").write_text(yaml.safe_dump(task))
+    suite = {"task_paths": [str(tasks)], "tasks": [{"name": "median_task", "metric": "acc"}], "racing": RACING}
+    path = experiment_file(tmp_path, "median", suite=suite)
+    assert main(["validate", str(path)]) == 2
+    suite.pop("racing")
+    assert main(["validate", str(experiment_file(tmp_path, "median_ok", suite=suite))]) == 0

@@ -464,6 +464,12 @@ def check_suite(suite: SuiteConfig, task_paths: Sequence[str]) -> list[str]:
                 metrics = list(_DEFAULT_METRICS.get(cfg.get("output_type", "loglikelihood"), ()))
             if metrics and spec.metric not in metrics:
                 problems.append(f"{at}.metric: {spec.name} does not produce {spec.metric!r}; it reports {metrics}")
+            elif suite.racing is not None and field == "tasks":
+                aggregation = next((m.get("aggregation") for m in cfg.get("metric_list") or []
+                                    if isinstance(m, dict) and m.get("metric") == spec.metric), None) or "mean"
+                if aggregation != "mean":
+                    problems.append(f"{at}.metric: suite.racing combines rungs item by item, so it needs a mean "
+                                    f"of per-item values; {spec.name} aggregates {spec.metric!r} with {aggregation!r}")
     return problems
 
 
