@@ -5,7 +5,7 @@ DARE-TIES recipes from search_spaces/ps_ties_dare.yaml (uniform over its bounds,
 scored by real lm-eval on the full search split (300 items) and on cheaper suites: stratified
 subsamples (``TaskSpec.subsample``) of 50 items (three subsample seeds) and 30 items, and the
 first 50 items (``limit``)
-for comparison; and racing (``suite.racing``, rungs 50 / 300, rules top 30 % and bound z = 2). For each cheap suite it prints the measured eval seconds per candidate
+for comparison; and racing (``suite.racing``, rungs 50 / 300, rules elite 3, top 30 % and bound z = 2). For each cheap suite it prints the measured eval seconds per candidate
 (and the saving against the full split), the rank correlation with the full fitness
 (Spearman and Kendall), the overlap of the top 5, and the regret: how much worse, on the
 full split, the cheap suite's best candidate is than the true best.
@@ -46,7 +46,8 @@ SUITES = [  # (label, task spec overrides, suite overrides)
 
 
 RACES = [  # (label, suite.racing)
-    ("racing top 30 %, rungs 50 / 300", {"rungs": [50, 300], "promote": 0.3}),
+    ("racing elite 3, rungs 50 / 300", {"rungs": [50, 300], "rule": "elite", "elite": 3}),
+    ("racing top 30 %, rungs 50 / 300", {"rungs": [50, 300], "rule": "top", "promote": 0.3}),
     ("racing bound z = 2, rungs 50 / 300", {"rungs": [50, 300], "rule": "bound", "z": 2.0}),
 ]
 ITEMS = {label: (o.get("subsample") or o.get("limit") or 300) for label, o, _ in SUITES}

@@ -35,12 +35,14 @@ from evomerge.ledger import Ledger  # noqa: E402
 TASK = "zoo_arith_l2_search"
 SETTINGS = {  # label -> suite overrides
     "full fitness (300 items)": {},
-    "racing top 30 %, rungs 50 / 300": {"racing": {"rungs": [50, 300], "promote": 0.3}},
-    "racing top 20 %, rungs 50 / 300": {"racing": {"rungs": [50, 300], "promote": 0.2}},
+    "racing top 30 %, rungs 50 / 300": {"racing": {"rungs": [50, 300], "rule": "top", "promote": 0.3}},
+    "racing top 20 %, rungs 50 / 300": {"racing": {"rungs": [50, 300], "rule": "top", "promote": 0.2}},
     "racing bound z = 2, rungs 50 / 300": {"racing": {"rungs": [50, 300], "rule": "bound", "z": 2.0}},
-    "racing top 30 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "promote": 0.3}},
-    "racing top 20 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "promote": 0.2}},
+    "racing top 30 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "rule": "top", "promote": 0.3}},
+    "racing top 20 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "rule": "top", "promote": 0.2}},
     "fixed subsample, 50 items": {"subsample": 50},
+    "racing elite 3, rungs 50 / 300 (the default rule)": {"racing": {"rungs": [50, 300], "rule": "elite", "elite": 3}},
+    "racing elite 3, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "rule": "elite", "elite": 3}},
 }
 
 

@@ -538,9 +538,9 @@ class _Racing:
             res = replace(res, merge_seconds=spent[0], eval_seconds=spent[1])
         self.last_rungs.pop(res.trial_id, None)
         rung = res.rung if res.rung is not None else self.race.last
+        self.race.finish(res.trial_id, rung, res.fitness if res.state == "complete" else None)
         fields = {"rung": rung, "last_rung": self.race.last,
                   "rung_fitness": self.race.fitness_by_rung.pop(res.trial_id, [])}
-        self.race.finish(res.trial_id, rung, res.fitness if res.state == "complete" else None)
         return res, fields
 
     def stopped(self, records: list[dict]) -> list[int]:

@@ -53,6 +53,7 @@ class Race:
         self.tallies: dict[int, Tallies] = {}
         self.fitness_by_rung: dict[int, list[float]] = {}
         self.best_final: Optional[float] = None
+        self.finalists: list[tuple[float, list[float]]] = []  # last-rung trials: (fitness, score per rung)
         self.items_scored = 0  # item evaluations of trials (baselines not counted)
 
     # ---------------------------------------------------------------- scores
@@ -90,6 +91,10 @@ class Race:
             return False
         if self.config.rule == "bound":
             return self.best_final is None or fitness + self.config.z * se >= self.best_final
+        if self.config.rule == "elite":
+            # paired: the best `elite` trials so far were scored on these same items at this rung
+            best = sorted((f for f in self.finalists if len(f[1]) > rung), key=lambda f: -f[0])[: self.config.elite]
+            return len(best) < self.config.elite or fitness >= min(f[1][rung] for f in best)
         seen = sorted(self.seen[rung])
         if len(seen) < MIN_SEEN:
             return True
@@ -102,6 +107,9 @@ class Race:
         self.tallies.pop(trial_id, None)
         if fitness is not None and rung == self.last:
             self.best_final = fitness if self.best_final is None else max(self.best_final, fitness)
+            scores = self.fitness_by_rung.get(trial_id, [])
+            if len(scores) == self.last + 1:  # scored here rung by rung (not a cached score)
+                self.finalists.append((fitness, list(scores)))
 
     def replay(self, rec: Mapping) -> None:
         """Rebuild from a ledger ``rung`` record (resume)."""

@@ -39,7 +39,7 @@ def test_a_promoted_score_is_the_mean_over_every_item_seen():
 
 
 def test_rule_top_promotes_the_top_share_after_a_few_scores():
-    race = Race(RacingConfig(rungs=[10, 20], promote=0.4), [TaskSpec(name="a")])
+    race = Race(RacingConfig(rungs=[10, 20], rule="top", promote=0.4), [TaskSpec(name="a")])
     decisions = []
     for trial, value in enumerate([0.1, 0.2, 0.3, 0.4, 0.5, 0.05, 0.45, 0.35]):
         race.add(trial, 0, {"a": [10, 10 * value, 10 * value]})
@@ -48,6 +48,27 @@ def test_rule_top_promotes_the_top_share_after_a_few_scores():
     # 6 seen: top 40 % is the best 3 (>= 0.3); 7 seen: >= 0.4; 8 seen: >= 0.35
     assert decisions[MIN_SEEN:] == [False, True, True]
     assert race.promote(1, 0.9, 0.0) is False  # nothing above the last rung
+
+
+def test_rule_elite_promotes_what_matches_one_of_the_best_on_the_same_items():
+    race = Race(RacingConfig(rungs=[10, 20], elite=2), [TaskSpec(name="a")])
+    assert RacingConfig(rungs=[10, 20]).rule == "elite"
+
+    def trial(t, first, rest=None):
+        race.add(t, 0, {"a": [10, 10 * first, 10 * first]})
+        if rest is None or not race.promote(0, first, 0.0):
+            race.finish(t, 0, first)
+            return False
+        fitness, _, _ = race.add(t, 1, {"a": [10, 10 * rest, 10 * rest]})
+        race.finish(t, 1, fitness)
+        return True
+
+    assert trial(0, 0.2, 0.6) and trial(1, 0.5, 0.3)  # fewer than 2 finalists: promoted
+    # finalists: trial 0 (0.4 final, 0.2 on rung 0) and trial 1 (0.4, 0.5): the bar is 0.2
+    assert not trial(2, 0.1, 0.9) and trial(3, 0.2, 0.9)
+    # trial 3 (0.55 final, 0.2 on rung 0) replaces trial 1 among the best two: bar still 0.2
+    assert race.promote(0, 0.2, 0.0) and not race.promote(0, 0.19, 0.0)
+    assert race.finalists[-1] == (pytest.approx(0.55), [0.2, pytest.approx(0.55)])
 
 
 def test_rule_bound_promotes_while_the_upper_bound_reaches_the_best_final():
