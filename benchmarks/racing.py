@@ -41,8 +41,9 @@ SETTINGS = {  # label -> suite overrides
     "racing top 30 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "rule": "top", "promote": 0.3}},
     "racing top 20 %, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "rule": "top", "promote": 0.2}},
     "fixed subsample, 50 items": {"subsample": 50},
-    "racing elite 3, rungs 50 / 300 (the default rule)": {"racing": {"rungs": [50, 300], "rule": "elite", "elite": 3}},
+    "racing elite 3, rungs 50 / 300": {"racing": {"rungs": [50, 300], "rule": "elite", "elite": 3}},
     "racing elite 3, rungs 30 / 100 / 300": {"racing": {"rungs": [30, 100, 300], "rule": "elite", "elite": 3}},
+    "racing elite 1, rungs 50 / 300 (the default)": {"racing": {"rungs": [50, 300], "rule": "elite", "elite": 1}},
 }
 
 

@@ -88,15 +88,15 @@ class RacingConfig(_Frozen):
     its items; the last rung is the fitness that counts (baselines are scored on it).
 
     ``rule: elite`` (default): promote a candidate whose score at its rung is at least that of
-    one of the ``elite`` best trials so far on the same items (they were scored on every rung):
-    it could still be among the best. ``rule: top``: promote a score in the top ``promote``
+    one of the ``elite`` (default 1) best trials so far on the same items (they were scored on
+    every rung): it could still be the best. ``rule: top``: promote a score in the top ``promote``
     share of the scores seen at that rung so far. ``rule: bound``: promote while the score plus
     ``z`` standard errors reaches the best last-rung fitness so far.
     """
 
     rungs: tuple[int, ...] = Field(min_length=1)
     rule: Literal["elite", "top", "bound"] = "elite"
-    elite: int = Field(default=3, ge=1, le=1000)
+    elite: int = Field(default=1, ge=1, le=1000)
     promote: float = Field(default=0.3, gt=0, le=1)
     z: float = Field(default=2.0, gt=0, le=10)
 
