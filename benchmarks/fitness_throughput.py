@@ -7,8 +7,9 @@ generation (its generate_until variant) — this prints, in one run on one model
 per evaluation and the tokens fed to the model (counted at its forward, padding included) with
 ``HFLM`` (``suite.backend: hf``) and with the evomerge backend (the default: each shared context
 runs once, continuations are scored from its KV cache), and both scores (they must be equal).
-For the log-likelihood kinds, the same (context, continuation) pairs also run as bare forward
-passes (sorted by length, padded per batch of ``--batch-size``): the floor of HFLM's approach.
+The same (context, continuation) pairs also run as bare forward passes (sorted by length,
+padded per batch of ``--batch-size``): the floor of HFLM's approach; for generation, each
+prompt with its gold answer in one pass (the floor of any decoder: no step-by-step decoding).
 
 Targets on 2 CPU threads (issue: fitness cost): 5-shot multiple choice >= 2x faster than
 ``HFLM``; zero-shot never slower.
@@ -60,7 +61,14 @@ def requests_of(evaluator: LmEvalEvaluator) -> list[tuple[str, str]]:
     limit = evaluator.suite.tasks[0].limit
     for task in task_dict.values():
         task.build_all_requests(rank=0, world_size=1, limit=limit)
-        pairs += [inst.arguments for inst in task.instances]
+        for inst in task.instances:
+            if inst.request_type == "generate_until":  # the prompt and its gold answer, as one sequence
+                answer = task.doc_to_target(inst.doc)
+                choices = task.doc_to_choice(inst.doc) if task.config.doc_to_choice is not None else None
+                answer = choices[answer] if choices is not None and isinstance(answer, int) else answer
+                pairs.append((inst.arguments[0], " " + str(answer)))
+            else:
+                pairs.append(inst.arguments)
     return pairs
 
 
@@ -141,10 +149,10 @@ def main() -> None:
             sync()
             timed[backend] = (time.perf_counter() - t) / args.repeats
         rows = [("lm-eval `HFLM`", "hf"), ("evomerge backend", "evomerge")]
-        if "_gen_" not in task:
-            bare_s, bare_tokens = bare_forward(args, model, tokenizer, requests_of(evaluators["hf"]), sync)
-            print(f"| {kind} | bare forward (context + continuation, sorted, padded) | {bare_s:.3f} | "
-                  f"{bare_tokens:,} | {timed['hf'] / bare_s:.2f}x faster | |")
+        bare_s, bare_tokens = bare_forward(args, model, tokenizer, requests_of(evaluators["hf"]), sync)
+        what = "prompt + gold answer, one pass" if "_gen_" in task else "context + continuation"
+        print(f"| {kind} | bare forward ({what}, sorted, padded) | {bare_s:.3f} | "
+              f"{bare_tokens:,} | {timed['hf'] / bare_s:.2f}x faster | |")
         for label, backend in rows:
             print(f"| {kind} | {label} | {timed[backend]:.3f} | {fed[backend]:,} | "
                   f"{timed['hf'] / timed[backend]:.2f}x | {scores[backend]:.4f} |")

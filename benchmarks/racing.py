@@ -12,6 +12,7 @@ Target (issue: fitness cost): racing at >= 2.5x fewer item evaluations than full
 mean test score within one standard error of full fitness's.
 
 Usage: python benchmarks/racing.py [--seeds 0,1,2] [--trials N] [--only 1,6] [--out racing]
+       python benchmarks/racing.py --merge racing,racing_elite --out racing_all   (one table, no runs)
        (~15 min on 2 cores with the zoos cached; --only picks settings by number, full fitness always runs)
 Writes benchmarks/results/<out>.{json,md}.
 """
@@ -71,7 +72,21 @@ def main() -> None:
     ap.add_argument("--only", default=None,
                     help="comma-separated numbers of the settings to run (0 = full fitness, always run)")
     ap.add_argument("--out", default="racing", help="results file stem under benchmarks/results/")
+    ap.add_argument("--merge", default=None,
+                    help="comma-separated result stems to merge into one table (no runs), written as --out")
     args = ap.parse_args()
+    if args.merge:
+        merged: dict[str, dict] = {}
+        trials = None
+        for stem in args.merge.split(","):
+            data = json.loads((RESULTS / f"{stem}.json").read_text())
+            trials = trials or data["trials"]
+            if data["trials"] != trials:
+                raise SystemExit(f"{stem} has {data['trials']} trials, not {trials}")
+            for label, by_seed in data["rows"].items():
+                merged.setdefault(label, by_seed)
+        order = [label for label in SETTINGS if label in merged] + [label for label in merged if label not in SETTINGS]
+        return write_report({label: merged[label] for label in order}, trials, args.out)
     os.environ.setdefault("TQDM_DISABLE", "1")
     import yaml
 
@@ -106,6 +121,9 @@ def main() -> None:
 
 def write_report(rows: dict[str, dict[str, dict]], trials: int, out: str = "racing") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    labels = list(rows)  # full fitness, the racing settings, then the rest
+    rows = {label: rows[label] for label in labels[:1] + [x for x in labels[1:] if "racing" in x]
+            + [x for x in labels[1:] if "racing" not in x]}
     (RESULTS / f"{out}.json").write_text(json.dumps({"trials": trials, "rows": rows}, indent=2, sort_keys=True))
     full_label = next(iter(rows))
     full_items = mean_se([r["item_evaluations"] for r in rows[full_label].values()])[0]
