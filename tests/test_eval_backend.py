@@ -84,13 +84,18 @@ def _compare(model, tokenizer, batch_size=8):
     return got
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_shared_context_scores_equal_hflm_for_every_family(family, tokenizer):
+def _random_model(family: str, tokenizer):
+    """A tiny random model of ``family`` with the tiny zoo's vocabulary (seeded)."""
     config_class, kwargs = FAMILIES[family]
     cfg = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
     torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    return T.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_shared_context_scores_equal_hflm_for_every_family(family, tokenizer):
+    model = _random_model(family, tokenizer)
     assert shared_context.cache_argument(model) is not None
     got = _compare(model, tokenizer)
     assert all(ll < 0 for ll, _ in got)
@@ -102,19 +107,16 @@ def test_a_few_shot_prefix_shared_by_every_context_runs_once(family, tokenizer):
 
     from evomerge.evaluate.shared_context import MIN_SHARED_PREFIX
 
-    config_class, kwargs = FAMILIES[family]
-    cfg = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
-    torch.manual_seed(0)
-    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    model = _random_model(family, tokenizer)
+    vocab = model.config.vocab_size
     rng = random.Random(1)
-    prefix = [rng.randrange(3, cfg.vocab_size) for _ in range(MIN_SHARED_PREFIX + 4)]
+    prefix = [rng.randrange(3, vocab) for _ in range(MIN_SHARED_PREFIX + 4)]
     requests = []
     for n in range(6):
-        context = prefix + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(2, 6))]
+        context = prefix + [rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))]
         for _ in range(4):
             requests.append(((f"c{n}", str(len(requests))), context,
-                             [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(1, 4))]))
+                             [rng.randrange(3, vocab) for _ in range(rng.randint(1, 4))]))
     kw = dict(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=64)
     ref = HFLM(**kw)._loglikelihood_tokens(requests, disable_tqdm=True)
     got, calls = _calls(model, lambda: evomerge_lm_class()(**kw)._loglikelihood_tokens(requests, disable_tqdm=True))

@@ -160,13 +160,16 @@ def yaml_path(tasks_dir: Path, name: str) -> Path:
     return tasks_dir / f"{name}.yaml"
 
 
+def _over_data(name: str, data_file: Path) -> dict[str, Any]:
+    """The part of a task config that names the task and its JSONL data (the test split)."""
+    return {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data_file)}},
+            "test_split": "test"}
+
+
 def task_yaml(name: str, data_file: Path) -> str:
     """lm-eval task config text for one task; `data_file` must be absolute."""
     config = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
+        **_over_data(name, data_file),
         "output_type": "multiple_choice",
         "doc_to_text": "question",  # a field name: no Jinja template compiled per document per call
         "doc_to_choice": "choices",
@@ -182,10 +185,7 @@ def gen_task_yaml(name: str, data_file: Path, language: Language) -> str:
     """lm-eval config text of a generate_until task over a multiple-choice task's data file."""
     period = PERIOD[language]
     config = {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(data_file)}},
-        "test_split": "test",
+        **_over_data(name, data_file),
         "output_type": "generate_until",
         "doc_to_text": "question",
         # generate_until with doc_to_choice: the gold answer is choices[label] (no template)
