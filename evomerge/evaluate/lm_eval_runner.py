@@ -1,8 +1,11 @@
 """The only module that imports ``lm_eval``.
 
 An :class:`LmEvalEvaluator` wraps one in-memory model (whose weights the worker
-rewrites in place for every candidate) in a single reused ``HFLM``; lm-eval
-sees the new weights on each call. Tasks are indexed only from the suite's task
+rewrites in place for every candidate) in a single reused lm-eval model: evomerge's
+``HFLM`` subclass (shared contexts scored once, pluggable greedy decoders; see
+:func:`evomerge_lm_class`), or ``HFLM`` itself with ``suite.backend: hf``; lm-eval
+sees the new weights on each call. Every search-split score comes with its per-item
+values, and racing suites score nested rungs of stratified items (:meth:`score`). Tasks are indexed only from the suite's task
 directories (never lm-eval's whole catalogue) and built once per split with
 ``get_task_dict``; each evaluation is one ``lm_eval.evaluator.evaluate`` call.
 """
