@@ -259,7 +259,7 @@ def _experiment_with_overrides(args):
 
 def _cmd_run(args) -> int:
     from evomerge.controller import Controller
-    from evomerge.run_dir import LEDGER, new_run_id
+    from evomerge.run_dir import has_ledger, new_run_id
 
     if not args.dry_run and (args.calibrate or args.trial_seconds is not None):
         raise ConfigError(["--calibrate and --trial-seconds go with --dry-run"])
@@ -268,7 +268,7 @@ def _cmd_run(args) -> int:
     exp = _experiment_with_overrides(args)
     if args.dry_run:
         return _dry_run(exp, args)
-    if args.resume and (args.run_dir / LEDGER).exists():
+    if args.resume and has_ledger(args.run_dir):
         from evomerge.run_dir import load_run_experiment
 
         held = load_run_experiment(args.run_dir)
@@ -432,9 +432,9 @@ def _print_summary(s, as_json: bool = False) -> None:
                      + f"; {s.item_evaluations} item evaluations"))
     for reason, n in s.failure_reasons:
         rows.append((f"failed x{n}", reason))
-    from evomerge.run_dir import BEST_RECIPE
+    from evomerge.run_dir import best_recipe_path
 
-    best_file = s.run_dir / BEST_RECIPE
+    best_file = best_recipe_path(s.run_dir)
     rows.append(("best recipe", str(best_file) if best_file.exists() else "none (no trial completed)"))
     rows.append(("mlflow", f"{s.tracking_uri}  run {s.mlflow_run_id}" if s.mlflow_run_id else "off"))
     rows.append(("time", f"{s.seconds:.1f} s" + (" (this session, resumed)" if s.resumed else "")))
@@ -579,11 +579,10 @@ def _cmd_ui(args) -> int:
     import time
     import urllib.request
 
-    from evomerge.run_dir import RUN_INFO, read_info
+    from evomerge.run_dir import read_info, require_run_dir
     from evomerge.tracking import run_url
 
-    if not (args.run_dir / RUN_INFO).exists():
-        raise EvomergeError(f"{args.run_dir} is not an evomerge run directory (no {RUN_INFO})")
+    require_run_dir(args.run_dir)
     info = read_info(args.run_dir)
     uri = info.get("tracking_uri") or ""
 

@@ -349,9 +349,9 @@ class Experiment(_Frozen):
                     problems.append(f"search_space.ps_donor.name: {space.ps_donor.name!r} is already a source name")
                 recipe = Path(space.ps_donor.recipe)
                 if recipe.is_dir():
-                    from evomerge.run_dir import BEST_RECIPE
+                    from evomerge.run_dir import best_recipe_path
 
-                    recipe = recipe / BEST_RECIPE
+                    recipe = best_recipe_path(recipe)
                 if not recipe.is_file():
                     problems.append(f"search_space.ps_donor.recipe: no recipe at {recipe}")
         if problems:
@@ -481,9 +481,9 @@ def portable_experiment(exp: Experiment) -> tuple[dict[str, Any], dict[str, Path
     donor = data["search_space"].get("ps_donor")
     if donor:
         recipe = Path(donor["recipe"])
-        from evomerge.run_dir import BEST_RECIPE
+        from evomerge.run_dir import best_recipe_path
 
-        files["files/ps_donor.yaml"] = recipe / BEST_RECIPE if recipe.is_dir() else recipe
+        files["files/ps_donor.yaml"] = best_recipe_path(recipe) if recipe.is_dir() else recipe
         donor["recipe"] = "files/ps_donor.yaml"
     return data, files
 

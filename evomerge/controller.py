@@ -23,8 +23,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-import yaml
-
 from evomerge import __version__
 from evomerge.config import Experiment
 from evomerge.dispatch.base import Dispatcher
@@ -33,8 +31,9 @@ from evomerge.fitness_cache import FitnessCache, recipe_key, source_key
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import DAMAGED, Ledger
 from evomerge.racing import Race, counts_for_best, tallies_of
-from evomerge.run_dir import (BEST_RECIPE, EXPERIMENT_COPY, EXPERIMENT_SOURCE, LEDGER, PARETO, RUN_INFO, SUMMARY,
-                              ItemLog, RunLock, load_run_experiment, read_info, write_info, write_json_atomic)
+from evomerge.run_dir import (RUN_INFO, ItemLog, RunLock, artifacts, experiment_path, has_info, has_ledger,
+                              load_run_experiment, open_ledger, pareto_path, read_experiment_data, read_info,
+                              save_best_recipe, write_experiment, write_info, write_json_atomic, write_summary)
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, recipe_from_dict
@@ -168,7 +167,7 @@ class Controller:
     # ------------------------------------------------------------------ entry points
     def run(self) -> RunSummary:
         """Start a new run; the run directory must not hold one."""
-        if (self.run_dir / LEDGER).exists() or (self.run_dir / RUN_INFO).exists():
+        if has_ledger(self.run_dir) or has_info(self.run_dir):
             raise ConfigError([f"run directory {self.run_dir} already holds a run; choose another --run-dir "
                                f"or continue it with `evomerge resume {self.run_dir}`"])
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -236,10 +235,10 @@ class Controller:
     def _execute_locked(self, exp: Experiment, resuming: bool, t_start: float) -> RunSummary:
         info = read_info(self.run_dir) if resuming else {}
         if not resuming:
-            (self.run_dir / EXPERIMENT_COPY).write_text(exp.to_yaml())
-        elif exp.budget.max_trials != yaml.safe_load((self.run_dir / EXPERIMENT_COPY).read_text())["budget"]["max_trials"]:
-            (self.run_dir / EXPERIMENT_COPY).write_text(exp.to_yaml())  # an extended budget is part of the run now
-        ledger = Ledger(self.run_dir / LEDGER)
+            kept = write_experiment(self.run_dir, exp, self.source)
+        elif exp.budget.max_trials != read_experiment_data(self.run_dir)["budget"]["max_trials"]:
+            write_experiment(self.run_dir, exp)  # an extended budget is part of the run now
+        ledger = open_ledger(self.run_dir)
         if resuming:
             self._check_ledger(ledger, info)
         ledger.repair()
@@ -296,11 +295,8 @@ class Controller:
         write_info(self.run_dir, info)
         state.feed.tracker = tracker
         if not resuming:
-            tracker.log_artifact(self.run_dir / EXPERIMENT_COPY)
-            if self.source is not None and self.source.is_file():
-                kept = self.run_dir / EXPERIMENT_SOURCE
-                kept.write_text(self.source.read_text())
-                tracker.log_artifact(kept)
+            for path in kept:
+                tracker.log_artifact(path)
         state.feed.catch_up(state.board)
         if resuming:
             self.progress.message(f"resuming {self.run_id}: {state.finished} trials done, "
@@ -320,10 +316,10 @@ class Controller:
             summary.seconds = time.perf_counter() - t_start
             summary.islands = n_islands
             summary.resumed = resuming
-            write_json_atomic(self.run_dir / SUMMARY, summary.to_json())
-            for name in (SUMMARY, LEDGER, BEST_RECIPE, PARETO):
-                if (self.run_dir / name).exists():
-                    tracker.log_artifact(self.run_dir / name)
+            write_summary(self.run_dir, summary.to_json())
+            for path in artifacts(self.run_dir):
+                if path.name != experiment_path(self.run_dir).name:  # logged at the start
+                    tracker.log_artifact(path)
             best = (state.best[0], state.best[2].to_dict()) if state.best else None
             try:
                 plots = write_plots(self.run_dir, self.run_id, state.board.records, state.baselines, best)
@@ -682,12 +678,12 @@ class _RunState:
         for tell in self.missing_tells:
             self._record_tell(tell)
         if self.best is not None:
-            self.best[2].save(self.ctl.run_dir / BEST_RECIPE)
+            save_best_recipe(self.ctl.run_dir, self.best[2])
         if self.board.multi_objective:
             self._write_pareto()
 
     def _write_pareto(self) -> None:
-        self.board.write_pareto(self.ctl.run_dir / PARETO, [t.name for t in self.exp.suite.tasks])
+        self.board.write_pareto(pareto_path(self.ctl.run_dir), [t.name for t in self.exp.suite.tasks])
 
     # ------------------------------------------------------------------ event loop
     def search(self, dispatcher: Dispatcher) -> RunSummary:
@@ -837,7 +833,7 @@ class _RunState:
         if board.note(rec):
             self._write_pareto()
         if board.best is not previous_best:
-            board.best[2].save(self.ctl.run_dir / BEST_RECIPE)
+            save_best_recipe(self.ctl.run_dir, board.best[2])
         # tracking waits until the free workers have their next candidates (see _loop)
         self.feed.add(self.finished - 1, trial_metrics(
             rec, board.best[1] if board.best else None, len(board.front.members) if board.multi_objective else None))

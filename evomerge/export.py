@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.ledger import Ledger, best_trial
-from evomerge.run_dir import EXPERIMENT_COPY, LEDGER, RUN_INFO
+from evomerge.ledger import best_trial
+from evomerge.run_dir import (experiment_path, has_info, open_ledger, read_experiment_data, read_info,
+                              require_run_dir)
 from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
 
@@ -21,10 +22,8 @@ FORMATS = ("recipe", "hf", "mergekit")
 def find_recipe(run_dir: Path, trial: Optional[int] = None) -> tuple[AnyRecipe, dict]:
     """The best complete trial's recipe (or trial ``trial``'s) and its ledger record."""
     run_dir = Path(run_dir)
-    ledger_path = run_dir / LEDGER
-    if not ledger_path.exists():
-        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {LEDGER})")
-    trials = Ledger(ledger_path).records("trial")
+    require_run_dir(run_dir, ledger=True)
+    trials = open_ledger(run_dir).records("trial")
     if trial is not None:
         match = [r for r in trials if r["trial_id"] == trial]
         if not match:
@@ -39,19 +38,16 @@ def find_recipe(run_dir: Path, trial: Optional[int] = None) -> tuple[AnyRecipe, 
 
 def pareto_members(run_dir: Path) -> tuple[list[str], list[dict]]:
     """The objective names and the Pareto-front trial records of a multi-objective run (from its ledger)."""
-    import yaml
-
     from evomerge.pareto import front_of
 
     run_dir = Path(run_dir)
-    if not (run_dir / LEDGER).exists():
-        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {LEDGER})")
-    exp = yaml.safe_load((run_dir / EXPERIMENT_COPY).read_text())
+    require_run_dir(run_dir, ledger=True)
+    exp = read_experiment_data(run_dir)
     if exp.get("optimizer", {}).get("objectives") != "per_task":
         raise EvomergeError(f"run {run_dir.name} is single-objective (optimizer.objectives: weighted); "
                             "it has a best recipe, not a Pareto front")
     names = [t["name"] for t in exp["suite"]["tasks"]]
-    return names, front_of(Ledger(run_dir / LEDGER).records("trial"))
+    return names, front_of(open_ledger(run_dir).records("trial"))
 
 
 @contextmanager
@@ -102,9 +98,9 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     if fmt == "recipe":
         path = out_dir / "recipe.yaml"
         path.write_text(header + recipe.to_yaml())
-        experiment = Path(run_dir) / EXPERIMENT_COPY
-        if experiment.exists():
-            shutil.copy(experiment, out_dir / EXPERIMENT_COPY)
+        experiment = experiment_path(run_dir)
+        if experiment.exists():  # beside the recipe, where `evomerge merge` looks for its sources
+            shutil.copy(experiment, experiment_path(out_dir))
         return path
     if fmt == "hf":
         model_dirs, base_model = _run_sources(Path(run_dir))
@@ -151,7 +147,7 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
         needed = {m.model for m in recipe.models} | {recipe.base_model}
         head = recipe.base_model
     missing = sorted(needed - set(model_dirs))
-    beside = path.parent / EXPERIMENT_COPY
+    beside = experiment_path(path.parent)
     if missing and beside.is_file() and beside.resolve() != path.resolve():
         # `export --format recipe` writes the run's experiment next to the recipe: its sources
         found = experiment_sources(beside)
@@ -250,14 +246,12 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
 
     from evomerge.recipe import DFSRecipe
 
-    exp = yaml.safe_load((run_dir / EXPERIMENT_COPY).read_text())
-    from evomerge.run_dir import read_info
-
-    info = read_info(run_dir) if (run_dir / RUN_INFO).exists() else {}
+    exp = read_experiment_data(run_dir)
+    info = read_info(run_dir) if has_info(run_dir) else {}
     sources = {m["name"]: m["path"] for m in exp["models"]}
-    tests = {r["model"]: r for r in Ledger(run_dir / LEDGER).records("test") if r["state"] == "complete"}
-    baselines = {r["model"]: r for r in Ledger(run_dir / LEDGER).records("baseline")
-                 if r["state"] == "complete"}
+    ledger = open_ledger(run_dir)
+    tests = {r["model"]: r for r in ledger.records("test") if r["state"] == "complete"}
+    baselines = {r["model"]: r for r in ledger.records("baseline") if r["state"] == "complete"}
     hub = [p[3:].split("@")[0] for p in sources.values() if p.startswith("hf:")]
     front = {"library_name": "transformers", "tags": ["merge", "evomerge"] + (["dfs"] if isinstance(recipe, DFSRecipe)
                                                                             else [recipe.method])}

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.config import Experiment, TaskSpec
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.architecture import for_config, param_count
 from evomerge.sources import model_config
 
@@ -145,13 +145,13 @@ def _task_info(task: TaskSpec, cfg: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 def calibrated_cost(run_dir: Path) -> TrialCost:
     """Median merge / eval seconds of the completed search trials of a (pilot) run."""
-    from evomerge.run_dir import LEDGER
-    from evomerge.ledger import Ledger
+    from evomerge.run_dir import open_ledger, require_run_dir
 
-    path = Path(run_dir) / LEDGER
-    if not path.is_file():
-        raise ConfigError([f"--calibrate: {run_dir} is not a run directory (no {LEDGER})"])
-    trials = [r for r in Ledger(path).records("trial") if r.get("state") == "complete"]
+    try:
+        require_run_dir(run_dir, ledger=True)
+    except EvomergeError as exc:
+        raise ConfigError([f"--calibrate: {exc}"]) from None
+    trials = [r for r in open_ledger(run_dir).records("trial") if r.get("state") == "complete"]
     if not trials:
         raise ConfigError([f"--calibrate: {run_dir} has no completed trials to measure"])
     merge = statistics.median(float(r["merge_seconds"]) for r in trials)

@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
-from evomerge.run_dir import PLOTS
+from evomerge.run_dir import plots_dir
 
 PALETTE = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
 
@@ -159,7 +159,7 @@ def write_plots(run_dir: Path, run_id: str, trials: list[dict], baselines: dict[
                 best: Optional[tuple[int, dict]]) -> list[Path]:
     """The run's plots (``plots/*.svg``): fitness over trials, and the best recipe's
     coefficients (PS) or layer path (DFS). ``best``: (trial id, recipe dict)."""
-    folder = Path(run_dir) / PLOTS
+    folder = plots_dir(run_dir)
     folder.mkdir(exist_ok=True)
     out = [folder / "fitness.svg"]
     out[0].write_text(fitness_svg(trials, baselines, title=f"{run_id}: fitness over trials"))

@@ -94,6 +94,73 @@ def open_ledger(run_dir: Path) -> Ledger:
     return Ledger(Path(run_dir) / LEDGER)
 
 
+def has_ledger(run_dir: Path) -> bool:
+    return (Path(run_dir) / LEDGER).exists()
+
+
+def has_info(run_dir: Path) -> bool:
+    return (Path(run_dir) / RUN_INFO).exists()
+
+
+def require_run_dir(run_dir: Path, *, ledger: bool = False) -> None:
+    """EvomergeError unless ``run_dir`` holds a run (its ``run.json``, or its ledger)."""
+    name, present = (LEDGER, has_ledger(run_dir)) if ledger else (RUN_INFO, has_info(run_dir))
+    if not present:
+        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {name})")
+
+
+def write_experiment(run_dir: Path, exp: Experiment, source: Optional[Path] = None) -> list[Path]:
+    """The resolved experiment (``experiment.yaml``) and, if given, the file as written
+    (``experiment.source.yaml``); returns the paths written."""
+    written = [Path(run_dir) / EXPERIMENT_COPY]
+    written[0].write_text(exp.to_yaml())
+    if source is not None and Path(source).is_file():
+        written.append(Path(run_dir) / EXPERIMENT_SOURCE)
+        written[1].write_text(Path(source).read_text())
+    return written
+
+
+def read_experiment_data(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved experiment as plain data (``experiment.yaml``, unvalidated)."""
+    return yaml.safe_load((Path(run_dir) / EXPERIMENT_COPY).read_text())
+
+
+def experiment_path(run_dir: Path) -> Path:
+    """Where a run (or an exported recipe's directory) keeps its resolved experiment."""
+    return Path(run_dir) / EXPERIMENT_COPY
+
+
+def best_recipe_path(run_dir: Path) -> Path:
+    return Path(run_dir) / BEST_RECIPE
+
+
+def save_best_recipe(run_dir: Path, recipe) -> Path:
+    """Write the run's best recipe (``best_recipe.yaml``)."""
+    path = best_recipe_path(run_dir)
+    recipe.save(path)
+    return path
+
+
+def pareto_path(run_dir: Path) -> Path:
+    return Path(run_dir) / PARETO
+
+
+def plots_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / PLOTS
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """The finished search's summary (``summary.json``), atomically."""
+    write_json_atomic(Path(run_dir) / SUMMARY, summary)
+
+
+def artifacts(run_dir: Path) -> list[Path]:
+    """The run's small files worth keeping beside its tracker run, those that exist:
+    experiment, summary, ledger, best recipe, Pareto front."""
+    run_dir = Path(run_dir)
+    return [run_dir / n for n in (EXPERIMENT_COPY, SUMMARY, LEDGER, BEST_RECIPE, PARETO) if (run_dir / n).exists()]
+
+
 def new_run_id(name: str) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{name}-{stamp}-{secrets.token_hex(2)}"

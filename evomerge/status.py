@@ -5,17 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from evomerge.run_dir import LEDGER, RUN_INFO, RunLock
-from evomerge.errors import EvomergeError
-from evomerge.ledger import Ledger, best_trial
-from evomerge.run_dir import read_info
+from evomerge.ledger import best_trial
+from evomerge.run_dir import RunLock, open_ledger, read_info, require_run_dir
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    info_path = run_dir / RUN_INFO
-    if not info_path.exists():
-        raise EvomergeError(f"{run_dir} is not an evomerge run directory (no {RUN_INFO})")
+    require_run_dir(run_dir)
     info = read_info(run_dir)
     held = RunLock.is_held(run_dir)
     state = info.get("status", "unknown")
@@ -24,7 +20,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     dispatched: set[int] = set()
     done: list[dict] = []
     rungs: list[dict] = []
-    for rec in Ledger(run_dir / LEDGER):
+    for rec in open_ledger(run_dir):
         if rec.get("kind") == "dispatch":
             dispatched.add(rec["trial_id"])
         elif rec.get("kind") == "trial":

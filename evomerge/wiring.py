@@ -17,7 +17,7 @@ from evomerge.config import ZOO_PREFIX, Experiment
 from evomerge.dispatch.base import Dispatcher
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe, load_recipe
-from evomerge.run_dir import BEST_RECIPE
+from evomerge.run_dir import best_recipe_path
 from evomerge.sources import model_config
 from evomerge.space import DFSCodec, PSCodec
 from evomerge.worker import TrialWorker, WorkerSpec
@@ -157,7 +157,7 @@ def ps_donor_recipe(path: str) -> Recipe:
     """The PS recipe of a PS+DFS donor: a recipe YAML, or a run dir's best_recipe.yaml."""
     p = Path(path)
     if p.is_dir():
-        p = p / BEST_RECIPE
+        p = best_recipe_path(p)
     recipe = load_recipe(p)
     if not isinstance(recipe, Recipe):
         raise ConfigError([f"search_space.ps_donor.recipe: {p} is a {recipe.kind} recipe; a PS recipe is needed"])

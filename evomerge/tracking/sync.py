@@ -21,10 +21,9 @@ _STATUS = {"finished": "FINISHED", "killed": "KILLED", "failed": "FAILED", "inte
 def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any]:
     from evomerge import __version__
     from evomerge.plots import write_plots
-    from evomerge.run_dir import (BEST_RECIPE, EXPERIMENT_COPY, LEDGER, PARETO, SUMMARY, RunLock, load_run_experiment,
-                                  read_info, write_info)
+    from evomerge.run_dir import RunLock, artifacts, load_run_experiment, open_ledger, read_info, write_info
     from evomerge.tracking.metrics import trial_metric_rows
-    from evomerge.ledger import Ledger, best_trial
+    from evomerge.ledger import best_trial
     from evomerge.tracking import build_tracker
 
     run_dir = Path(run_dir)
@@ -48,7 +47,7 @@ def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any
                            tags={"evomerge.version": __version__, "evomerge.experiment": exp.name,
                                  "evomerge.run_dir": str(run_dir.resolve()),
                                  "evomerge.seed": str(exp.optimizer.seed), "evomerge.synced": "true"})
-    ledger = Ledger(run_dir / LEDGER)
+    ledger = open_ledger(run_dir)
     trials = ledger.records("trial")
     logged = tracker.logged_trials()
     rows = trial_metric_rows(trials, exp.optimizer.objectives == "per_task", logged)
@@ -64,9 +63,8 @@ def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any
         tracker.log_summary(summary)
     plots = write_plots(run_dir, info.get("run_id", run_dir.name), trials, baselines,
                         (best["trial_id"], best["recipe"]) if best else None)
-    for path in [run_dir / n for n in (EXPERIMENT_COPY, SUMMARY, LEDGER, BEST_RECIPE, PARETO)] + plots:
-        if path.exists():
-            tracker.log_artifact(path)
+    for path in artifacts(run_dir) + [p for p in plots if p.exists()]:
+        tracker.log_artifact(path)
     state = info.get("status", "finished")
     tracker.finish(_STATUS.get(state, "FINISHED"))
     info.update({"tracking_uri": uri, "mlflow_run_id": run_id,
