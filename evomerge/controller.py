@@ -30,7 +30,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.fitness_cache import FitnessCache, recipe_key, source_key
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import DAMAGED, Ledger
-from evomerge.racing import Race, counts_for_best, tallies_of
+from evomerge.racing import Race, counts_for_best, stopped_per_rung, tallies_of
 from evomerge.run_dir import (RUN_INFO, ItemLog, RunLock, artifacts, experiment_path, has_info, has_ledger,
                               load_run_experiment, open_ledger, pareto_path, read_experiment_data, read_info,
                               save_best_recipe, write_experiment, write_info, write_json_atomic, write_summary)
@@ -539,13 +539,6 @@ class _Racing:
                   "rung_fitness": self.race.fitness_by_rung.pop(res.trial_id, [])}
         return res, fields
 
-    def stopped(self, records: list[dict]) -> list[int]:
-        """Finished trials (scored by a worker) per rung they stopped at."""
-        out = [0] * (self.race.last + 1)
-        for rec in records:
-            if rec["state"] == "complete" and not rec.get("cached_from"):
-                out[rec["rung"]] += 1
-        return out
 
 
 class _SourceScores:
@@ -874,7 +867,7 @@ def _summarize(state: _RunState, stats: dict[str, float], test_scores: dict[str,
         cached_trials=board.cached, failure_reasons=board.failure_reasons(),
     )
     if state.racing is not None:
-        summary.racing_stopped = state.racing.stopped(board.records)
+        summary.racing_stopped = stopped_per_rung(board.records)
         summary.item_evaluations = state.racing.race.items_scored
     loop_s, handled = stats["loop_s"], stats["handled"]
     if loop_s > 0 and handled:

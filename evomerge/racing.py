@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence
 from evomerge.config import RacingConfig, TaskSpec
 from evomerge.ledger import counts_for_best
 
-__all__ = ["Race", "counts_for_best", "tallies_of", "MIN_SEEN"]
+__all__ = ["Race", "counts_for_best", "stopped_per_rung", "tallies_of", "MIN_SEEN"]
 
 # Rule `top`: the first candidates at a rung are promoted until it has seen this many scores
 # (a share of three or four scores is not a ranking).
@@ -39,6 +39,16 @@ def tallies_of(items: Optional[Mapping[str, Mapping]]) -> Tallies:
             t[0] += 1
             t[1] += v
             t[2] += v * v
+    return out
+
+
+def stopped_per_rung(records: Sequence[Mapping]) -> list[int]:
+    """How many finished racing trials (scored by a worker, not the cache) stopped at each rung."""
+    racing = [r for r in records if r.get("last_rung") is not None]
+    out = [0] * (racing[0]["last_rung"] + 1 if racing else 0)
+    for r in racing:
+        if r["state"] == "complete" and not r.get("cached_from"):
+            out[r["rung"]] += 1
     return out
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.ledger import best_trial
+from evomerge.racing import stopped_per_rung
 from evomerge.run_dir import RunLock, open_ledger, read_info, require_run_dir
 
 
@@ -62,13 +63,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
 
 def _racing(done: list[dict], rungs: list[dict]) -> Optional[dict[str, Any]]:
     """Racing runs: how many finished trials stopped at each rung, and the item evaluations."""
-    racing = [r for r in done if r.get("last_rung") is not None]
-    if not racing:
+    stopped = stopped_per_rung(done)
+    if not stopped:
         return None
-    stopped = [0] * (racing[0]["last_rung"] + 1)
-    for r in racing:
-        if r["state"] == "complete" and not r.get("cached_from"):
-            stopped[r["rung"]] += 1
     items = sum(int(n) for rec in rungs for n, _, _ in rec["tallies"].values())
     return {"stopped_at_rung": stopped, "item_evaluations": items}
 

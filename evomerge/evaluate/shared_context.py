@@ -58,11 +58,21 @@ def cache_argument(model) -> Optional[str]:
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
 
-def _takes(model, name: str) -> bool:
+@dataclass(frozen=True)
+class _Calls:
+    """How to call a model, read once per :func:`score` from its forward's signature and config."""
+
+    cache_arg: Optional[str]  # the KV cache argument's name
+    keep_last: dict  # {"logits_to_keep": 1} when the forward can skip the other positions' logits
+    window: Optional[int]  # the smallest sliding attention window
+
+
+def _calls(model) -> _Calls:
     try:
-        return name in inspect.signature(model.forward).parameters
+        takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return False
+        takes_keep = False
+    return _Calls(cache_argument(model), {"logits_to_keep": 1} if takes_keep else {}, _sliding_window(model))
 
 
 def _cache_of(output):
@@ -94,16 +104,17 @@ def score(
     # longest first, like HFLM: memory problems show at once, and lengths in a batch are close
     ordered = sorted(groups.values(), key=lambda g: (-(len(g.context) + max(len(c) for _, c in g.rows)), g.context))
     out: list[Optional[tuple[float, bool]]] = [None] * len(requests)
+    calls = _calls(model)
     batch: list[_Group] = []
     rows = 0
     for group in ordered:
         if batch and rows + len(group.rows) > max(1, batch_size):
-            _score_batch(model, batch, out, device, softmax_dtype, autocast_dtype, on_done)
+            _score_batch(model, calls, batch, out, device, softmax_dtype, autocast_dtype, on_done)
             batch, rows = [], 0
         batch.append(group)
         rows += len(group.rows)
     if batch:
-        _score_batch(model, batch, out, device, softmax_dtype, autocast_dtype, on_done)
+        _score_batch(model, calls, batch, out, device, softmax_dtype, autocast_dtype, on_done)
     return out  # type: ignore[return-value]
 
 
@@ -139,16 +150,16 @@ def _sliding_window(model) -> Optional[int]:
     return int(window)
 
 
-def _score_batch(model, groups, out, device, softmax_dtype, autocast_dtype, on_done) -> None:
+def _score_batch(model, calls: _Calls, groups, out, device, softmax_dtype, autocast_dtype, on_done) -> None:
     device = torch.device(device)
     n_groups = len(groups)
-    cache_arg = cache_argument(model)
+    cache_arg = calls.cache_arg
     # A prefix every context shares runs once. Its suffixes are left-padded after it, so pads sit
     # between prefix and suffix: harmless with explicit positions and mask, except that
     # sliding-window attention counts cache slots, so there only when the window spans everything.
     shared = _common_prefix([g.context for g in groups]) if n_groups > 1 else 0
     if shared >= MIN_SHARED_PREFIX:
-        window = _sliding_window(model)
+        window = calls.window
         longest = max(len(g.context) + max(len(c) for _, c in g.rows) for g in groups)
         if window is not None and window < longest + max(len(g.context) for g in groups):
             shared = 0
@@ -163,7 +174,7 @@ def _score_batch(model, groups, out, device, softmax_dtype, autocast_dtype, on_d
                 attention_mask=torch.ones((1, shared), dtype=torch.long, device=device),
                 position_ids=torch.arange(shared, device=device).unsqueeze(0),
                 use_cache=True,
-                **({"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}),
+                **calls.keep_last,
             )
         prefix_cache = _cache_of(prefix)
         prefix_cache.reorder_cache(torch.zeros(n_groups, dtype=torch.long, device=device))
@@ -193,7 +204,7 @@ def _score_batch(model, groups, out, device, softmax_dtype, autocast_dtype, on_d
     valid = torch.arange(span).unsqueeze(0) < cont_lens.unsqueeze(1)
 
     # only the logits of each context's last token (the last slot) are needed from the first pass
-    kwargs = {"logits_to_keep": 1} if _takes(model, "logits_to_keep") else {}
+    kwargs = dict(calls.keep_last)
     with torch.no_grad(), torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                                          enabled=autocast_dtype is not None):
         if prefix_cache is not None:
