@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -136,14 +137,64 @@ def _refresh_lock():
     return module
 
 
-def test_the_install_command_applies_both_locks_as_constraints():
-    """README's `pip install -c constraints-cpu.txt ...` pins every dependency, not just torch."""
+def _install_script():
+    spec = importlib.util.spec_from_file_location("install", ROOT / "tools" / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_install_command_applies_both_locks_as_constraints(tmp_path):
+    """README's two commands (and CI) install through tools/install.py, which installs with
+    `-c constraints-cpu.txt`: every dependency pinned, not just torch."""
     lines = [line.split("#")[0].strip() for line in (ROOT / "constraints-cpu.txt").read_text().splitlines()]
     assert "-c requirements-lock.txt" in lines and "-c requirements-test-lock.txt" in lines
     readme = (ROOT / "README.md").read_text()
-    assert readme.count("-c constraints-cpu.txt -e") >= 2
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert '-c constraints-cpu.txt -e ".[test]"' in ci
+    assert "python3 tools/install.py && .venv/bin/evomerge run experiments/quickstart.yaml" in readme
+    assert "python3 tools/install.py --test && .venv/bin/python -m pytest" in readme
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "python3 tools/install.py --test && .venv/bin/python -m pytest"
+    for extra in ([], ["--pip"]):
+        out = subprocess.run([sys.executable, str(ROOT / "tools" / "install.py"), "--dry-run", "--test",
+                              "--venv", str(tmp_path / "v"), *extra], capture_output=True, text=True, check=True).stdout
+        install = out.strip().splitlines()[-1]
+        assert install.endswith("-c constraints-cpu.txt -e '.[test]'"), out
+        assert not (tmp_path / "v").exists()  # --dry-run runs nothing
+
+
+def test_the_install_script_hands_pips_package_sources_to_uv(tmp_path):
+    """uv does not read pip's configuration: the script passes pip's sources on, later files and
+    PIP_* variables overriding earlier ones, [install] over [global], several values repeated."""
+    install = _install_script()
+    listing = "\n".join([
+        "global.extra-index-url='file:///opt/a/simple file:///opt/b/simple'",
+        "global.find-links='/old/wheels'",
+        "global.cert='/etc/ssl/ca.crt'",
+        "global.timeout='60'",  # not a package source
+        "freeze.find-links='/ignored'",  # another command's section
+        "install.find-links='/install/wheels'",
+        ":env:.find-links='/env/wheels /more/wheels'",
+        ":env:.constraint='/etc/caps.txt'",
+        ":env:.no-index='true'",
+    ])
+    options, env = install.pip_sources(listing)
+    assert options == ["--extra-index-url", "file:///opt/a/simple", "--extra-index-url", "file:///opt/b/simple",
+                       "--find-links", "/env/wheels", "--find-links", "/more/wheels", "-c", "/etc/caps.txt",
+                       "--no-index"]
+    assert env == {"SSL_CERT_FILE": "/etc/ssl/ca.crt"}
+    assert install.pip_sources("") == ([], {})
+
+    # end to end through `pip config list`, with a config file of our own and no PIP_* variables
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nfind-links = /conf/wheels\nextra-index-url = file:///conf/simple\n"
+                    "[install]\nconstraint = /conf/caps.txt\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "install.py"), "--dry-run", "--venv", str(tmp_path / "v")],
+                         capture_output=True, text=True, check=True, env={**clean, "PIP_CONFIG_FILE": str(conf)}).stdout
+    uv_line = next(line for line in out.splitlines() if " pip install --python " in line)
+    assert "--find-links /conf/wheels" in uv_line and "--extra-index-url file:///conf/simple" in uv_line
+    assert "-c /conf/caps.txt -c constraints-cpu.txt -e ." in uv_line
+    assert "--compile-bytecode" in uv_line and "--index-strategy unsafe-best-match" in uv_line
 
 
 def test_this_venv_is_exactly_the_locked_versions():
