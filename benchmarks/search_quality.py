@@ -12,12 +12,19 @@ on the held-out test split (600 items):
   this seed's CMA-ES PS result as the donor, starting at its path, so PS+DFS spends the PS
   budget plus its own).
 
-Every search reports the test score of its best-on-search recipe. Output: one table
-(mean ± std over seeds, trials used, per-seed values) printed and written to
+Every search runs with the zoo's validation split (``suite.validation_tasks``, 300 items on
+operand pairs no search or test item uses) and ``selection.top_k: 8``: at its end the 8 best
+trials on the search split are scored on validation and the best there is the winner. Each
+search row reports the winner's search, validation and test scores, and the search split's
+own best (what the run would export without re-ranking) with its test score; the optimism of
+a pick is the score it was picked on minus its held-out test score (search − test without
+re-ranking, validation − test with it). Fixed recipes are scored on all three splits.
+
+Output: one table (mean ± std over seeds, trials used, per-seed values) printed and written to
 ``benchmarks/results/search_quality.md`` with a plot (``.png``) and the raw ``.json``.
 Results are cached per (seed, method) in the JSON, so an interrupted run continues.
 
-Usage: python benchmarks/search_quality.py [--seeds 0,1,2] [--trials 128]   (~12 min per seed on 2 cores)
+Usage: python benchmarks/search_quality.py [--seeds 0,1,2] [--trials 128] [--only KEY,...]   (~13 min per seed on 2 cores)
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ METHODS = [  # (key, label, kind)
 PS_SPACE = str(ROOT / "search_spaces" / "ps_ties.yaml")
 PS_LAYER_SPACE = str(ROOT / "search_spaces" / "ps_ties_per_layer.yaml")
 TA_VB_SPACE = str(ROOT / "search_spaces" / "ps_ta_vocab_body.yaml")
+TOP_K = 8
+SPLITS = ("search", "validation", "test")
+FORMAT = 2  # 2: validation split, re-ranking, both picks' scores
 
 
 def recipe(method: str, wa: float, wb: float, density: float | None = None, normalize: bool = True) -> Recipe:
@@ -85,6 +95,8 @@ def experiment(template: str, seed: int, trials: int, name: str, **changes):
     data["optimizer"] = {**data["optimizer"], "seed": seed}
     data["budget"] = {"max_trials": trials}
     data["tracking"] = {"backend": "none"}
+    data["suite"] = {**data["suite"], "validation_tasks": [{"name": "zoo_arith_l2_validation", "metric": "acc"}]}
+    data["selection"] = {"top_k": TOP_K}
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}
@@ -101,19 +113,18 @@ def fixed_scores(seed: int, log) -> dict[str, dict]:
     spec = resolve_worker_spec(exp, progress=log)
     worker = TrialWorker(dataclasses.replace(spec, threads=os.cpu_count() or 1))
 
-    def score(req_kwargs) -> tuple[float, float]:
-        out = []
-        for split in ("search", "test"):
+    def score(req_kwargs) -> dict[str, float]:
+        out = {}
+        for split in SPLITS:
             res = worker.run(EvalRequest(trial_id=0, split=split, **req_kwargs))
             if res.state != "complete":
                 raise RuntimeError(res.error)
-            out.append(res.fitness)
-        return out[0], out[1]
+            out[split] = res.fitness
+        return out
 
     results = {}
     for name in ("base", "expert_a", "expert_b"):
-        s, t = score({"source": name})
-        results[name] = {"search": s, "test": t, "trials": 0}
+        results[name] = {**score({"source": name}), "trials": 0}
     defaults = {
         "linear": recipe("linear", 0.5, 0.5),
         "task_arithmetic": recipe("task_arithmetic", 1.0, 1.0, normalize=False),
@@ -121,24 +132,30 @@ def fixed_scores(seed: int, log) -> dict[str, dict]:
         "dare_ties": recipe("dare_ties", 1.0, 1.0, density=0.5),
     }
     for key, r in defaults.items():
-        s, t = score({"recipe": r.to_dict()})
-        results[key] = {"search": s, "test": t, "trials": 0}
+        results[key] = {**score({"recipe": r.to_dict()}), "trials": 0}
     grid = []
     for d in (0.3, 0.6, 0.9):
         for wa in (0.5, 1.0):
             for wb in (0.25, 0.5, 1.0):
                 r = recipe("ties", wa, wb, density=d, normalize=False)
-                s, t = score({"recipe": r.to_dict()})
-                grid.append((s, t, (d, wa, wb)))
-    best = max(grid, key=lambda g: g[0])
-    results["ties_grid"] = {"search": best[0], "test": best[1], "trials": len(grid), "choice": list(best[2])}
+                grid.append((score({"recipe": r.to_dict()}), (d, wa, wb)))
+    best = max(grid, key=lambda g: g[0]["search"])
+    results["ties_grid"] = {**best[0], "trials": len(grid), "choice": list(best[1])}
     return results
 
 
 def run_search(exp, run_dir: Path) -> dict:
+    """The winner's search / validation / test scores, and the search split's best with its own
+    (what the run exports without re-ranking)."""
     summary = Controller(exp, run_dir).run()
-    return {"search": summary.best_fitness, "test": summary.test_scores.get("best"), "trials": summary.trials,
-            "run_dir": str(run_dir)}
+    tests = summary.test_scores
+    same = summary.search_best_trial in (None, summary.best_trial)
+    return {"search": summary.best_fitness, "validation": summary.validation_fitness, "test": tests.get("best"),
+            "trials": summary.trials, "run_dir": str(run_dir), "best_trial": summary.best_trial,
+            "search_best": {"trial": summary.best_trial if same else summary.search_best_trial,
+                            "search": summary.best_fitness if same else summary.search_best_fitness,
+                            "validation": summary.validation.get(str(summary.search_best_trial or summary.best_trial)),
+                            "test": tests.get("best") if same else tests.get("search_best")}}
 
 
 def main() -> None:
@@ -146,14 +163,16 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--trials", type=int, default=128)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/evomerge-search-quality"))
+    ap.add_argument("--only", default="", help="comma-separated search keys to run (default: all)")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw_path = RESULTS / "search_quality.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    if raw.get("trials") not in (None, args.trials):
+    if raw.get("trials") not in (None, args.trials) or raw.get("format") != FORMAT:
         raw = {}
     raw["trials"] = args.trials
+    raw["format"] = FORMAT
     raw.setdefault("seeds", {})
 
     def log(text):
@@ -192,7 +211,7 @@ def main() -> None:
                               "ps_donor": {"name": "ps_merged", "recipe": res["cma_ps"]["run_dir"]}})),
         ]
         for key, make in plans:
-            if key in res:
+            if key in res or (args.only and key not in args.only.split(",")):
                 continue
             log(f"seed {seed}: {key}")
             run_dir = work / key
@@ -215,18 +234,37 @@ def write_report(raw: dict) -> None:
         vals = [raw["seeds"][s][key] for s in seeds if key in raw["seeds"][s]]
         if not vals:
             continue
-        test = np.array([v["test"] for v in vals], dtype=float)
-        search = np.array([v["search"] for v in vals], dtype=float)
-        trials = vals[0].get("trials_including_donor", vals[0]["trials"])
-        rows.append((key, label, search, test, trials))
-    lines = [f"Cross-skill zoo, held-out test split (600 items), {len(seeds)} seed(s) ({', '.join(seeds)}); "
-             f"searches: {raw['trials']} trials each, 2 Ray workers, one island.", "",
-             "| method | test (mean ± std) | search split | trials | test per seed |",
-             "|---|---|---|---|---|"]
-    for key, label, search, test, trials in rows:
-        lines.append(f"| {label} | {test.mean():.3f} ± {test.std():.3f} | {search.mean():.3f} | {trials} | "
-                     + ", ".join(f"{x:.3f}" for x in test) + " |")
-    by = {key: test for key, _, _, test, _ in rows}
+
+        def col(get):
+            return np.array([get(v) for v in vals], dtype=float)
+
+        row = {"key": key, "label": label, "kind": kind, "test": col(lambda v: v["test"]),
+               "search": col(lambda v: v["search"]), "validation": col(lambda v: v["validation"]),
+               "trials": vals[0].get("trials_including_donor", vals[0]["trials"])}
+        if kind == "search":
+            row["plain_test"] = col(lambda v: v["search_best"]["test"])
+            row["plain_search"] = col(lambda v: v["search_best"]["search"])
+        rows.append(row)
+    lines = [f"Cross-skill zoo (format 3), {len(seeds)} seed(s) ({', '.join(seeds)}); splits: search 300 items, "
+             f"validation 300, held-out test 600. Searches: {raw['trials']} trials each, 2 Ray workers, one island; "
+             f"the winner is the best on validation among the top {TOP_K} on search ('re-ranked'); 'search's best' "
+             "is what the run would export without re-ranking. Optimism = the score a pick was made on minus its "
+             "test score (re-ranked: validation − test; search's best: search − test).", "",
+             "| method | test, re-ranked (mean ± std) | search | validation | optimism | test, search's best | "
+             "optimism | trials | test per seed (re-ranked) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "search":
+            extra = (f"{(r['validation'] - r['test']).mean():+.3f} | {r['plain_test'].mean():.3f} | "
+                     f"{(r['plain_search'] - r['plain_test']).mean():+.3f}")
+        elif r["kind"] == "grid":
+            extra = f"- | {r['test'].mean():.3f} | {(r['search'] - r['test']).mean():+.3f}"
+        else:
+            extra = "- | - | -"
+        lines.append(f"| {r['label']} | {r['test'].mean():.3f} ± {r['test'].std():.3f} | {r['search'].mean():.3f} | "
+                     f"{r['validation'].mean():.3f} | {extra} | {r['trials']} | "
+                     + ", ".join(f"{x:.3f}" for x in r["test"]) + " |")
+    by = {r["key"]: r["test"] for r in rows}
     lines += ["", "Targets (paired over seeds; 'clear' = the smallest per-seed gain is > 0 and the mean gain "
               "exceeds the std of the gains):"]
 
@@ -246,6 +284,8 @@ def write_report(raw: dict) -> None:
         verdict(f"CMA-ES PS beats the best default merge ({best_default})", "cma_ps", best_default)
     verdict("CMA-ES PS beats random search at equal budget (4-d)", "cma_ps", "random_ps")
     verdict("CMA-ES PS beats random search at equal budget (24-d, for information)", "cma_ps_layer", "random_ps_layer")
+    verdict("M2N2 beats random search at equal budget (24-d)", "m2n2_layer", "random_ps_layer")
+    verdict("M2N2 beats CMA-ES at equal budget (24-d, for information)", "m2n2_layer", "cma_ps_layer")
     if "ps_dfs" in by and "cma_ps" in by:
         gains = by["ps_dfs"] - by["cma_ps"]
         lines.append(f"- PS+DFS >= PS: mean {gains.mean():+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}) "
@@ -254,6 +294,20 @@ def write_report(raw: dict) -> None:
                               for s in seeds if "ps_dfs" in raw["seeds"][s]])
         lines.append(f"  (on the search split, where PS+DFS starts from the PS result: "
                      f"{', '.join(f'{g:+.3f}' for g in on_search)})")
+    searches = [r for r in rows if r["kind"] == "search"]
+    if searches:
+        lower = [r for r in searches if r["test"].mean() < r["plain_test"].mean()]
+        lines.append("- Re-ranking never lowers the mean held-out score: "
+                     + ", ".join(f"{r['key']} {r['test'].mean() - r['plain_test'].mean():+.3f}" for r in searches)
+                     + f" -> {'met' if not lower else 'NOT met (' + ', '.join(r['key'] for r in lower) + ')'}")
+        for r in (r for r in searches if r["key"] in ("random_ps_layer", "cma_ps_layer", "m2n2_layer")):
+            before = (r["plain_search"] - r["plain_test"]).mean()
+            after = (r["validation"] - r["test"]).mean()
+            lines.append(f"- Re-ranking halves the optimism of {r['label']}: {before:+.3f} -> {after:+.3f} "
+                         f"-> {'met' if after <= 0.5 * before else 'NOT met'}")
+        opt_before = np.mean([(r["plain_search"] - r["plain_test"]).mean() for r in searches])
+        opt_after = np.mean([(r["validation"] - r["test"]).mean() for r in searches])
+        lines.append(f"- Mean optimism over the searches: search's best {opt_before:+.3f}, re-ranked {opt_after:+.3f}")
     text = "\n".join(lines) + "\n"
     (RESULTS / "search_quality.md").write_text(text)
     print(text)
@@ -265,9 +319,9 @@ def write_report(raw: dict) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1))
-    labels = [label for _, label, _, _, _ in rows][::-1]
-    means = [test.mean() for _, _, _, test, _ in rows][::-1]
-    stds = [test.std() for _, _, _, test, _ in rows][::-1]
+    labels = [r["label"] for r in rows][::-1]
+    means = [r["test"].mean() for r in rows][::-1]
+    stds = [r["test"].std() for r in rows][::-1]
     ax.barh(labels, means, xerr=stds, color="#4c72b0")
     ax.axvline(0.25, color="grey", linestyle=":", label="chance")
     ax.set_xlabel("held-out test accuracy (mean ± std over seeds)")

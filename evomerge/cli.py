@@ -423,9 +423,18 @@ def _print_summary(s, as_json: bool = False) -> None:
     rows = [("trials", f"{s.trials} ({s.failed} failed{cached})")]
     if s.best_fitness is not None:
         rows.append(("best fitness (search)", f"{s.best_fitness:.4f}  trial {s.best_trial}, recipe {s.best_recipe_hash}"))
+    if s.validation_fitness is not None:
+        rows.append(("chosen on validation", f"trial {s.best_trial} among the top {len(s.validation)} by search "
+                     f"fitness: search {s.best_fitness:.4f} -> validation {s.validation_fitness:.4f} "
+                     f"(drop {s.best_fitness - s.validation_fitness:+.4f})"))
+        if s.search_best_trial != s.best_trial:
+            v = s.validation.get(str(s.search_best_trial))
+            rows.append(("search split's best", f"trial {s.search_best_trial}: search {s.search_best_fitness:.4f} -> "
+                         + (f"validation {v:.4f} (drop {s.search_best_fitness - v:+.4f})" if v is not None
+                            else "validation failed")))
     for name, value in sorted(s.baselines.items()):
         rows.append((f"source {name} (search)", f"{value:.4f}"))
-    for name, value in sorted(s.test_scores.items(), key=lambda kv: (kv[0] != "best", kv[0])):
+    for name, value in sorted(s.test_scores.items(), key=lambda kv: (kv[0] != "best", kv[0] != "search_best", kv[0])):
         rows.append((f"{name} (test)", f"{value:.4f}"))
     if s.racing_stopped:
         rows.append(("racing", "trials final at rung " + ", ".join(f"{k}: {n}" for k, n in enumerate(s.racing_stopped))
@@ -474,13 +483,15 @@ def _cmd_export(args) -> int:
         names, members = pareto_members(args.run_dir)
         if args.json:
             print(json.dumps([{"trial_id": m["trial_id"], "objectives": dict(zip(names, m["objectives"])),
-                               "fitness": m["fitness"], "recipe_hash": m["recipe_hash"]} for m in members], indent=2))
+                               "fitness": m["fitness"], "test": m["test"], "recipe_hash": m["recipe_hash"]}
+                              for m in members], indent=2))
             return EXIT_OK
         width = max(8, *(len(n) for n in names))
-        print(f"{'trial':>6}  " + "  ".join(f"{n:>{width}}" for n in names) + f"  {'fitness':>8}  recipe")
+        print(f"{'trial':>6}  " + "  ".join(f"{n:>{width}}" for n in names) + f"  {'fitness':>8}  {'test':>8}  recipe")
         for m in members:
+            test = f"{m['test']:>8.4f}" if m["test"] is not None else f"{'-':>8}"
             print(f"{m['trial_id']:>6}  " + "  ".join(f"{v:>{width}.4f}" for v in m["objectives"])
-                  + f"  {m['fitness']:>8.4f}  {m['recipe_hash']}")
+                  + f"  {m['fitness']:>8.4f}  {test}  {m['recipe_hash']}")
         print(f"{len(members)} Pareto-optimal trial(s); export one with: evomerge export {args.run_dir} "
               "--trial N --out DIR", file=sys.stderr)
         return EXIT_OK

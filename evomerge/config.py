@@ -120,10 +120,18 @@ class SuiteConfig(_Frozen):
     ``task_paths`` are directories of task YAMLs to index (``zoo`` means the
     embedded zoo's task dir); only these are indexed, never lm-eval's full
     catalogue, which takes ~14 s to build.
+
+    ``validation_tasks`` (optional): a third split, held out from the search like the test
+    split. At the end of a search the top ``selection.top_k`` trials by search fitness are
+    scored on it and the best there is the run's winner (``best_recipe.yaml``, export): the
+    search split's best is the most optimistic estimate of all (it was picked for its luck on
+    those items too), and a second, unseen split corrects the pick.
     """
 
     tasks: tuple[TaskSpec, ...]
     test_tasks: tuple[TaskSpec, ...] = ()
+    # scored only for the top `selection.top_k` trials at the end; the best there is the winner
+    validation_tasks: tuple[TaskSpec, ...] = ()
     task_paths: tuple[str, ...] = ()
     batch_size: int = Field(default=64, gt=0)
     num_fewshot: Optional[int] = Field(default=None, ge=0)
@@ -169,6 +177,10 @@ class SuiteConfig(_Frozen):
                                        for k in own))
         return value
 
+    def split_tasks(self, split: str) -> tuple[TaskSpec, ...]:
+        """The tasks of a split: ``search``, ``validation`` or ``test``."""
+        return {"search": self.tasks, "validation": self.validation_tasks, "test": self.test_tasks}[split]
+
     def content_hash(self) -> str:
         """Hash of everything in the suite that changes a score (not the cache policy)."""
         import hashlib
@@ -176,8 +188,17 @@ class SuiteConfig(_Frozen):
 
         # racing changes which items a score is over, so it is hashed; absent, the hash is as before
         data = self.model_dump(mode="json", exclude={"cache", "backend", "generation"}
-                               | (set() if self.racing else {"racing"}))
+                               | (set() if self.racing else {"racing"})
+                               | (set() if self.validation_tasks else {"validation_tasks"}))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class SelectionConfig(_Frozen):
+    """How the winner is chosen when ``suite.validation_tasks`` is set: the ``top_k`` trials
+    with the best search fitness (one per recipe) are scored on the validation split, and the
+    best of them there wins (ties: the better search fitness, then the earlier trial)."""
+
+    top_k: int = Field(default=8, ge=1, le=1000)
 
 
 OPTIMIZERS = ("cma_es", "optuna_cmaes", "tpe", "nsga2", "random")
@@ -297,6 +318,7 @@ class Experiment(_Frozen):
     budget: BudgetConfig = BudgetConfig()
     dispatch: DispatchConfig = DispatchConfig()
     tracking: TrackingConfig = TrackingConfig()
+    selection: SelectionConfig = SelectionConfig()
     allow_huge: bool = False
 
     @model_validator(mode="after")
@@ -324,9 +346,16 @@ class Experiment(_Frozen):
         if self.optimizer.objectives == "per_task" and len(self.suite.tasks) < 2:
             problems.append("suite.tasks: objectives per_task needs at least 2 search tasks (one objective each)")
         search = {t.name for t in self.suite.tasks}
-        overlap = sorted(search & {t.name for t in self.suite.test_tasks})
+        test = {t.name for t in self.suite.test_tasks}
+        overlap = sorted(search & test)
         if overlap:
             problems.append(f"suite.test_tasks: {overlap} are also search tasks; the test split must be held out")
+        validation = {t.name for t in self.suite.validation_tasks}
+        for other, what in ((search, "search"), (test, "test")):
+            overlap = sorted(validation & other)
+            if overlap:
+                problems.append(f"suite.validation_tasks: {overlap} are also {what} tasks; the validation split "
+                                "must be held out from both")
         space = self.search_space
         if getattr(space, "kind", "ps") == "dfs":
             for i, name in enumerate(space.models or ()):

@@ -37,6 +37,7 @@ from evomerge.run_dir import (RUN_INFO, ItemLog, RunLock, artifacts, experiment_
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, recipe_from_dict
+from evomerge.selection import pick, selection_metrics, selection_record, top_trials
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
 from evomerge.tracking.base import Tracker
 from evomerge.tracking.metrics import trial_metric_rows, trial_metrics
@@ -93,6 +94,12 @@ class RunSummary:
     # racing: finished trials per rung they stopped at, and item evaluations of the search's trials
     racing_stopped: list[int] = field(default_factory=list)
     item_evaluations: Optional[int] = None
+    # validation (suite.validation_tasks): best_* is the winner on validation among the top_k by
+    # search fitness; validation: {trial id: validation fitness} of those top_k
+    validation: dict[str, float] = field(default_factory=dict)
+    validation_fitness: Optional[float] = None
+    search_best_trial: Optional[int] = None
+    search_best_fitness: Optional[float] = None
 
     @property
     def all_failed(self) -> bool:
@@ -542,8 +549,10 @@ class _Racing:
 
 
 class _SourceScores:
-    """The scores beside the search: each source's baseline (search split), and the test split's
-    scores of the best recipe and every source."""
+    """The scores beside the search: each source's baseline (search split), the validation
+    split's scores of the top trials, and the test split's scores of the winner (and of the
+    search split's best, when validation chose another; and of a Pareto front's members) and
+    of every source."""
 
     def __init__(self, ledger: Ledger, items: ItemLog, progress: "Progress") -> None:
         self.ledger = ledger
@@ -552,15 +561,31 @@ class _SourceScores:
         self.baselines: dict[str, float] = {}
         self.baselines_done: set[str] = set()
         self.tests_done: dict[tuple[str, Optional[str]], dict] = {}
+        self.validations: dict[int, dict] = {}
 
     def replay(self, rec: dict) -> None:
-        """A ``baseline`` or ``test`` ledger record on resume."""
+        """A ``baseline``, ``validation`` or ``test`` ledger record on resume."""
         if rec["kind"] == "baseline":
             self.baselines_done.add(rec["model"])
             if rec["state"] == "complete":
                 self.baselines[rec["model"]] = float(rec["fitness"])
+        elif rec["kind"] == "validation":
+            self.validations[rec["trial_id"]] = rec
         else:
             self.tests_done[(rec["model"], rec.get("recipe_hash"))] = rec
+
+    def on_validation(self, work: _Work, res: EvalResult) -> None:
+        rec = {"kind": "validation", "trial_id": work.request.trial_id, "recipe_hash": work.recipe_hash,
+               "split": "validation", "state": res.state, "fitness": res.fitness, "scores": res.scores,
+               "eval_seconds": res.eval_seconds, "error": res.error, "finished_at": time.time(),
+               **({"cached_from": res.cached_from} if res.cached_from else {})}
+        self.ledger.append(rec)
+        self.validations[work.request.trial_id] = rec
+        if res.state != "complete":
+            self.progress.message(f"validation of trial {work.request.trial_id} failed: {res.error.splitlines()[0]}")
+
+    def validation_scores(self) -> dict[int, float]:
+        return {t: float(r["fitness"]) for t, r in self.validations.items() if r["state"] == "complete"}
 
     def on_baseline(self, work: _Work, res: EvalResult) -> None:
         if res.state == "complete" and not res.cached_from:
@@ -584,10 +609,11 @@ class _SourceScores:
         self.tests_done[(work.label, work.recipe_hash)] = rec
 
     @staticmethod
-    def test_works(recipe: Recipe, sources: list[str]) -> list[_Work]:
-        wanted = [_Work("test", EvalRequest(trial_id=0, recipe=recipe.to_dict(), split="test"), label="best",
-                        recipe_hash=recipe.content_hash())]
-        return wanted + [_Work("test", EvalRequest(trial_id=i + 1, source=name, split="test"), label=name)
+    def test_works(recipes: dict[str, Recipe], sources: list[str]) -> list[_Work]:
+        """Test-split work for each labelled recipe (``best`` first) and every source."""
+        wanted = [_Work("test", EvalRequest(trial_id=i, recipe=recipe.to_dict(), split="test"), label=label,
+                        recipe_hash=recipe.content_hash()) for i, (label, recipe) in enumerate(recipes.items())]
+        return wanted + [_Work("test", EvalRequest(trial_id=len(recipes) + i, source=name, split="test"), label=name)
                          for i, name in enumerate(sources)]
 
     def has_test(self, work: _Work) -> bool:
@@ -621,6 +647,7 @@ class _RunState:
         self.scores = _SourceScores(ledger, self.items, ctl.progress)
         racing = exp.suite.racing
         self.racing = _Racing(Race(racing, exp.suite.tasks)) if racing is not None else None
+        self._test_trials: dict[str, int] = {}  # test labels of recipes -> their trial ids
 
     @property
     def finished(self) -> int:
@@ -664,6 +691,9 @@ class _RunState:
                 self.scores.replay(rec)
                 key = recipe_key(rec["recipe_hash"]) if rec.get("recipe_hash") else source_key(rec["model"])
                 self.cache.remember(key, "test", rec)
+            elif kind == "validation":
+                self.scores.replay(rec)
+                self.cache.remember(recipe_key(rec["recipe_hash"]), "validation", rec)
         try:
             self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self.board.told_input)
         except ReplayError as exc:
@@ -697,16 +727,43 @@ class _RunState:
         stats = self._loop(dispatcher, queue, self._next_candidate, exhausted=lambda: self.scheduler.exhausted)
         progress.close()
 
+        selection = self._select(dispatcher) if exp.suite.validation_tasks and self.best is not None else None
+        winner = self.best if selection is None else (
+            selection["trial_id"], selection["search_fitness"],
+            next(recipe_from_dict(r["recipe"]) for r in self.board.records if r["trial_id"] == selection["trial_id"]))
         test_scores: dict[str, float] = {}
-        if exp.suite.test_tasks and self.best is not None:
+        if exp.suite.test_tasks and winner is not None:
             progress.message("scoring the best recipe and the sources on the held-out test split")
-            test_scores = self._test_split(dispatcher)
+            test_scores = self._test_split(dispatcher, winner)
 
-        summary = _summarize(self, stats, test_scores, dispatcher.num_workers)
+        summary = _summarize(self, stats, test_scores, dispatcher.num_workers, winner, selection)
         self.feed.tracker.log_summary({f"baseline.{k}": v for k, v in self.baselines.items()}
                                       | {f"test.{k}": v for k, v in test_scores.items()}
+                                      | (selection_metrics(selection) if selection else {})
                                       | ({"best_fitness_final": summary.best_fitness} if self.best else {}))
         return summary
+
+    def _select(self, dispatcher: Dispatcher) -> Optional[dict]:
+        """Score the top_k trials by search fitness on the validation split (those not scored
+        yet), record the winner there as a ``selection`` and make it ``best_recipe.yaml``.
+        Returns the selection record; None (the search split's best stays) if no trial could
+        be scored on the validation split."""
+        candidates = top_trials(self.board.records, self.exp.selection.top_k)
+        todo = deque(_Work("validation", EvalRequest(trial_id=c["trial_id"], recipe=c["recipe"], split="validation"),
+                           label=f"trial {c['trial_id']}", recipe_hash=c["recipe_hash"])
+                     for c in candidates if c["trial_id"] not in self.scores.validations)
+        self.ctl.progress.message(f"scoring the top {len(candidates)} trials (by search fitness) on the validation split")
+        self._loop(dispatcher, todo, lambda: None)
+        scores = self.scores.validation_scores()
+        chosen = pick(candidates, scores)
+        if chosen is None:
+            self.ctl.progress.message("no trial could be scored on the validation split; the winner is the search "
+                                      "split's best")
+            return None
+        rec = selection_record(chosen, candidates, scores, candidates[0])
+        self.ledger.append(rec)
+        save_best_recipe(self.ctl.run_dir, recipe_from_dict(chosen["recipe"]))
+        return rec
 
     def _next_candidate(self) -> Optional[_Work]:
         if self.racing is not None and self.racing.promoted:  # finish started trials first: islands wait on them
@@ -845,27 +902,51 @@ class _RunState:
     def _on_baseline(self, work: _Work, res: EvalResult) -> None:
         self.scores.on_baseline(work, res)
 
-    def _on_test(self, work: _Work, res: EvalResult) -> None:
-        self.scores.on_test(work, res, self.best[0] if work.label == "best" else None)
+    def _on_validation(self, work: _Work, res: EvalResult) -> None:
+        self.scores.on_validation(work, res)
 
-    def _test_split(self, dispatcher: Dispatcher) -> dict[str, float]:
-        wanted = self.scores.test_works(self.best[2], self.sources)
+    def _on_test(self, work: _Work, res: EvalResult) -> None:
+        self.scores.on_test(work, res, self._test_trials.get(work.label))
+
+    def _test_split(self, dispatcher: Dispatcher, winner: tuple[int, float, Recipe]) -> dict[str, float]:
+        """Test-split scores of the winner (``best``), of the search split's best when validation
+        chose another (``search_best``), of a Pareto front's members (``trial N``) and of every
+        source."""
+        recipes = {"best": winner[2]}
+        self._test_trials = {"best": winner[0]}
+        if self.best is not None and self.best[0] != winner[0]:
+            recipes["search_best"] = self.best[2]
+            self._test_trials["search_best"] = self.best[0]
+        if self.board.multi_objective:
+            by_id = {r["trial_id"]: r for r in self.board.records}
+            for t in self.board.front.trial_ids():
+                recipes[f"trial {t}"] = recipe_from_dict(by_id[t]["recipe"])
+                self._test_trials[f"trial {t}"] = t
+        wanted = self.scores.test_works(recipes, self.sources)
         self._loop(dispatcher, deque(w for w in wanted if not self.scores.has_test(w)), lambda: None)
         return self.scores.test_scores(wanted)
 
 
 def _summarize(state: _RunState, stats: dict[str, float], test_scores: dict[str, float],
-               num_workers: int) -> RunSummary:
-    """The summary of a finished search: best, baselines, test scores, racing, worker use."""
-    best, board = state.best, state.board
+               num_workers: int, winner: Optional[tuple[int, float, Recipe]],
+               selection: Optional[dict]) -> RunSummary:
+    """The summary of a finished search: the winner, baselines, validation and test scores,
+    racing, worker use."""
+    board = state.board
     summary = RunSummary(
         run_id=state.ctl.run_id, run_dir=state.ctl.run_dir, trials=state.finished, failed=board.failed,
-        best_trial=best[0] if best else None, best_fitness=best[1] if best else None,
-        best_recipe_hash=best[2].content_hash() if best else None,
+        best_trial=winner[0] if winner else None, best_fitness=winner[1] if winner else None,
+        best_recipe_hash=winner[2].content_hash() if winner else None,
         baselines=dict(state.baselines), test_scores=test_scores,
         pareto_trials=board.front.trial_ids() if board.multi_objective else [],
         cached_trials=board.cached, failure_reasons=board.failure_reasons(),
     )
+    if selection is not None:
+        summary.validation = {str(c["trial_id"]): c["validation"] for c in selection["candidates"]
+                              if c["validation"] is not None}
+        summary.validation_fitness = selection["validation_fitness"]
+        summary.search_best_trial = state.best[0]
+        summary.search_best_fitness = state.best[1]
     if state.racing is not None:
         summary.racing_stopped = stopped_per_rung(board.records)
         summary.item_evaluations = state.racing.race.items_scored

@@ -10,34 +10,38 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.ledger import best_trial
 from evomerge.run_dir import (experiment_path, has_info, open_ledger, read_experiment_data, read_info,
                               require_run_dir)
 from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
+from evomerge.selection import winner
 
 FORMATS = ("recipe", "hf", "mergekit")
 
 
 def find_recipe(run_dir: Path, trial: Optional[int] = None) -> tuple[AnyRecipe, dict]:
-    """The best complete trial's recipe (or trial ``trial``'s) and its ledger record."""
+    """The run's winner's recipe (or trial ``trial``'s) and its ledger record: the best complete
+    trial on the search split, or, where the run has a validation split, the best there among
+    the top trials (see :mod:`evomerge.selection`)."""
     run_dir = Path(run_dir)
     require_run_dir(run_dir, ledger=True)
-    trials = open_ledger(run_dir).records("trial")
+    records = open_ledger(run_dir).records()
+    trials = [r for r in records if r.get("kind") == "trial"]
     if trial is not None:
         match = [r for r in trials if r["trial_id"] == trial]
         if not match:
             raise EvomergeError(f"run {run_dir.name} has no trial {trial} (it has {len(trials)} trials)")
         record = match[0]
     else:
-        record = best_trial(trials)
+        record = winner(records)[0]  # with a validation split: the best there among the top trials
         if record is None:
             raise EvomergeError(f"run {run_dir.name} has no complete trial to export")
     return recipe_from_dict(record["recipe"]), record
 
 
 def pareto_members(run_dir: Path) -> tuple[list[str], list[dict]]:
-    """The objective names and the Pareto-front trial records of a multi-objective run (from its ledger)."""
+    """The objective names and the Pareto-front trial records of a multi-objective run (from its
+    ledger), each with its held-out ``test`` fitness (None when it was not scored)."""
     from evomerge.pareto import front_of
 
     run_dir = Path(run_dir)
@@ -47,7 +51,11 @@ def pareto_members(run_dir: Path) -> tuple[list[str], list[dict]]:
         raise EvomergeError(f"run {run_dir.name} is single-objective (optimizer.objectives: weighted); "
                             "it has a best recipe, not a Pareto front")
     names = [t["name"] for t in exp["suite"]["tasks"]]
-    return names, front_of(open_ledger(run_dir).records("trial"))
+    records = open_ledger(run_dir).records()
+    tests = {r["recipe_hash"]: float(r["fitness"]) for r in records
+             if r.get("kind") == "test" and r.get("recipe_hash") and r["state"] == "complete"}
+    members = front_of([r for r in records if r.get("kind") == "trial"])
+    return names, [{**m, "test": tests.get(m["recipe_hash"])} for m in members]
 
 
 @contextmanager
@@ -249,9 +257,14 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
     exp = read_experiment_data(run_dir)
     info = read_info(run_dir) if has_info(run_dir) else {}
     sources = {m["name"]: m["path"] for m in exp["models"]}
-    ledger = open_ledger(run_dir)
-    tests = {r["model"]: r for r in ledger.records("test") if r["state"] == "complete"}
-    baselines = {r["model"]: r for r in ledger.records("baseline") if r["state"] == "complete"}
+    records = open_ledger(run_dir).records()
+    tests = {r["model"]: r for r in records if r.get("kind") == "test" and r["state"] == "complete"}
+    baselines = {r["model"]: r for r in records if r.get("kind") == "baseline" and r["state"] == "complete"}
+    # this recipe's test and validation scores, whichever label it was scored under
+    own_test = next((r for r in reversed(list(tests.values())) if r.get("recipe_hash") == record["recipe_hash"]), None)
+    validations = [r for r in records if r.get("kind") == "validation" and r["state"] == "complete"]
+    own_validation = next((r for r in reversed(validations) if r["recipe_hash"] == record["recipe_hash"]), None)
+    validation_names = [t["name"] for t in exp["suite"].get("validation_tasks") or []]
     hub = [p[3:].split("@")[0] for p in sources.values() if p.startswith("hf:")]
     front = {"library_name": "transformers", "tags": ["merge", "evomerge"] + (["dfs"] if isinstance(recipe, DFSRecipe)
                                                                             else [recipe.method])}
@@ -267,18 +280,24 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
     lines += [f"| {n} | `{p}` |" for n, p in sources.items()]
     search = [t["name"] for t in exp["suite"]["tasks"]]
     test_names = [t["name"] for t in exp["suite"].get("test_tasks") or []]
-    lines += ["", "## Scores", "",
-              f"Search split ({', '.join(search)}; drove the search) and held-out test split "
-              f"({', '.join(test_names) or 'none'}; never seen by the search):", "",
-              "| model | search fitness | test fitness |", "|---|---|---|"]
-    best_test = tests.get("best", {}) if tests.get("best", {}).get("recipe_hash") == record["recipe_hash"] else {}
-    lines.append(f"| **this merge** | {record['fitness']:.4f} | "
-                 f"{best_test['fitness']:.4f} |" if best_test else f"| **this merge** | {record['fitness']:.4f} | - |")
-    for name in sources:
-        b = baselines.get(name)
-        t = tests.get(name)
-        lines.append(f"| {name} | {b['fitness']:.4f} | " if b else f"| {name} | - | ")
-        lines[-1] += f"{t['fitness']:.4f} |" if t else "- |"
+    def cell(rec: Optional[dict]) -> str:
+        return f"{rec['fitness']:.4f}" if rec else "-"
+
+    if validation_names:
+        lines += ["", "## Scores", "",
+                  f"Search split ({', '.join(search)}; drove the search), validation split "
+                  f"({', '.join(validation_names)}; chose the winner among the search's top trials) and held-out "
+                  f"test split ({', '.join(test_names) or 'none'}; never seen by the search or the choice):", "",
+                  "| model | search fitness | validation fitness | test fitness |", "|---|---|---|---|",
+                  f"| **this merge** | {record['fitness']:.4f} | {cell(own_validation)} | {cell(own_test)} |"]
+        lines += [f"| {name} | {cell(baselines.get(name))} | - | {cell(tests.get(name))} |" for name in sources]
+    else:
+        lines += ["", "## Scores", "",
+                  f"Search split ({', '.join(search)}; drove the search) and held-out test split "
+                  f"({', '.join(test_names) or 'none'}; never seen by the search):", "",
+                  "| model | search fitness | test fitness |", "|---|---|---|",
+                  f"| **this merge** | {record['fitness']:.4f} | {cell(own_test)} |"]
+        lines += [f"| {name} | {cell(baselines.get(name))} | {cell(tests.get(name))} |" for name in sources]
     lines += ["", "## Recipe", "", f"Recipe hash `{recipe.content_hash()}`; the exact recipe "
               "(`evomerge_recipe.yaml`, also below) rebuilds these weights with `evomerge merge`-equivalent "
               "`evomerge export --format hf`.", "", "```yaml", recipe.to_yaml().strip(), "```", "",

@@ -81,6 +81,8 @@ class Plan:
     gpu_hours: Optional[float]
     wall_hours: Optional[float]
     notes: list[str] = field(default_factory=list)
+    validation_tasks: list[dict[str, Any]] = field(default_factory=list)
+    top_k: int = 0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,12 +97,15 @@ class Plan:
             ("genome", f"{self.dim} dimensions = {self.dim_detail}"),
             ("optimizer", f"{self.optimizer}, popsize {self.popsize}, {self.islands} island(s), "
                           f"~{self.generations} generations each"),
-            ("budget", f"{self.max_trials} trials (+ {self.extra_evaluations} source/test evaluations)"),
+            ("budget", f"{self.max_trials} trials (+ {self.extra_evaluations} source/validation/test evaluations)"),
             ("workers", f"{self.num_workers} x {self.device}, {self.dtype}; "
                         f"~{self.worker_memory_gib:.3g} GiB of weights per worker ({self.memory_detail})"),
             ("search", ", ".join(_task_line(t) for t in self.search_tasks)),
             ("test", ", ".join(_task_line(t) for t in self.test_tasks) or "none (no held-out split)"),
         ]
+        if self.validation_tasks:
+            rows.insert(-1, ("validation", ", ".join(_task_line(t) for t in self.validation_tasks)
+                             + f"; the top {self.top_k} trials by search fitness, the best there wins"))
         if self.cost is None:
             rows.append(("per trial", "unknown: pass --calibrate RUN_DIR (a pilot run on the target hardware) "
                                       "or --trial-seconds S"))
@@ -236,13 +241,16 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
     generations = math.ceil(exp.budget.max_trials / islands / popsize)
     from evomerge.evaluate.lm_eval_runner import task_configs
 
-    every = (*exp.suite.tasks, *exp.suite.test_tasks)
+    every = (*exp.suite.tasks, *exp.suite.validation_tasks, *exp.suite.test_tasks)
     configs_of = task_configs(spec.task_paths, [t.name for t in every])
     search = [_task_info(t, configs_of.get(t.name)) for t in exp.suite.tasks]
+    validation = [_task_info(t, configs_of.get(t.name)) for t in exp.suite.validation_tasks]
     test = [_task_info(t, configs_of.get(t.name)) for t in exp.suite.test_tasks]
-    # the controller scores every source on the search split first, and at the end the best
-    # recipe and every source on the test split
-    extra = len(exp.models) + ((len(exp.models) + 1) if test else 0)
+    # the controller scores every source on the search split first; at the end the top_k trials
+    # on the validation split (if any), then the winner (and the search split's best, when
+    # validation picked another) and every source on the test split
+    top_k = min(exp.selection.top_k, exp.budget.max_trials) if validation else 0
+    extra = len(exp.models) + top_k + ((len(exp.models) + 1 + bool(top_k > 1)) if test else 0)
 
     if calibrate is not None:
         cost: Optional[TrialCost] = calibrated_cost(calibrate)
@@ -279,7 +287,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         models=[{"name": m.name, "path": m.path, "params_b": param_count(configs[m.name]) / 1e9,
                  "layers": for_config(configs[m.name]).num_layers(configs[m.name])} for m in exp.models],
         worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail,
-        search_tasks=search, test_tasks=test, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
+        search_tasks=search, test_tasks=test, validation_tasks=validation, top_k=top_k, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
     )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from evomerge.ledger import best_trial
 from evomerge.racing import stopped_per_rung
 from evomerge.run_dir import RunLock, open_ledger, read_info, require_run_dir
+from evomerge.selection import winner
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -21,7 +21,8 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     dispatched: set[int] = set()
     done: list[dict] = []
     rungs: list[dict] = []
-    for rec in open_ledger(run_dir):
+    records = open_ledger(run_dir).records()
+    for rec in records:
         if rec.get("kind") == "dispatch":
             dispatched.add(rec["trial_id"])
         elif rec.get("kind") == "trial":
@@ -30,7 +31,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
             rungs.append(rec)
     finished_ids = {r["trial_id"] for r in done}
     complete = [r for r in done if r["state"] == "complete"]
-    best: Optional[dict] = best_trial(done)
+    best, chosen = winner(records)  # with a validation split: the best there among the top trials
+    tests = {r["recipe_hash"]: float(r["fitness"]) for r in records
+             if r.get("kind") == "test" and r.get("recipe_hash") and r["state"] == "complete"}
     max_trials = int(info.get("max_trials") or 0)
     rate = eta = None
     times = sorted(r["finished_at"] for r in done)
@@ -52,6 +55,9 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "best_fitness": best["fitness"] if best else None,
         "best_trial": best["trial_id"] if best else None,
         "best_recipe_hash": best["recipe_hash"] if best else None,
+        "best_validation": chosen["validation_fitness"] if chosen else None,
+        "best_test": tests.get(best["recipe_hash"]) if best else None,
+        "validated_trials": len(chosen["candidates"]) if chosen else 0,
         "trials_per_hour": rate,
         "eta_seconds": eta,
         "tracking_uri": info.get("tracking_uri"),
@@ -85,6 +91,14 @@ def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
                      + f"; {r['item_evaluations']} item evaluations"))
     if s["best_fitness"] is not None:
         rows.append(("best", f"{s['best_fitness']:.4f}  trial {s['best_trial']}, recipe {s['best_recipe_hash']}"))
+        scores = [f"search {s['best_fitness']:.4f}"]
+        if s.get("best_validation") is not None:
+            scores.append(f"validation {s['best_validation']:.4f} (chosen there among the top "
+                          f"{s['validated_trials']} by search fitness)")
+        if s.get("best_test") is not None:
+            scores.append(f"test {s['best_test']:.4f}")
+        if len(scores) > 1:
+            rows.append(("best's scores", ", ".join(scores)))
     if s["trials_per_hour"] is not None:
         eta = f", ETA {_duration(s['eta_seconds'])}" if s["eta_seconds"] is not None else ""
         rows.append(("rate", f"{s['trials_per_hour']:.0f} trials/hour{eta}"))

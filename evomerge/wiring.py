@@ -90,16 +90,16 @@ def suite_problems(exp: Experiment, task_paths: Optional[tuple[str, ...]] = None
             except ZooError:
                 pass  # not built (or incomplete): check zoo task names and metrics only
             known = task_metrics()
-            for part in ("tasks", "test_tasks"):
+            for part in ("tasks", "validation_tasks", "test_tasks"):
                 for i, t in enumerate(getattr(suite, part)):
                     if t.name.startswith("zoo_") and t.name not in known:
                         problems.append(f"suite.{part}.{i}.name: the zoo has no task {t.name!r}; it has {sorted(known)}")
                     elif t.name in known and t.metric != known[t.name]:
                         problems.append(f"suite.{part}.{i}.metric: {t.name} reports {known[t.name]!r}, not {t.metric!r}")
             suite = suite.model_copy(update={f: tuple(t for t in getattr(suite, f) if not t.name.startswith("zoo_"))
-                                             for f in ("tasks", "test_tasks")})
+                                             for f in ("tasks", "validation_tasks", "test_tasks")})
         task_paths = tuple(paths)
-        if not suite.tasks and not suite.test_tasks and not suite.model_args:
+        if not suite.tasks and not suite.validation_tasks and not suite.test_tasks and not suite.model_args:
             return problems
     return problems + check_suite(suite, task_paths)
 

@@ -22,7 +22,7 @@ from evomerge.errors import EvaluationError, EvomergeError
 from evomerge.evaluate.suite import weighted_fitness
 from evomerge.recipe import DFSRecipe, Recipe, recipe_from_dict
 
-Split = Literal["search", "test"]
+Split = Literal["search", "validation", "test"]
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ class TrialWorker:
             rung = request.rung
             scores, items = self.evaluator.score(request.split, rung=rung, new_only=bool(rung))
             t2 = time.perf_counter()
-            tasks = self.spec.suite.tasks if request.split == "search" else self.spec.suite.test_tasks
+            tasks = self.spec.suite.split_tasks(request.split)
             if rung:  # a later rung's new items only: the controller combines them with the earlier rungs'
                 tasks = [t for t in tasks if t.name in scores]
             fitness = weighted_fitness(tasks, scores) if tasks else 0.0

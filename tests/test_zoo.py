@@ -29,7 +29,7 @@ def _tensors(zoo: Zoo, name: str) -> dict[str, torch.Tensor]:
 
 
 def _all_tasks(zoo: Zoo) -> list[str]:
-    return [*zoo.search_tasks, *zoo.test_tasks, *zoo.other_tasks]
+    return [*zoo.search_tasks, *zoo.validation_tasks, *zoo.test_tasks, *zoo.other_tasks]
 
 
 def test_layout_and_task_names(tiny_zoo: Zoo) -> None:
@@ -37,8 +37,9 @@ def test_layout_and_task_names(tiny_zoo: Zoo) -> None:
     assert set(tiny_zoo.models) == {"base", "expert_a", "expert_b"}
     assert tiny_zoo.base_model == "base"
     assert tiny_zoo.search_tasks == ("zoo_arith_l2_search",)
+    assert tiny_zoo.validation_tasks == ("zoo_arith_l2_validation",)
     assert tiny_zoo.test_tasks == ("zoo_arith_l2_test",)
-    assert tiny_zoo.other_tasks == ("zoo_arith_l1_search", "zoo_arith_l1_test")
+    assert tiny_zoo.other_tasks == ("zoo_arith_l1_search", "zoo_arith_l1_validation", "zoo_arith_l1_test")
     for task in _all_tasks(tiny_zoo):
         assert (tiny_zoo.tasks_dir / f"{task}.yaml").is_file()
         assert len(read_items(tiny_zoo.tasks_dir, task)) == 60
@@ -49,8 +50,9 @@ def test_search_and_test_items_use_disjoint_operand_pairs(tiny_zoo: Zoo) -> None
         return {(item["a"], item["b"]) for item in read_items(tiny_zoo.tasks_dir, task)}
 
     search = pairs("zoo_arith_l2_search") | pairs("zoo_arith_l1_search")
+    validation = pairs("zoo_arith_l2_validation") | pairs("zoo_arith_l1_validation")
     test = pairs("zoo_arith_l2_test") | pairs("zoo_arith_l1_test")
-    assert not search & test
+    assert not search & test and not validation & search and not validation & test
 
 
 def test_models_load_offline_from_disk(tiny_zoo: Zoo) -> None:

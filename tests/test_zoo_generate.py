@@ -26,7 +26,7 @@ GEN_SUITE = {"task_paths": ["zoo"], "batch_size": 64,
 
 
 def _mc_tasks(zoo: Zoo) -> list[str]:
-    return [*zoo.search_tasks, *zoo.test_tasks, *zoo.other_tasks]
+    return [*zoo.search_tasks, *zoo.validation_tasks, *zoo.test_tasks, *zoo.other_tasks]
 
 
 def _gen_task(zoo: Zoo, name: str):
@@ -39,7 +39,8 @@ def _gen_task(zoo: Zoo, name: str):
 
 def test_gen_yamls_are_written_over_the_same_data(session_tiny_zoo: Zoo, tmp_path: Path) -> None:
     assert [gen_task_name(t) for t in _mc_tasks(session_tiny_zoo)] == [
-        "zoo_arith_l2_gen_search", "zoo_arith_l2_gen_test", "zoo_arith_l1_gen_search", "zoo_arith_l1_gen_test"]
+        "zoo_arith_l2_gen_search", "zoo_arith_l2_gen_validation", "zoo_arith_l2_gen_test",
+        "zoo_arith_l1_gen_search", "zoo_arith_l1_gen_validation", "zoo_arith_l1_gen_test"]
     assert {n for n, metric in task_metrics().items() if metric == "exact_match"} == {
         gen_task_name(t) for t in _mc_tasks(session_tiny_zoo)}
     for task in _mc_tasks(session_tiny_zoo):

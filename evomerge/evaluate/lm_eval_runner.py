@@ -22,7 +22,7 @@ from typing import Literal, Optional, Sequence
 from evomerge.config import SuiteConfig, TaskSpec
 from evomerge.errors import EvaluationError
 
-Split = Literal["search", "test"]
+Split = Literal["search", "validation", "test"]
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 
 # lm-eval looks up its git revision and prints "fatal: not a git repository" outside a checkout.
@@ -53,10 +53,11 @@ class LmEvalEvaluator:
             add_bos_token=suite.add_bos_token,
             **suite.model_args,
         )
-        every = [t.name for t in (*suite.tasks, *suite.test_tasks)]
+        every = [t.name for t in (*suite.tasks, *suite.validation_tasks, *suite.test_tasks)]
         self._manager = task_manager(task_paths, every)
         self._splits: dict[str, tuple[Sequence[TaskSpec], dict, Optional[dict[str, list[int]]]]] = {}
-        for split, tasks in (("search", suite.tasks), ("test", suite.test_tasks)):
+        for split in ("search", "validation", "test"):
+            tasks = suite.split_tasks(split)
             if not tasks:
                 continue
             names = [t.name for t in tasks]
@@ -440,9 +441,10 @@ def check_suite(suite: SuiteConfig, task_paths: Sequence[str]) -> list[str]:
     for key in suite.model_args:
         if key not in params:
             problems.append(f"suite.model_args.{key}: not an argument of lm-eval's HFLM")
-    manager = task_manager(task_paths, [t.name for t in (*suite.tasks, *suite.test_tasks)])
+    manager = task_manager(task_paths, [t.name for t in (*suite.tasks, *suite.validation_tasks, *suite.test_tasks)])
     where = ", ".join(str(p) for p in task_paths) + " or lm-eval's catalogue" if task_paths else "lm-eval's catalogue"
-    for field, tasks in (("tasks", suite.tasks), ("test_tasks", suite.test_tasks)):
+    for field, tasks in (("tasks", suite.tasks), ("validation_tasks", suite.validation_tasks),
+                         ("test_tasks", suite.test_tasks)):
         for i, spec in enumerate(tasks):
             at = f"suite.{field}.{i}"
             entry = manager.task_index.get(spec.name)

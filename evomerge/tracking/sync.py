@@ -23,7 +23,7 @@ def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any
     from evomerge.plots import write_plots
     from evomerge.run_dir import RunLock, artifacts, load_run_experiment, open_ledger, read_info, write_info
     from evomerge.tracking.metrics import trial_metric_rows
-    from evomerge.ledger import best_trial
+    from evomerge.selection import selection_metrics, winner
     from evomerge.tracking import build_tracker
 
     run_dir = Path(run_dir)
@@ -47,16 +47,19 @@ def sync_run(run_dir: Path, tracking_uri: Optional[str] = None) -> dict[str, Any
                            tags={"evomerge.version": __version__, "evomerge.experiment": exp.name,
                                  "evomerge.run_dir": str(run_dir.resolve()),
                                  "evomerge.seed": str(exp.optimizer.seed), "evomerge.synced": "true"})
-    ledger = open_ledger(run_dir)
-    trials = ledger.records("trial")
+    records = open_ledger(run_dir).records()
+    trials = [r for r in records if r.get("kind") == "trial"]
     logged = tracker.logged_trials()
     rows = trial_metric_rows(trials, exp.optimizer.objectives == "per_task", logged)
     if rows:
         tracker.log_trials(rows)
-    baselines = {r["model"]: r["fitness"] for r in ledger.records("baseline") if r["state"] == "complete"}
-    tests = {r["model"]: r["fitness"] for r in ledger.records("test") if r["state"] == "complete"}
-    best = best_trial(trials)
+    done = [r for r in records if r.get("state") == "complete"]
+    baselines = {r["model"]: r["fitness"] for r in done if r.get("kind") == "baseline"}
+    tests = {r["model"]: r["fitness"] for r in done if r.get("kind") == "test"}
+    best, chosen = winner(records)
     summary = {f"baseline.{k}": v for k, v in baselines.items()} | {f"test.{k}": v for k, v in tests.items()}
+    if chosen is not None:
+        summary |= selection_metrics(chosen)
     if best is not None:
         summary["best_fitness_final"] = best["fitness"]
     if summary:

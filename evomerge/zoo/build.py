@@ -3,8 +3,8 @@
 Layout of a zoo directory:
     models/{base,expert_a,expert_b}/   config.json, model.safetensors, generation_config.json,
                                        tokenizer.json, tokenizer_config.json
-    tasks/zoo_arith_{l1,l2}_{search,test}.{yaml,jsonl}
-    tasks/zoo_arith_{l1,l2}_gen_{search,test}.yaml   generate_until variants over the same data
+    tasks/zoo_arith_{l1,l2}_{search,validation,test}.{yaml,jsonl}
+    tasks/zoo_arith_{l1,l2}_gen_{search,validation,test}.yaml   generate_until variants over the same data
     manifest.json                      written last: a zoo without it is not a zoo
 """
 
@@ -38,6 +38,7 @@ from evomerge.zoo.tasks import (
     PairSplit,
     data_path,
     make_task_items,
+    make_validation_items,
     split_pairs,
     task_name,
     train_problems,
@@ -78,6 +79,7 @@ class Zoo:
     base_model: str
     tasks_dir: Path
     search_tasks: tuple[str, ...]
+    validation_tasks: tuple[str, ...]
     test_tasks: tuple[str, ...]
     other_tasks: tuple[str, ...]
 
@@ -140,7 +142,7 @@ def load_zoo(path: Path) -> Zoo:
     models = {name: root / entry["path"] for name, entry in manifest["models"].items()}
     tasks_dir = root / "tasks"
     tasks = manifest["tasks"]
-    names = [*tasks["search"], *tasks["test"], *tasks["other"]]
+    names = [*tasks["search"], *tasks["validation"], *tasks["test"], *tasks["other"]]
     required = [model / file for model in models.values()
                 for file in ("config.json", "model.safetensors", "tokenizer.json")]
     required += [data_path(tasks_dir, name) for name in names]
@@ -155,6 +157,7 @@ def load_zoo(path: Path) -> Zoo:
         base_model=manifest["base_model"],
         tasks_dir=tasks_dir,
         search_tasks=tuple(tasks["search"]),
+        validation_tasks=tuple(tasks["validation"]),
         test_tasks=tuple(tasks["test"]),
         other_tasks=tuple(tasks["other"]),
     )
@@ -231,6 +234,7 @@ def _task_names() -> dict[str, list[str]]:
     other_languages = [language for language in LANGUAGES if language != TARGET_LANGUAGE]
     return {
         "search": [task_name(TARGET_LANGUAGE, "search")],
+        "validation": [task_name(TARGET_LANGUAGE, "validation")],
         "test": [task_name(TARGET_LANGUAGE, "test")],
         "other": [task_name(language, split) for language in other_languages for split in SPLITS],
     }
@@ -321,6 +325,7 @@ def _build_into(temporary: Path, final: Path, kind: str, seed: int, report: Prog
     facts = make_colour_facts(_rng(seed, "world"))
     pairs = split_pairs(_rng(seed, "pairs"), spec.search_pairs, spec.test_pairs)
     items = make_task_items(_rng(seed, "items"), pairs, spec.n_search, spec.n_test)
+    items.update(make_validation_items(_rng(seed, "validation"), pairs, items, spec.n_validation))
     names = _task_names()
     write_task_data(temporary / "tasks", items)
     write_task_yamls(temporary / "tasks", final.resolve() / "tasks", list(items))

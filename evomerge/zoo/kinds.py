@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # 2: the quickstart zoo (cross-skill) trains 0.7x the D4b half-build steps (700/420/350).
-FORMAT_VERSION = 2
+# 3: a validation split (zoo_arith_{l1,l2}_validation) on held-out pairs no search or test item
+#    uses; models, search and test items are unchanged.
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ZooSpec:
     warmup: int
     n_search: int
     n_test: int
+    n_validation: int = 300
     search_pairs: int = 400
     test_pairs: int = 800
     max_threads: int | None = None
@@ -60,7 +63,7 @@ KINDS: dict[str, ZooSpec] = {
     # it down by orders of magnitude, so it builds on one thread.
     "tiny": ZooSpec(
         ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
-        150, 80, 80, warmup=10, n_search=60, n_test=60, max_threads=1,
+        150, 80, 80, warmup=10, n_search=60, n_test=60, n_validation=60, max_threads=1,
     ),
 }
 

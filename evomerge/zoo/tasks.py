@@ -40,11 +40,11 @@ from evomerge.zoo.vocab import PERIOD, Language
 NEAR_MISS_OFFSETS: tuple[int, ...] = (1, -1, 2, -2, 9, -9, 10, -10, 11, -11)
 N_CHOICES = 4
 LANGUAGES: tuple[Language, ...] = ("l1", "l2")
-SPLITS: tuple[str, ...] = ("search", "test")
+SPLITS: tuple[str, ...] = ("search", "validation", "test")
 # The longest answer is 4 tokens (`1 9 8 !`, 99 + 99); the rest is margin for a model that
 # misses the period, so such an answer is cut off short and scored wrong.
 GEN_MAX_TOKENS = 8
-_TASK_NAME = re.compile(r"zoo_arith_(l1|l2)(_gen)?_(search|test)")
+_TASK_NAME = re.compile(r"zoo_arith_(l1|l2)(_gen)?_(search|validation|test)")
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,17 @@ def make_task_items(
         items[task_name(language, "search")] = sample_items(rng, split.search, n_search, language)
         items[task_name(language, "test")] = sample_items(rng, split.test, n_test, language)
     return items
+
+
+def make_validation_items(
+    rng: random.Random, split: PairSplit, items: dict[str, list[dict[str, Any]]], n: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Items of the validation split of each language: `n` problems on the held-out operand pairs
+    that no search or test item (of any language) uses, so validation shares no operand pair
+    with either split, and the models, search and test items stay as they were."""
+    used = {(item["a"], item["b"]) for documents in items.values() for item in documents}
+    free = sorted(set(split.search + split.test) - used)
+    return {task_name(language, "validation"): sample_items(rng, free, n, language) for language in LANGUAGES}
 
 
 def data_path(tasks_dir: Path, name: str) -> Path:
