@@ -8,7 +8,8 @@ on the held-out test split (600 items):
   chosen on the search split);
 - searches at equal trial budgets (``--trials``, default 128; 2 Ray workers, one island):
   random search and CMA-ES over the TIES space (search_spaces/ps_ties.yaml, 4 dimensions)
-  and over the per-group TIES space (search_spaces/ps_ties_per_layer.yaml, 24), DFS (experiments/zoo_dfs.yaml) and PS+DFS (experiments/zoo_ps_dfs.yaml with
+  and random search, CMA-ES and M2N2 over the per-group TIES space
+  (search_spaces/ps_ties_per_layer.yaml, 24), DFS (experiments/zoo_dfs.yaml) and PS+DFS (experiments/zoo_ps_dfs.yaml with
   this seed's CMA-ES PS result as the donor, starting at its path, so PS+DFS spends the PS
   budget plus its own).
 
@@ -63,6 +64,7 @@ METHODS = [  # (key, label, kind)
     ("cma_ta_vb", "CMA-ES PS, task arithmetic vocab/body (4-d, the quickstart's space)", "search"),
     ("random_ps_layer", "random search, per-group TIES space (24-d)", "search"),
     ("cma_ps_layer", "CMA-ES PS, per-group TIES space (24-d)", "search"),
+    ("m2n2_layer", "M2N2, per-group TIES space (24-d)", "search"),
     ("dfs", "CMA-ES DFS", "search"),
     ("ps_dfs", "CMA-ES PS+DFS (starts at the CMA-ES PS result)", "search"),
 ]
@@ -203,6 +205,9 @@ def main() -> None:
                                                    optimizer={"name": "random", "islands": 1})),
             ("cma_ps_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cma24-{seed}",
                                                 search_space=PS_LAYER_SPACE, optimizer={"islands": 1, "popsize": None, "x0": 0.5})),
+            ("m2n2_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-m2n2-{seed}",
+                                              search_space=PS_LAYER_SPACE,
+                                              optimizer={"name": "m2n2", "islands": 1, "popsize": None})),
             ("dfs", lambda: experiment("zoo_dfs.yaml", seed, args.trials, f"sq-dfs-{seed}",
                                        optimizer={"islands": 1})),
             ("ps_dfs", lambda: experiment(

@@ -201,7 +201,18 @@ class SelectionConfig(_Frozen):
     top_k: int = Field(default=8, ge=1, le=1000)
 
 
-OPTIMIZERS = ("cma_es", "optuna_cmaes", "tpe", "nsga2", "random")
+class M2N2Config(_Frozen):
+    """M2N2's own settings (``optimizer.name: m2n2``; see ``evomerge/optimize/m2n2.py``):
+    ``archive_size`` recipes kept, the fitness-sharing exponent ``alpha`` (1: items shared
+    equally among the members that solve them; 0: plain mean score), and an optional Gaussian
+    ``mutation`` (standard deviation in genome units; 0 as in the paper: crossover only)."""
+
+    archive_size: int = Field(default=16, ge=2, le=10_000)
+    alpha: float = Field(default=1.0, ge=0, le=10)
+    mutation: float = Field(default=0.0, ge=0, le=1)
+
+
+OPTIMIZERS = ("cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2")
 MULTI_OBJECTIVE = ("nsga2", "random")
 
 
@@ -210,7 +221,9 @@ class OptimizerConfig(_Frozen):
 
     ``name``: ``cma_es`` (pycma, with IPOP restarts when a population stalls),
     ``optuna_cmaes`` / ``tpe`` / ``nsga2`` (Optuna's samplers through its ask/tell API),
-    ``random`` (uniform random search, the baseline). ``objectives``: ``weighted`` (one
+    ``random`` (uniform random search, the baseline), ``m2n2`` (an archive of recipes evolved
+    by crossover with fitness sharing over the search split's items and attraction-based mate
+    choice; settings under ``m2n2``). ``objectives``: ``weighted`` (one
     fitness, the suite's weighted mean) or ``per_task`` (one objective per search task;
     a multi-objective optimizer — nsga2 or random — and the run keeps the Pareto front).
     ``restarts`` (cma_es): ``ipop`` restarts a stalled population from a random point with
@@ -218,7 +231,7 @@ class OptimizerConfig(_Frozen):
     pycma's termination criteria fire or its best has not improved for ``stall_generations``.
     """
 
-    name: Literal["cma_es", "optuna_cmaes", "tpe", "nsga2", "random"] = "cma_es"
+    name: Literal["cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2"] = "cma_es"
     x0: float = Field(default=0.5, ge=0, le=1)
     sigma0: float = Field(default=1 / 6, gt=0, le=1)
     popsize: Optional[int] = Field(default=None, ge=2)
@@ -229,6 +242,7 @@ class OptimizerConfig(_Frozen):
     restarts: Literal["none", "ipop"] = "ipop"
     max_restarts: int = Field(default=9, ge=0)
     stall_generations: int = Field(default=20, ge=2)
+    m2n2: M2N2Config = M2N2Config()
 
     @model_validator(mode="after")
     def _consistent(self) -> "OptimizerConfig":
@@ -341,6 +355,9 @@ class Experiment(_Frozen):
         uses_zoo = any(m.path.startswith(ZOO_PREFIX) for m in self.models) or "zoo" in self.suite.task_paths
         if uses_zoo and self.zoo is None:
             problems.append("zoo: models or suite.task_paths refer to the zoo, but no `zoo:` section is given")
+        if self.suite.racing is not None and self.optimizer.name == "m2n2":
+            problems.append("suite.racing: m2n2 shares each search item among its archive, so every candidate needs "
+                            "the same items; it cannot be combined with racing")
         if self.suite.racing is not None and self.optimizer.objectives == "per_task":
             problems.append("suite.racing: racing ranks one fitness; it cannot be combined with objectives: per_task")
         if self.optimizer.objectives == "per_task" and len(self.suite.tasks) < 2:

@@ -32,7 +32,7 @@ from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, buil
 from evomerge.ledger import DAMAGED, Ledger
 from evomerge.racing import Race, counts_for_best, stopped_per_rung, tallies_of
 from evomerge.run_dir import (RUN_INFO, ItemLog, RunLock, artifacts, experiment_path, has_info, has_ledger,
-                              load_run_experiment, open_ledger, pareto_path, read_experiment_data, read_info,
+                              load_run_experiment, pack_values, unpack_values, open_ledger, pareto_path, read_experiment_data, read_info,
                               save_best_recipe, write_experiment, write_info, write_json_atomic, write_summary)
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
@@ -262,7 +262,7 @@ class Controller:
         start = codec.start_genome()
         scheduler = build_islands(
             n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives,
-                                                    start=start),
+                                                    start=start, gene_groups=getattr(codec, "gene_groups", None)),
             codec.decode,
             exp.budget.max_trials, exp.optimizer.failure_fitness, exp.optimizer.seed,
         )
@@ -648,6 +648,7 @@ class _RunState:
         racing = exp.suite.racing
         self.racing = _Racing(Race(racing, exp.suite.tasks)) if racing is not None else None
         self._test_trials: dict[str, int] = {}  # test labels of recipes -> their trial ids
+        self.item_values: dict[str, list[float]] = {}  # optimizers told per-item scores: by recipe hash
 
     @property
     def finished(self) -> int:
@@ -695,7 +696,8 @@ class _RunState:
                 self.scores.replay(rec)
                 self.cache.remember(recipe_key(rec["recipe_hash"]), "validation", rec)
         try:
-            self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self.board.told_input)
+            self.redo, self.missing_tells = replay(self.scheduler, dispatched, finished, tells, self.board.told_input,
+                                                   self._recorded_items)
         except ReplayError as exc:
             raise EvomergeError(f"cannot resume {self.ctl.run_id}: {exc}") from None
         for tell in self.missing_tells:
@@ -874,6 +876,9 @@ class _RunState:
             rec["cached_from"] = res.cached_from
         if board.multi_objective:
             rec["objectives"] = objectives
+        items = self._trial_items(res, rec["recipe_hash"]) if self.scheduler.wants_items else None
+        if items is not None:
+            rec["item_values"] = pack_values(items)
         if racing_fields:
             rec.update(racing_fields)
             if res.state == "complete" and counts_for_best(rec) and not res.cached_from:
@@ -887,12 +892,39 @@ class _RunState:
         # tracking waits until the free workers have their next candidates (see _loop)
         self.feed.add(self.finished - 1, trial_metrics(
             rec, board.best[1] if board.best else None, len(board.front.members) if board.multi_objective else None))
-        tell = self.scheduler.receive(cand, res.state, board.told_input(rec))
+        tell = self.scheduler.receive(cand, res.state, board.told_input(rec), items)
         if tell is not None:
             self._record_tell(tell)
         if res.state != "complete":
             self.ctl.progress.message(f"trial {res.trial_id} failed: {res.error.splitlines()[0]}")
         self.ctl.progress.advance(board.best[1] if board.best else None, board.failed)
+
+    def _trial_items(self, res: EvalResult, recipe_hash: str) -> Optional[list[float]]:
+        """A complete trial's per-item scores of the search split, for optimizers told them (M2N2):
+        leaf tasks by name, documents by id. A cached score has none: it takes those of the same
+        recipe earlier in this run, else (a score from another run's shared cache) its fitness
+        on every item."""
+        if res.state != "complete":
+            return None
+        if res.items:
+            values = [v for leaf in sorted(res.items)
+                      for _, v in sorted(zip(res.items[leaf]["docs"], res.items[leaf]["values"]))]
+        elif recipe_hash in self.item_values:
+            values = self.item_values[recipe_hash]
+        elif self.item_values:
+            values = [float(res.fitness)] * len(next(iter(self.item_values.values())))
+        else:
+            return None
+        self.item_values[recipe_hash] = values
+        return values
+
+    def _recorded_items(self, rec: dict) -> Optional[list[float]]:
+        """The per-item scores a trial record carries (resume), remembered by recipe."""
+        if rec.get("item_values") is None:
+            return None
+        values = unpack_values(rec["item_values"])
+        self.item_values[rec["recipe_hash"]] = values
+        return values
 
     def _record_tell(self, tell: Tell) -> None:
         self.ledger.append({"kind": "tell", "island": tell.island, "generation": tell.generation,

@@ -46,6 +46,7 @@ class Candidate:
     trial_id: Optional[int] = None
     state: Optional[str] = None  # "complete" | "failed" once its result is in
     fitness: Any = None  # what is told before the penalty: a float, or a vector of objectives
+    items: Any = None  # per-item scores of the search split, for optimizers that want them (M2N2)
 
     @property
     def key(self) -> tuple[int, int, int]:
@@ -150,12 +151,13 @@ class Island:
         """Quota used up and every issued candidate has its result."""
         return self.issued >= self.quota and all(c.state is not None for c in self.members)
 
-    def receive(self, cand: Candidate, state: str, fitness: Any) -> Optional[Tell]:
-        """Record a result (fitness: a float or a vector of objectives); when the (full)
-        generation is complete, tell the optimizer."""
+    def receive(self, cand: Candidate, state: str, fitness: Any, items: Any = None) -> Optional[Tell]:
+        """Record a result (fitness: a float or a vector of objectives; items: its per-item
+        scores, or None); when the (full) generation is complete, tell the optimizer (with the
+        items of its complete members, if it ``wants_items``)."""
         if cand.generation != self.generation or self.members[cand.member] is not cand:
             raise RuntimeError(f"result for {cand.key} does not belong to island {self.index}'s open generation")
-        cand.state, cand.fitness = state, fitness
+        cand.state, cand.fitness, cand.items = state, fitness, items
         if self._next < len(self.members) or any(c.state is None for c in self.members):
             return None
         k = getattr(self.optimizer, "num_objectives", 1)
@@ -166,7 +168,11 @@ class Island:
             self.told = True  # cut by the quota: never told (the island is done)
             return None
         values = [penalized(c.state, c.fitness, self.successes, self.failure_fitness, k) for c in self.members]
-        self.optimizer.tell([c.genome for c in self.members], values)
+        if getattr(self.optimizer, "wants_items", False):
+            self.optimizer.tell([c.genome for c in self.members], values,
+                                items=[c.items if c.state == "complete" else None for c in self.members])
+        else:
+            self.optimizer.tell([c.genome for c in self.members], values)
         self.told = True
         return Tell(self.index, self.generation, tuple(int(c.trial_id) for c in self.members), tuple(values),
                     self.optimizer.state())
@@ -194,8 +200,13 @@ class IslandScheduler:
         open_ = [isl for isl in ready if isl.has_open_generation]
         return min(open_ or ready, key=lambda isl: (isl.issued, isl.index)).issue()
 
-    def receive(self, cand: Candidate, state: str, fitness: Any) -> Optional[Tell]:
-        return self.islands[cand.island].receive(cand, state, fitness)
+    def receive(self, cand: Candidate, state: str, fitness: Any, items: Any = None) -> Optional[Tell]:
+        return self.islands[cand.island].receive(cand, state, fitness, items)
+
+    @property
+    def wants_items(self) -> bool:
+        """Whether the optimizers are told per-item scores (M2N2)."""
+        return any(getattr(isl.optimizer, "wants_items", False) for isl in self.islands)
 
     @property
     def done(self) -> bool:
@@ -223,12 +234,14 @@ class ReplayError(RuntimeError):
 
 def replay(scheduler: IslandScheduler, dispatched: dict[tuple[int, int, int], dict],
            finished: dict[int, dict], tells: dict[tuple[int, int], dict],
-           told_input: Callable[[dict], Any] = lambda rec: rec["fitness"]) -> tuple[list[Candidate], list[Tell]]:
+           told_input: Callable[[dict], Any] = lambda rec: rec["fitness"],
+           told_items: Callable[[dict], Any] = lambda rec: None) -> tuple[list[Candidate], list[Tell]]:
     """Rebuild the islands from a ledger.
 
     ``dispatched``: dispatch records by (island, generation, member); ``finished``:
     trial records by trial id; ``tells``: tell records by (island, generation);
-    ``told_input``: what a trial record tells (its fitness, or its objectives).
+    ``told_input``: what a trial record tells (its fitness, or its objectives); ``told_items``:
+    its per-item scores (for optimizers that want them).
     Every recorded candidate is re-asked from its island's optimizer and checked
     against the ledger's genome; finished ones are received again (no evaluation),
     which re-tells the optimizers exactly as before. Returns the candidates that were
@@ -250,7 +263,7 @@ def replay(scheduler: IslandScheduler, dispatched: dict[tuple[int, int, int], di
             if result is None:
                 redo.append(cand)
                 continue
-            tell = isl.receive(cand, result["state"], told_input(result))
+            tell = isl.receive(cand, result["state"], told_input(result), told_items(result))
             if tell is None:
                 continue
             recorded = tells.get((tell.island, tell.generation))

@@ -250,14 +250,23 @@ class ItemLog:
                 key = hashlib.sha256(json.dumps([leaf, docs]).encode()).hexdigest()[:12]
                 self._keys[(leaf, docs)] = key
                 lines.append({"kind": "docs", "key": key, "task": leaf, "docs": list(docs)})
-            values = entry["values"]
-            packed: Any = ("".join("1" if v == 1 else "0" for v in values)
-                           if all(v in (0, 1) for v in values) else [float(v) for v in values])
+            packed = pack_values(entry["values"])
             owner = {"trial_id": trial_id} if source is None else {"source": source}
             lines.append({"kind": "score", **owner, "rung": rung, "task": leaf, "docs": key, "values": packed})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines))
             f.flush()
+
+
+def pack_values(values) -> Any:
+    """Per-item values as stored: a string of ``0``/``1`` when all are 0 or 1, else a list of numbers."""
+    return ("".join("1" if v == 1 else "0" for v in values) if all(v in (0, 1) for v in values)
+            else [float(v) for v in values])
+
+
+def unpack_values(packed: Any) -> list[float]:
+    """The inverse of :func:`pack_values`."""
+    return [float(c) for c in packed] if isinstance(packed, str) else [float(v) for v in packed]
 
 
 def read_items_raw(path: Path) -> list[dict]:
@@ -284,8 +293,7 @@ def read_items(run_dir: Path) -> list[dict]:
         if rec.get("kind") == "docs":
             docs[rec["key"]] = rec["docs"]
         elif rec.get("kind") == "score" and rec.get("docs") in docs:
-            values = rec["values"]
-            values = [float(c) for c in values] if isinstance(values, str) else values
+            values = unpack_values(rec["values"])
             owner = {k: rec[k] for k in ("trial_id", "source") if k in rec}
             out.append({**owner, "rung": rec.get("rung"), "task": rec["task"],
                         "items": dict(zip(docs[rec["docs"]], values))})

@@ -11,7 +11,7 @@ from evomerge.config import OptimizerConfig
 from evomerge.optimize import Optimizer, build_optimizer
 
 # (name, objectives): every optimizer, each in the objective mode it supports
-CASES = [("cma_es", 1), ("optuna_cmaes", 1), ("tpe", 1), ("random", 1), ("nsga2", 2), ("random", 2)]
+CASES = [("cma_es", 1), ("optuna_cmaes", 1), ("tpe", 1), ("random", 1), ("m2n2", 1), ("nsga2", 2), ("random", 2)]
 DIM = 6
 TARGET = np.linspace(0.2, 0.8, DIM)
 

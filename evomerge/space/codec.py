@@ -90,6 +90,13 @@ class PSCodec:
         return len(self.models) * len(self.model_params) * self.groups + len(self.global_params)
 
     @property
+    def gene_groups(self) -> tuple[int, ...]:
+        """Each genome value's tensor-group slot (``groups`` of them per model and parameter; -1
+        for the global parameters), in genome order: where M2N2 may split a genome."""
+        per_model = tuple(range(self.groups)) * len(self.model_params)
+        return per_model * len(self.models) + (-1,) * len(self.global_params)
+
+    @property
     def names(self) -> tuple[str, ...]:
         """One human-readable name per genome dimension."""
         out = []
