@@ -143,3 +143,14 @@ def test_a_search_with_a_validation_split_exports_the_best_there(tmp_path, sessi
     scores = {r["trial_id"]: r["fitness"] for r in recs if r["kind"] == "validation"}
     assert final["trial_id"] == pick(top, scores)["trial_id"] == winner(recs)[0]["trial_id"]
     assert Recipe.load(run_dir / "best_recipe.yaml").content_hash() == winner(recs)[0]["recipe_hash"]
+
+
+def test_the_plan_counts_the_validation_evaluations(tmp_path, session_tiny_zoo, capsys):
+    path = experiment_file(tmp_path, "plan", suite=SUITE, selection={"top_k": 4}, budget={"max_trials": 12})
+    assert main(["run", str(path), "--dry-run", "--json", "--trial-seconds", "1"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in plan["validation_tasks"]] == ["zoo_arith_l2_validation"] and plan["top_k"] == 4
+    # 3 baselines, 4 validations, then the winner, the search's best and 3 sources on test
+    assert plan["extra_evaluations"] == 3 + 4 + 5
+    assert main(["run", str(path), "--dry-run", "--trial-seconds", "1"]) == 0
+    assert "the top 4 trials by search fitness, the best there wins" in capsys.readouterr().out
