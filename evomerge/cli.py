@@ -184,9 +184,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON (the written path, or the front)")
     e.add_argument("--register", metavar="NAME", help="with --format hf: register it in MLflow as NAME")
 
-    mg = _command(sub, "merge", "write a recipe (or a mergekit config) as a Hugging Face model dir",
+    mg = _command(sub, "merge", "write a recipe (or a mergekit config, or a preset) as a Hugging Face model dir",
                   "evomerge merge out/recipe.yaml --out out/model", "RECIPE")
-    mg.add_argument("recipe", metavar="RECIPE", type=Path, help="an evomerge recipe or a mergekit config")
+    mg.add_argument("recipe", metavar="RECIPE", type=Path, nargs="?",
+                    help="an evomerge recipe or a mergekit config (or --preset)")
+    mg.add_argument("--preset", metavar="NAME[:K=V,...]",
+                    help="a published merge over the experiment's experts: layer_swapping (outer, inner, k), "
+                         "lines (alpha, beta), model_stock (filter_wise); needs --experiment or --run")
     mg.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model directory to write")
     mg.add_argument("--force", action="store_true", help="replace a non-empty --out whole")
     mg.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
@@ -545,10 +549,30 @@ def _cmd_merge(args) -> int:
         dirs[name] = path if path.startswith("hf:") else str(Path(path).expanduser().resolve())
     if args.shard_size < 1:
         raise ConfigError(["--shard-size: at least 1 (MB)"])
+    if (args.recipe is None) == (args.preset is None):
+        raise ConfigError(["RECIPE: give a recipe file or --preset NAME (one of them)"])
+    preset = None
+    if args.preset is not None:
+        if not (args.run or args.experiment):
+            raise ConfigError(["--preset: needs --experiment EXP.yaml or --run RUN_DIR (its sources and base model)"])
+        from evomerge.presets import preset_recipe
+        from evomerge.wiring import num_layers_of
+
+        if args.run:
+            from evomerge.run_dir import load_run_experiment
+
+            exp = load_run_experiment(args.run)
+        else:
+            from evomerge.config import load_experiment
+
+            exp = load_experiment(args.experiment)
+        declared = {m.name: m.config for m in exp.models}
+        layers = num_layers_of(dirs[exp.base_model], declared.get(exp.base_model))
+        preset = (args.preset, preset_recipe(args.preset, exp.merged_models, exp.base_model, layers))
     from evomerge.export import atomic_dir
 
     with atomic_dir(args.out, args.force) as tmp:
-        merge_recipe(args.recipe, tmp, dirs, stream=args.stream, shard_mb=args.shard_size)
+        merge_recipe(args.recipe, tmp, dirs, stream=args.stream, shard_mb=args.shard_size, preset=preset)
     out = args.out
     if args.json:
         print(json.dumps({"path": str(out)}))

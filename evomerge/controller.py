@@ -32,8 +32,9 @@ from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, buil
 from evomerge.ledger import DAMAGED, Ledger
 from evomerge.racing import Race, counts_for_best, stopped_per_rung, tallies_of
 from evomerge.run_dir import (RUN_INFO, ItemLog, RunLock, artifacts, experiment_path, has_info, has_ledger,
-                              load_run_experiment, pack_values, unpack_values, open_ledger, pareto_path, read_experiment_data, read_info,
-                              save_best_recipe, write_experiment, write_info, write_json_atomic, write_summary)
+                              load_run_experiment, open_ledger, pack_values, pareto_path, read_experiment_data,
+                              read_info, save_best_recipe, unpack_values, write_experiment, write_info,
+                              write_json_atomic, write_summary)
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, recipe_from_dict
@@ -327,7 +328,8 @@ class Controller:
             for path in artifacts(self.run_dir):
                 if path.name != experiment_path(self.run_dir).name:  # logged at the start
                     tracker.log_artifact(path)
-            best = (state.best[0], state.best[2].to_dict()) if state.best else None
+            best = next(((r["trial_id"], r["recipe"]) for r in state.board.records  # the winner (validation)
+                         if r["trial_id"] == summary.best_trial), None)
             try:
                 plots = write_plots(self.run_dir, self.run_id, state.board.records, state.baselines, best)
             except Exception as exc:  # a plot must never fail a finished search

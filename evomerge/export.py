@@ -122,29 +122,34 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     return path
 
 
-def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], stream: bool = False,
-                 shard_mb: int = 2048) -> Path:
-    """``evomerge merge``: materialise any recipe file (from a run, or written by hand) as a
-    Hugging Face model dir. ``model_dirs`` maps the recipe's model names to directories or
-    ``hf:`` ids."""
+def merge_recipe(recipe_path: Optional[Path], out_dir: Path, model_dirs: dict[str, str], stream: bool = False,
+                 shard_mb: int = 2048, preset: Optional[tuple[str, AnyRecipe]] = None) -> Path:
+    """``evomerge merge``: materialise any recipe file (from a run, or written by hand), or a
+    preset's recipe (``preset``: its spec and recipe, see :mod:`evomerge.presets`), as a Hugging
+    Face model dir. ``model_dirs`` maps the recipe's model names to directories or ``hf:`` ids."""
     import yaml
 
     from evomerge.mergekit_config import from_mergekit, is_mergekit_config
     from evomerge.recipe import DFSRecipe, load_recipe
     from evomerge.sources import resolve_model_dir
 
-    path = Path(recipe_path)
-    if not path.is_file():
-        raise EvomergeError(f"no recipe file {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-        if is_mergekit_config(data):  # a mergekit config: its models are its sources
-            recipe, mergekit_dirs = from_mergekit(data, base_dir=path.parent.resolve())
-            model_dirs = {**mergekit_dirs, **model_dirs}
-        else:
-            recipe = load_recipe(path)
-    except (ValueError, TypeError, yaml.YAMLError) as exc:
-        raise EvomergeError(f"{path} is not a valid recipe:\n  " + str(exc).replace("\n", "\n  ")) from None
+    if preset is not None:
+        path, (source, recipe) = Path(f"{preset[0].split(':')[0]}.preset"), preset
+        source = f"--preset {source}"
+    else:
+        path = Path(recipe_path)
+        source = str(path)
+        if not path.is_file():
+            raise EvomergeError(f"no recipe file {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+            if is_mergekit_config(data):  # a mergekit config: its models are its sources
+                recipe, mergekit_dirs = from_mergekit(data, base_dir=path.parent.resolve())
+                model_dirs = {**mergekit_dirs, **model_dirs}
+            else:
+                recipe = load_recipe(path)
+        except (ValueError, TypeError, yaml.YAMLError) as exc:
+            raise EvomergeError(f"{path} is not a valid recipe:\n  " + str(exc).replace("\n", "\n  ")) from None
     if isinstance(recipe, DFSRecipe):
         needed = {s.model for s in recipe.layers} | {recipe.embed_from}
         needed -= set(recipe.donors)
@@ -156,7 +161,7 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
         head = recipe.base_model
     missing = sorted(needed - set(model_dirs))
     beside = experiment_path(path.parent)
-    if missing and beside.is_file() and beside.resolve() != path.resolve():
+    if missing and preset is None and beside.is_file() and beside.resolve() != path.resolve():
         # `export --format recipe` writes the run's experiment next to the recipe: its sources
         found = experiment_sources(beside)
         model_dirs = {**{k: v for k, v in found.items() if k in missing}, **model_dirs}
@@ -180,10 +185,11 @@ def merge_recipe(recipe_path: Path, out_dir: Path, model_dirs: dict[str, str], s
             copy_tokenizer(dirs[head], out)
     else:
         out = export_hf(recipe, dirs, head, Path(out_dir))
-    (out / "evomerge_recipe.yaml").write_text(f"# merged by `evomerge merge {path}`\n" + recipe.to_yaml())
+    (out / "evomerge_recipe.yaml").write_text(f"# merged by `evomerge merge {source}`\n" + recipe.to_yaml())
     kind = "data-flow (layer path)" if isinstance(recipe, DFSRecipe) else f"`{recipe.method}`"
+    made = f"`{source}`" if preset is not None else f"`{path.name}`"
     lines = ["---", "library_name: transformers", "tags: [merge, evomerge]", "---", "",
-             f"# {path.stem}", "", f"A {kind} merge made with `evomerge merge` from `{path.name}` "
+             f"# {path.stem}", "", f"A {kind} merge made with `evomerge merge` from {made} "
              f"(recipe hash `{recipe.content_hash()}`).", "", "| name | model |", "|---|---|"]
     lines += [f"| {k} | `{model_dirs[k]}` |" for k in sorted(needed)]
     lines += ["", "```yaml", recipe.to_yaml().strip(), "```", ""]

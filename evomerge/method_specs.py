@@ -146,6 +146,14 @@ SPECS: dict[str, MethodSpec] = {
             reference="https://arxiv.org/abs/2406.11617",
         ),
         MethodSpec(
+            name="model_stock",
+            model_parameters={},
+            global_parameters=_specs(ParamSpec("filter_wise", False, "filter_wise", bool)),
+            needs_base=True,
+            random=False,
+            reference="https://arxiv.org/abs/2403.19522",
+        ),
+        MethodSpec(
             name="slerp",
             model_parameters={},
             global_parameters=_specs(ParamSpec("t", None, "t", bounds=(0.0, 1.0))),

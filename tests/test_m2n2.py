@@ -4,7 +4,6 @@ after a crash to exactly the genomes of an uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from evomerge.cli import main
 from evomerge.ledger import Ledger
 from evomerge.optimize.m2n2 import M2N2
 from evomerge.run_dir import unpack_values
-from tiny import ROOT, experiment_file
+from tiny import ROOT, crashed_copy, experiment_file
 
 
 def _filled(opt: M2N2, rows: list[list[float]], genomes=None) -> M2N2:
@@ -101,14 +100,7 @@ def test_an_m2n2_search_tells_per_item_scores_and_resumes_to_the_same_genomes(tm
     assert [len(t["state"]["archive"]) for t in tells] == [4, 4, 4]  # filled, then replaced in place
     # the process dies after the 7th trial; resume continues to the very same genomes and tells
     cut = [i for i, r in enumerate(recs) if r["kind"] == "trial"][6]
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    for name in ("experiment.yaml", "experiment.source.yaml", "run.json"):
-        (crashed / name).write_bytes((clean / name).read_bytes())
-    (crashed / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[: cut + 1]))
-    info = json.loads((crashed / "run.json").read_text())
-    info.update(status="killed", run_dir=str(crashed))
-    (crashed / "run.json").write_text(json.dumps(info))
+    crashed = crashed_copy(clean, tmp_path / "crashed", recs[: cut + 1])
     assert main(["resume", str(crashed), "--quiet"]) == 0
     after = list(Ledger(crashed / "ledger.jsonl"))
     genomes = lambda rs: {r["trial_id"]: r["genome"] for r in rs if r["kind"] == "trial"}  # noqa: E731

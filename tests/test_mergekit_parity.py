@@ -205,6 +205,39 @@ def test_slerp_tensor_parity(t: float, shape: tuple, dtype, collinear: bool) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(64, 48), (48,), (8, 2, 3)], ids=str)
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("n", [2, 3])
+def test_model_stock_tensor_parity(n: int, filter_wise: bool, shape: tuple, dtype) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(*shape).to(dtype)
+    shared = 0.05 * torch.randn(*shape)  # fine-tunes that agree in part: 0 < cos < 1
+    sources = [(base.float() + shared + 0.05 * torch.randn(*shape)).to(dtype) for _ in range(n)]
+    ids = ["base", *"xyz"[:n]]
+    theirs = merge_tensors([base, *sources], "model_stock", parameters={"filter_wise": filter_wise},
+                           ids=ids, base_index=0)
+    ours = merge_tensor("model_stock", base, [s - base for s in sources], [{}] * n, {"filter_wise": filter_wise})
+    # ours rebuilds each model as base + (model - base): exact in float32 up to 1 ulp of the inputs
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    diff = (ours.float() - theirs.float()).abs().max().item()
+    print(f"parity model_stock n={n} filter_wise={filter_wise} {shape} {dtype}: max abs diff {diff:.3g}")
+    assert diff <= tol * max(1.0, theirs.float().abs().max().item())
+    assert not torch.equal(ours, base) and not torch.equal(ours, sources[0])
+
+
+def test_model_stock_keeps_the_base_where_the_ratio_is_singular() -> None:
+    base = torch.zeros(4)
+    up = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    merged = merge_tensor("model_stock", base, [up, -up], [{}, {}], {})  # opposite task vectors: cos -1, N = 2
+    theirs = merge_tensors([base, base + up, base - up], "model_stock", parameters={}, ids=["b", "x", "y"],
+                           base_index=0)
+    assert torch.equal(merged, base) and torch.equal(theirs, base)
+    with pytest.raises(ValueError, match="at least two fine-tuned models"):
+        merge_tensor("model_stock", base, [up], [{}], {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_linear_tensor_parity(normalize: bool, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
@@ -276,6 +309,7 @@ E2E = {
     "della_linear": ({"a": {"weight": 0.7, "density": 0.4, "epsilon": 0.2},
                       "b": {"weight": 0.3, "density": PER_GROUP_D, "epsilon": 0.05}}, {}),
     "slerp": ({"a": {}}, {"t": 0.35}),
+    "model_stock": ({"a": {}, "b": {}}, {"filter_wise": True}),
 }
 
 
@@ -294,7 +328,7 @@ def make_recipe(method: str, dtype: str = "float32") -> Recipe:
 @pytest.mark.parametrize(
     ("method", "dtype"),
     [("linear", "float32"), ("task_arithmetic", "float32"), ("ties", "float32"), ("ties", "bfloat16"),
-     ("breadcrumbs", "float32"), ("breadcrumbs_ties", "float32"), ("slerp", "float32")],
+     ("breadcrumbs", "float32"), ("breadcrumbs_ties", "float32"), ("slerp", "float32"), ("model_stock", "float32")],
 )
 def test_backend_matches_mergekit_yaml(method: str, dtype: str, dirs, tmp_path: Path) -> None:
     recipe = make_recipe(method, dtype)
@@ -312,9 +346,9 @@ def test_backend_matches_mergekit_yaml(method: str, dtype: str, dirs, tmp_path: 
             deltas = [weights[m.model][key].to(base.dtype) - base for m in recipe.models]
             tied = threshold_ties(deltas, [m.value("density", g) for m in recipe.models])
         results.append(compare(ours[key], theirs[key], tied))
-    if method == "slerp":  # the other model is rebuilt as base + (other - base): within float32 rounding
+    if method in ("slerp", "model_stock"):  # the models are rebuilt as base + (model - base): float32 rounding
         worst = max(r[2] for r in results)
-        print(f"parity mergekit-yaml slerp: max abs diff {worst:.3g}")
+        print(f"parity mergekit-yaml {method}: max abs diff {worst:.3g}")
         assert worst < 1e-5
         return
     check(results, f"mergekit-yaml {method} {dtype}")

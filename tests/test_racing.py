@@ -15,7 +15,7 @@ from evomerge.config import RacingConfig, TaskSpec
 from evomerge.ledger import Ledger
 from evomerge.racing import MIN_SEEN, Race, tallies_of
 from evomerge.run_dir import read_items
-from tiny import experiment_file
+from tiny import crashed_copy, experiment_file
 
 RACING = {"rungs": [20, 60], "promote": 0.4}
 
@@ -174,14 +174,7 @@ def test_a_crash_mid_race_resumes_without_scoring_anything_twice(tmp_path, sessi
     # the process dies right after a rung record: one that sent its trial on, or one that ended it
     cut = next(i for i, r in enumerate(recs) if r["kind"] == "rung" and r["promoted"] == (crash_after == "promoted")
                and r["trial_id"] >= 4)
-    crashed = tmp_path / "crashed"
-    crashed.mkdir()
-    for name in ("experiment.yaml", "experiment.source.yaml", "run.json"):
-        (crashed / name).write_bytes((clean / name).read_bytes())
-    (crashed / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[: cut + 1]))
-    info = json.loads((crashed / "run.json").read_text())
-    info.update(status="killed", run_dir=str(crashed))
-    (crashed / "run.json").write_text(json.dumps(info))
+    crashed = crashed_copy(clean, tmp_path / "crashed", recs[: cut + 1])
     assert main(["resume", str(crashed), "--quiet"]) == 0
     after = _records(crashed)
     rung_keys = [(r["trial_id"], r["rung"]) for r in after if r["kind"] == "rung"]

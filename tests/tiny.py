@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -30,3 +31,17 @@ def experiment_file(tmp_path: Path, name: str, **overrides) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def crashed_copy(clean: Path, crashed: Path, records: list[dict]) -> Path:
+    """A copy of the finished run ``clean`` at ``crashed`` as if its process had died after
+    writing ``records`` (the start of its ledger): the experiment copies, run.json marked
+    killed, and the ledger cut there. ``evomerge resume crashed`` continues it."""
+    crashed.mkdir()
+    for name in ("experiment.yaml", "experiment.source.yaml", "run.json"):
+        (crashed / name).write_bytes((clean / name).read_bytes())
+    (crashed / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    info = json.loads((crashed / "run.json").read_text())
+    info.update(status="killed", run_dir=str(crashed))
+    (crashed / "run.json").write_text(json.dumps(info))
+    return crashed

@@ -20,6 +20,7 @@ from evomerge.merge.methods.dare_linear import dare_linear
 from evomerge.merge.methods.dare_ties import dare_ties
 from evomerge.merge.methods.della import della, della_linear
 from evomerge.merge.methods.linear import linear
+from evomerge.merge.methods.model_stock import model_stock
 from evomerge.merge.methods.slerp import slerp
 from evomerge.merge.methods.task_arithmetic import task_arithmetic
 from evomerge.merge.methods.ties import ties
@@ -35,6 +36,7 @@ FUNCTIONS: dict[str, Callable[..., Tensor]] = {
     "della": della,
     "della_linear": della_linear,
     "slerp": slerp,
+    "model_stock": model_stock,
 }
 
 
