@@ -229,6 +229,8 @@ class OptimizerConfig(_Frozen):
     ``restarts`` (cma_es): ``ipop`` restarts a stalled population from a random point with
     twice the population size, up to ``max_restarts`` times; a population has stalled when
     pycma's termination criteria fire or its best has not improved for ``stall_generations``.
+    ``separable`` (cma_es): pycma's separable CMA-ES (a diagonal covariance), for spaces of many
+    dimensions and few trials.
     """
 
     name: Literal["cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2"] = "cma_es"
@@ -242,6 +244,7 @@ class OptimizerConfig(_Frozen):
     restarts: Literal["none", "ipop"] = "ipop"
     max_restarts: int = Field(default=9, ge=0)
     stall_generations: int = Field(default=20, ge=2)
+    separable: bool = False
     m2n2: M2N2Config = M2N2Config()
 
     @model_validator(mode="after")
@@ -252,6 +255,8 @@ class OptimizerConfig(_Frozen):
         if self.objectives == "per_task" and self.name not in MULTI_OBJECTIVE:
             problems.append(f"objectives: per_task needs a multi-objective optimizer ({' or '.join(MULTI_OBJECTIVE)}); "
                             f"{self.name} optimizes one weighted fitness")
+        if self.separable and self.name != "cma_es":
+            problems.append(f"separable: pycma's separable CMA-ES is an option of cma_es, not {self.name}")
         if self.name == "nsga2" and self.objectives != "per_task":
             problems.append("objectives: nsga2 is multi-objective; set objectives: per_task")
         if problems:

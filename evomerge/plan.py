@@ -208,8 +208,8 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         groups = codec.groups
         dim_detail = (f"{len(codec.models)} merged models x {len(codec.model_params)} parameters "
                       f"({', '.join(codec.model_params)}) x {groups} group{'s' * (groups > 1)}"
-                      + (f" ({', '.join(codec.group_labels)})" if space.granularity == "vocab_body"
-                         else " (embeddings, each block, head)" if groups > 1 else "")
+                      + (" (embeddings, each block, head)" if space.granularity == "per_layer"
+                         else f" ({', '.join(codec.group_labels)})" if groups > 1 else "")
                       + (f" + {len(codec.global_params)} global ({', '.join(codec.global_params)})"
                          if codec.global_params else ""))
         space_line = f"PS: {space.method}, {space.granularity}"
@@ -280,7 +280,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
     if exp.dispatch.device == "cpu" and params > 1e9:
         notes.append("dispatch.device is cpu for a model of over 1 B parameters; set device: cuda")
     return Plan(
-        experiment=exp.name, space=space_line, dim=dim, dim_detail=dim_detail, optimizer=exp.optimizer.name,
+        experiment=exp.name, space=space_line, dim=dim, dim_detail=dim_detail, optimizer=exp.optimizer.name + (" (separable)" if exp.optimizer.separable else ""),
         popsize=popsize, islands=islands, generations=generations, max_trials=exp.budget.max_trials,
         extra_evaluations=extra, num_workers=exp.dispatch.num_workers, device=exp.dispatch.device,
         dtype=exp.dispatch.dtype,

@@ -89,6 +89,24 @@ def test_single_objective_optimizers_improve_on_a_smooth_objective(name, objecti
         assert value > -0.05, value
 
 
+def test_separable_cma_es_is_pycmas_diagonal_variant_and_beats_random_in_many_dimensions():
+    for seed in range(3):
+        results = {}
+        for name, separable in (("cma_es", True), ("random", False)):
+            cfg = OptimizerConfig(name=name, popsize=12, seed=seed, separable=separable)
+            opt = build_optimizer(cfg, 100)
+            target = np.random.default_rng(200 + seed).uniform(0.2, 0.8, 100)
+            for _ in range(12):  # 144 evaluations in 100 dimensions
+                gs = opt.ask()
+                opt.tell(gs, [-float(np.sum((g - target) ** 2)) for g in gs])
+            results[name] = opt.best()[1]
+            if separable:
+                assert opt._es.opts["CMA_diagonal"] is True
+        assert results["cma_es"] > results["random"], (seed, results)
+    with pytest.raises(ValueError, match="separable"):
+        OptimizerConfig(name="random", separable=True)
+
+
 def test_cma_es_beats_random_search_at_equal_budget():
     """Over 5 seeds, 40 dims, 600 evaluations, pycma's best is better than random search's every time."""
     for seed in range(5):

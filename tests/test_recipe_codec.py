@@ -12,10 +12,11 @@ from evomerge.recipe import ModelParams, Recipe
 from evomerge.space import Bounds, ParameterSpace, PSCodec, group_names
 
 
-def _space(granularity="global") -> ParameterSpace:
+def _space(granularity="global", knots=None) -> ParameterSpace:
     return ParameterSpace(
         method="dare_ties",
         granularity=granularity,
+        knots=knots,
         parameters={"density": Bounds(low=0.1, high=1.0), "weight": Bounds(low=0.0, high=1.5)},
         fixed={"normalize": False},
     )
@@ -63,6 +64,50 @@ def test_codec_vocab_body_sets_embed_and_head_apart_from_the_blocks():
         ModelParams(model="a", parameters={"density": 0.5, "weight": (0.3, 0.6, 0.9, 0.6, 0.3)}), start.models[1])})
     with pytest.raises(ValueError, match="one value for embed and head and one for every block"):
         codec.encode(uneven)
+
+
+def test_codec_knots_are_mergekit_gradients_with_as_many_genes_whatever_the_depth():
+    from evomerge.recipe import Gradient
+
+    for layers in (4, 32):
+        codec = PSCodec(_space("knots", knots=3), "base", ("a", "b"), num_layers=layers)
+        assert codec.groups == 3 and codec.dim == 2 * 2 * 3
+        assert codec.names[:3] == ("a.density[knot0]", "a.density[knot1]", "a.density[knot2]")
+        assert codec.gene_groups == (0, 1, 2) * 4
+    recipe = codec.decode([0.0, 0.5, 1.0] + [0.2] * 9)
+    density = recipe.model_params("a").parameters["density"]
+    assert density == Gradient(gradient=(0.1, 0.55, 1.0))
+    # mergekit's gradient: the blocks spread over the knots, embeddings and head at the first
+    values = [recipe.model_params("a").value("density", g, 32) for g in range(34)]
+    assert values[0] == values[-1] == pytest.approx(0.1) and values[32] == pytest.approx(1.0)
+    assert values[16] == pytest.approx(0.1 + 0.9 * 15 / 31)
+    g = np.random.default_rng(2).random(codec.dim)
+    np.testing.assert_allclose(codec.encode(codec.decode(g)), g, atol=1e-9)
+    with pytest.raises(ValueError, match="gradient of 3 values"):
+        codec.encode(PSCodec(_space("per_layer"), "base", ("a", "b"), num_layers=32).decode(np.full(136, 0.3)))
+
+
+def test_codec_lines_run_from_a_bottom_to_a_top_value():
+    codec = PSCodec(_space("lines"), "base", ("a", "b"), num_layers=3)
+    assert codec.groups == 2 and codec.dim == 8 and codec.names[:2] == ("a.density[bottom]", "a.density[top]")
+    recipe = codec.decode([0.0, 1.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    # embed, block0..2, head: linear from the bottom value to the top value
+    assert recipe.model_params("a").parameters["density"] == pytest.approx((0.1, 0.325, 0.55, 0.775, 1.0))
+    assert recipe.model_params("a").parameters["weight"] == pytest.approx((1.5, 1.125, 0.75, 0.375, 0.0))
+    g = np.random.default_rng(3).random(codec.dim)
+    np.testing.assert_allclose(codec.encode(codec.decode(g)), g, atol=1e-9)
+    start = Recipe(method="dare_ties", base_model="base", models=(
+        ModelParams(model="a", parameters={"density": 0.55, "weight": 0.75}),
+        ModelParams(model="b", parameters={"density": 0.55, "weight": (0.3, 0.6, 0.9, 0.6, 0.3)})))
+    with pytest.raises(ValueError, match="values on a line"):
+        codec.encode(start)
+
+
+def test_knots_are_given_with_granularity_knots_only():
+    with pytest.raises(ValueError, match="granularity knots needs the number of knots"):
+        _space("knots")
+    with pytest.raises(ValueError, match="only for granularity knots"):
+        _space("per_layer", knots=3)
 
 
 def test_codec_clips_and_rejects_bad_genomes():

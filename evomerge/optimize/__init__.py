@@ -25,7 +25,7 @@ def build_optimizer(cfg: OptimizerConfig, dim: int, seed: int | None = None, num
 
         return CMAESOptimizer(dim, x0=cfg.x0 if start is None else start, sigma0=cfg.sigma0, popsize=popsize, seed=seed,
                               restarts=cfg.restarts, max_restarts=cfg.max_restarts,
-                              stall_generations=cfg.stall_generations)
+                              stall_generations=cfg.stall_generations, separable=cfg.separable)
     if cfg.name == "m2n2":
         from evomerge.optimize.m2n2 import M2N2
 

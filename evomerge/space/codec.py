@@ -57,6 +57,10 @@ class PSCodec:
     @property
     def groups(self) -> int:
         """Genome values per model and parameter."""
+        if self.space.granularity == "knots":
+            return int(self.space.knots)
+        if self.space.granularity == "lines":
+            return 2
         return max(self._slots) + 1
 
     @property
@@ -64,11 +68,20 @@ class PSCodec:
         """What each of a parameter's genome values sets (empty for ``global``)."""
         if self.space.granularity == "per_layer":
             return group_names(self.num_layers)
+        if self.space.granularity == "knots":
+            return tuple(f"knot{i}" for i in range(self.groups))
+        if self.space.granularity == "lines":
+            return ("bottom", "top")
         return ("vocab", "body") if self.space.granularity == "vocab_body" else ()
 
     def _per_group(self, values: list[float]):
-        """A parameter's genome values as the recipe writes them: a scalar (``global``) or one
-        value per tensor group."""
+        """A parameter's genome values as the recipe writes them: a scalar (``global``), one value
+        per tensor group, or (``knots``) mergekit's gradient over the knots."""
+        if self.space.granularity == "knots":
+            return Gradient(gradient=tuple(values))
+        if self.space.granularity == "lines":
+            last = self.num_layers + 1  # embed = 0 (bottom value) ... head = L + 1 (top value)
+            return tuple(round(values[0] + (values[1] - values[0]) * g / last, 12) for g in range(last + 1))
         if self.groups == 1:
             return values[0]
         return tuple(values[slot] for slot in self._slots)
@@ -145,6 +158,22 @@ class PSCodec:
         :meth:`DFSCodec.start_genome`)."""
         return None
 
+    def _low_dim_values(self, model: str, name: str, v) -> tuple[float, ...]:
+        """A knots or lines parameter's genome values from a recipe value: a scalar (every knot,
+        or bottom = top), a gradient with as many knots, or per-group values on a line."""
+        if isinstance(v, (int, float)):
+            return (float(v),) * self.groups
+        if self.space.granularity == "knots" and isinstance(v, Gradient) and len(v.gradient) == self.groups:
+            return tuple(float(x) for x in v.gradient)
+        if self.space.granularity == "lines" and is_per_group(v) and len(v) == self.num_layers + 2:
+            values = tuple(self._per_group([float(v[0]), float(v[-1])]))
+            if np.allclose(values, v, atol=1e-9):
+                return float(v[0]), float(v[-1])
+        want = (f"a gradient of {self.groups} values" if self.space.granularity == "knots"
+                else "values on a line from the embeddings to the head")
+        raise ValueError(f"{model}.{name}: a {self.space.granularity} search starts from a number or {want}; "
+                         f"got {v!r}")
+
     def encode(self, recipe: Recipe) -> np.ndarray:
         """Recipe -> genome (the inverse of decode for recipes inside the bounds)."""
         out = []
@@ -154,6 +183,9 @@ class PSCodec:
                 b = self.space.parameters[name]
                 v = mp.parameters[name]
                 layers = self.num_layers + 2  # embed, blocks, head
+                if self.space.granularity in ("knots", "lines"):
+                    out.extend((x - b.low) / (b.high - b.low) for x in self._low_dim_values(model, name, v))
+                    continue
                 if isinstance(v, (int, float)):
                     values: tuple = (float(v),) * layers
                 elif is_per_group(v):

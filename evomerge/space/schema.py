@@ -10,6 +10,11 @@ model, the per-model parameters the optimizer controls (e.g. ``density`` and
 each parameter one value per tensor group (embeddings, each transformer block,
 final norm + lm_head) instead of one value for the whole model, and ``granularity: vocab_body``
 two: one for the vocabulary groups (embeddings; final norm + lm_head) and one for the blocks.
+Two low-dimensional layer-wise granularities sit between them: ``granularity: knots`` with
+``knots: K`` searches K values per parameter, spread evenly over the blocks and linearly
+interpolated (mergekit's ``gradient``; the embeddings and the head take the first knot's value,
+as in mergekit), and ``granularity: lines`` two, a bottom and a top value, linearly interpolated
+from the embeddings (bottom) through the blocks to the head (top), as LiNeS scales task vectors.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class ParameterSpace(_Frozen):
 
     kind: Literal["ps"] = "ps"
     method: str
-    granularity: Literal["global", "per_layer", "vocab_body"] = "global"
+    granularity: Literal["global", "per_layer", "vocab_body", "knots", "lines"] = "global"
+    knots: Optional[int] = Field(default=None, ge=2, le=64)
     parameters: dict[str, Bounds] = Field(min_length=1)
     fixed: dict[str, Union[bool, float]] = {}
 
@@ -58,6 +64,10 @@ class ParameterSpace(_Frozen):
         from evomerge.method_specs import SPECS as METHODS
 
         problems = []
+        if self.granularity == "knots" and self.knots is None:
+            problems.append("knots: granularity knots needs the number of knots (knots: 2 or more)")
+        elif self.granularity != "knots" and self.knots is not None:
+            problems.append(f"knots: only for granularity knots (this space is {self.granularity})")
         if self.method not in METHODS:
             problems.append(f"method: unknown merge method {self.method!r}; known: {sorted(METHODS)}")
         else:
