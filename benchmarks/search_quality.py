@@ -5,11 +5,13 @@ on the held-out test split (600 items):
 
 - the source models; default-parameter merges (linear 0.5/0.5, task arithmetic 1/1, TIES
   and DARE-TIES at density 0.5, weights 1/1, normalize); a small TIES grid (18 points,
-  chosen on the search split);
+  chosen on the search split); the published layer-wise presets (``evomerge/presets.py``):
+  Model Stock, LiNeS (alpha/beta grid) and Layer Swapping (k grid), grids chosen on search;
 - searches at equal trial budgets (``--trials``, default 128; 2 Ray workers, one island):
   random search and CMA-ES over the TIES space (search_spaces/ps_ties.yaml, 4 dimensions)
-  and random search, CMA-ES and M2N2 over the per-group TIES space
-  (search_spaces/ps_ties_per_layer.yaml, 24), DFS (experiments/zoo_dfs.yaml) and PS+DFS (experiments/zoo_ps_dfs.yaml with
+  and random search, CMA-ES, separable CMA-ES and M2N2 over the per-group TIES space
+  (search_spaces/ps_ties_per_layer.yaml, 24), random search and CMA-ES over the knots
+  (ps_ties_knots.yaml, 12) and lines (ps_ties_lines.yaml, 8) spaces, DFS (experiments/zoo_dfs.yaml) and PS+DFS (experiments/zoo_ps_dfs.yaml with
   this seed's CMA-ES PS result as the donor, starting at its path, so PS+DFS spends the PS
   budget plus its own).
 
@@ -59,12 +61,20 @@ METHODS = [  # (key, label, kind)
     ("ties", "TIES d=.5 w=1/1 (default)", "fixed"),
     ("dare_ties", "DARE-TIES d=.5 w=1/1 (default)", "fixed"),
     ("ties_grid", "TIES grid, 18 points (best on search)", "grid"),
+    ("model_stock", "Model Stock (preset)", "fixed"),
+    ("lines_preset", "LiNeS preset, 3 x 3 alpha/beta grid (best on search)", "grid"),
+    ("layer_swap", "Layer Swapping preset, k = 0..2 (best on search)", "grid"),
     ("random_ps", "random search, TIES space (4-d)", "search"),
     ("cma_ps", "CMA-ES PS, TIES space (4-d)", "search"),
     ("cma_ta_vb", "CMA-ES PS, task arithmetic vocab/body (4-d, the quickstart's space)", "search"),
     ("random_ps_layer", "random search, per-group TIES space (24-d)", "search"),
     ("cma_ps_layer", "CMA-ES PS, per-group TIES space (24-d)", "search"),
     ("m2n2_layer", "M2N2, per-group TIES space (24-d)", "search"),
+    ("cma_sep_layer", "separable CMA-ES, per-group TIES space (24-d)", "search"),
+    ("random_knots", "random search, TIES knots space (3 knots, 12-d)", "search"),
+    ("cma_knots", "CMA-ES PS, TIES knots space (3 knots, 12-d)", "search"),
+    ("random_lines", "random search, TIES lines space (8-d)", "search"),
+    ("cma_lines", "CMA-ES PS, TIES lines space (8-d)", "search"),
     ("dfs", "CMA-ES DFS", "search"),
     ("ps_dfs", "CMA-ES PS+DFS (starts at the CMA-ES PS result)", "search"),
 ]
@@ -75,6 +85,8 @@ METHODS = [  # (key, label, kind)
 PS_SPACE = str(ROOT / "search_spaces" / "ps_ties.yaml")
 PS_LAYER_SPACE = str(ROOT / "search_spaces" / "ps_ties_per_layer.yaml")
 TA_VB_SPACE = str(ROOT / "search_spaces" / "ps_ta_vocab_body.yaml")
+KNOTS_SPACE = str(ROOT / "search_spaces" / "ps_ties_knots.yaml")
+LINES_SPACE = str(ROOT / "search_spaces" / "ps_ties_lines.yaml")
 TOP_K = 8
 SPLITS = ("search", "validation", "test")
 FORMAT = 2  # 2: validation split, re-ranking, both picks' scores
@@ -107,8 +119,9 @@ def experiment(template: str, seed: int, trials: int, name: str, **changes):
     return parse_experiment(data, ROOT / "experiments")
 
 
-def fixed_scores(seed: int, log) -> dict[str, dict]:
-    """Sources, default merges and the TIES grid, scored in-process on both splits."""
+def scorer(seed: int, log):
+    """A function scoring a source (``{"source": name}``) or a recipe (``{"recipe": dict}``)
+    in-process on every split of the seed's zoo."""
     from evomerge.worker import EvalRequest, TrialWorker
 
     exp = experiment("quickstart.yaml", seed, 1, f"sq-fixed-{seed}")
@@ -124,6 +137,33 @@ def fixed_scores(seed: int, log) -> dict[str, dict]:
             out[split] = res.fitness
         return out
 
+    return score
+
+
+def preset_scores(seed: int, log) -> dict[str, dict]:
+    """The published layer-wise presets: Model Stock as is, LiNeS on a 3 x 3 (alpha, beta) grid
+    and Layer Swapping (outer: expert_b, the language expert; inner: expert_a) for k = 0, 1, 2,
+    each grid's point chosen on the search split."""
+    from evomerge.presets import layer_swapping, lines, model_stock
+
+    score = scorer(seed, log)
+    experts, layers = ["expert_a", "expert_b"], 4
+    results = {"model_stock": {**score({"recipe": model_stock(experts, "base", layers).to_dict()}), "trials": 0}}
+    for key, grid in (
+        ("lines_preset", {(a, b): lines(experts, "base", layers, alpha=a, beta=b)
+                          for a in (0.0, 0.25, 0.5) for b in (0.5, 1.0, 1.5)}),
+        ("layer_swap", {k: layer_swapping(experts, "base", layers, outer="expert_b", inner="expert_a", k=k)
+                        for k in (0, 1, 2)}),
+    ):
+        scored = [(score({"recipe": r.to_dict()}), choice) for choice, r in grid.items()]
+        best = max(scored, key=lambda g: g[0]["search"])
+        results[key] = {**best[0], "trials": len(scored), "choice": best[1]}
+    return results
+
+
+def fixed_scores(seed: int, log) -> dict[str, dict]:
+    """Sources, default merges and the TIES grid, scored in-process on every split."""
+    score = scorer(seed, log)
     results = {}
     for name in ("base", "expert_a", "expert_b"):
         results[name] = {**score({"source": name}), "trials": 0}
@@ -192,6 +232,10 @@ def main() -> None:
             log(f"seed {seed}: sources, defaults, grid")
             res.update(fixed_scores(seed, log))
             save()
+        if "model_stock" not in res and (not args.only or "presets" in args.only.split(",")):
+            log(f"seed {seed}: presets")
+            res.update(preset_scores(seed, log))
+            save()
         work = args.work_dir / f"seed{seed}"
         plans = [
             ("random_ps", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-random-{seed}",
@@ -208,6 +252,20 @@ def main() -> None:
             ("m2n2_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-m2n2-{seed}",
                                               search_space=PS_LAYER_SPACE,
                                               optimizer={"name": "m2n2", "islands": 1, "popsize": None})),
+            ("cma_sep_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cmasep24-{seed}",
+                                                 search_space=PS_LAYER_SPACE,
+                                                 optimizer={"islands": 1, "popsize": None, "x0": 0.5,
+                                                            "separable": True})),
+            ("random_knots", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-randomk-{seed}",
+                                                search_space=KNOTS_SPACE, optimizer={"name": "random", "islands": 1})),
+            ("cma_knots", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cmak-{seed}",
+                                             search_space=KNOTS_SPACE,
+                                             optimizer={"islands": 1, "popsize": None, "x0": 0.5})),
+            ("random_lines", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-randoml-{seed}",
+                                                search_space=LINES_SPACE, optimizer={"name": "random", "islands": 1})),
+            ("cma_lines", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cmal-{seed}",
+                                             search_space=LINES_SPACE,
+                                             optimizer={"islands": 1, "popsize": None, "x0": 0.5})),
             ("dfs", lambda: experiment("zoo_dfs.yaml", seed, args.trials, f"sq-dfs-{seed}",
                                        optimizer={"islands": 1})),
             ("ps_dfs", lambda: experiment(
@@ -291,6 +349,9 @@ def write_report(raw: dict) -> None:
     verdict("CMA-ES PS beats random search at equal budget (24-d, for information)", "cma_ps_layer", "random_ps_layer")
     verdict("M2N2 beats random search at equal budget (24-d)", "m2n2_layer", "random_ps_layer")
     verdict("M2N2 beats CMA-ES at equal budget (24-d, for information)", "m2n2_layer", "cma_ps_layer")
+    verdict("CMA-ES beats random search at equal budget (knots, 12-d)", "cma_knots", "random_knots")
+    verdict("CMA-ES beats random search at equal budget (lines, 8-d)", "cma_lines", "random_lines")
+    verdict("separable CMA-ES beats CMA-ES (24-d, for information)", "cma_sep_layer", "cma_ps_layer")
     if "ps_dfs" in by and "cma_ps" in by:
         gains = by["ps_dfs"] - by["cma_ps"]
         lines.append(f"- PS+DFS >= PS: mean {gains.mean():+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}) "
