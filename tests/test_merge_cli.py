@@ -169,11 +169,11 @@ def test_mergekit_configs_are_read_with_every_problem_listed(tmp_path, capsys):
         Conditional(filter="mlp", value=Gradient(gradient=(0.0, 1.0))), Conditional(value=0.5))
 
     with pytest.raises(ConfigError) as err:
-        from_mergekit({"merge_method": "model_stock", "slices": [], "tokenizer_source": "union", "dtype": "int4",
+        from_mergekit({"merge_method": "nuslerp", "slices": [], "tokenizer_source": "union", "dtype": "int4",
                        "models": [{"model": "a/b+lora/x", "parameters": {"weight": ["x"]}}, {"mdl": "c"}]},
                       base_dir=tmp_path)
     problems = "\n".join(err.value.problems)
-    for fragment in ("slices: layer slices/modules", "merge_method: 'model_stock' is not one evomerge merges",
+    for fragment in ("slices: layer slices/modules", "merge_method: 'nuslerp' is not one evomerge merges",
                      "tokenizer_source/tokenizer", "applies a LoRA", "models[0].parameters.weight: a list is per-group numbers",
                      "models[1]: expected a mapping with `model`", "dtype: 'int4'"):
         assert fragment in problems, fragment
