@@ -236,7 +236,8 @@ def test_registry_defaults_follow_mergekit() -> None:
         assert default(m, "lambda") == 1.0 and default(m, "int8_mask") is False
         assert METHODS[m].model_parameters["density"].default == 1.0
         assert METHODS[m].needs_base
-    assert all(METHODS[m].model_parameters["weight"].required for m in METHODS if m != "slerp")
+    assert all(METHODS[m].model_parameters["weight"].required for m in METHODS if m not in ("slerp", "model_stock"))
+    assert not METHODS["model_stock"].model_parameters and default("model_stock", "filter_wise") is False
     assert not METHODS["linear"].needs_base
     assert [m for m in METHODS if METHODS[m].random] == ["dare_ties", "dare_linear", "della", "della_linear"]
     assert METHODS["breadcrumbs"].model_parameters["gamma"].default == 0.01
