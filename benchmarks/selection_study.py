@@ -36,14 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
-FIXED = ("base", "expert_a", "expert_b", "linear", "task_arithmetic", "ties", "dare_ties")
 RULES = ("search", "validation", "mean", "oracle")
-
-
-def offsets(quality: dict, seed: str) -> dict[str, float]:
-    """Per split: the mean of (split score - test score) over the recipes no search chose."""
-    rows = [quality["seeds"][seed][k] for k in FIXED if k in quality["seeds"][seed]]
-    return {split: float(np.mean([r[split] - r["test"] for r in rows])) for split in ("search", "validation")}
 
 
 def candidates_with_test(run_dir: Path, log) -> list[dict]:
@@ -54,7 +47,10 @@ def candidates_with_test(run_dir: Path, log) -> list[dict]:
     from evomerge.worker import EvalRequest, TrialWorker
 
     records = list(Ledger(run_dir / "ledger.jsonl"))
-    selection = [r for r in records if r.get("kind") == "selection"][-1]
+    selections = [r for r in records if r.get("kind") == "selection"]
+    if not selections:  # a run still going (or one without a validation split)
+        return []
+    selection = selections[-1]
     recipes = {r["trial_id"]: r["recipe"] for r in records if r.get("kind") == "trial"}
     tested = {r["recipe_hash"]: r["fitness"] for r in records if r.get("kind") == "test" and r.get("recipe_hash")}
     exp = load_run_experiment(run_dir)
@@ -90,7 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     quality = json.loads((RESULTS / "search_quality.json").read_text())
-    from search_quality import METHODS  # noqa: E402  (the benchmark's own labels)
+    from search_quality import METHODS, split_offsets  # noqa: E402  (the benchmark's labels and offsets)
 
     raw_path = RESULTS / "selection_study.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
@@ -105,8 +101,10 @@ def main() -> None:
             if f"{seed}/{key}" in raw or not (run_dir / "ledger.jsonl").exists():
                 continue
             log(f"seed {seed}: {key}")
-            raw[f"{seed}/{key}"] = candidates_with_test(run_dir, log)
-            raw_path.write_text(json.dumps(raw, indent=1))
+            found = candidates_with_test(run_dir, log)
+            if found:
+                raw[f"{seed}/{key}"] = found
+                raw_path.write_text(json.dumps(raw, indent=1))
     labels = {k: label for k, label, _ in METHODS}
     seeds = args.seeds.split(",")
     lines = ["Every top-8 candidate (by search fitness) of the search-quality runs scored on the held-out test "
@@ -123,7 +121,7 @@ def main() -> None:
             cands = raw.get(f"{seed}/{key}")
             if not cands:
                 continue
-            off = offsets(quality, seed)
+            off = split_offsets(quality, seed)
             for rule in RULES:
                 p = pick(cands, rule)
                 per[rule].append(p["test"])
