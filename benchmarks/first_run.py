@@ -76,7 +76,7 @@ def main() -> None:
         build = json.loads(manifest.read_text())["build_seconds"] if manifest and label.startswith("fresh") else 0.0
         rows.append((label, t_install, build, t_run))
         summary = [line for line in out.splitlines()
-                   if re.match(r"(best|source|base|expert|trials|time)\b", line)]
+                   if re.match(r"(best|source|base|expert_\w+|trials|time)\b", line)]
         print(f"\n{label}: total {t_install + t_run:.0f} s = install {t_install:.0f} s + run {t_run:.0f} s "
               f"(zoo build {build:.0f} s)", flush=True)
         print("\n".join("  " + line for line in summary), flush=True)
