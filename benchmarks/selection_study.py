@@ -116,15 +116,15 @@ def main() -> None:
              "against test on the sources and default merges).", "",
              "| method | search | validation | mean of both | oracle | optimism: search | validation | mean |",
              "|---|---|---|---|---|---|---|---|"]
+    def runs(key):
+        """(candidates, split offsets) of each seed's run of ``key``."""
+        return [(raw[f"{seed}/{key}"], split_offsets(quality, seed)) for seed in seeds if raw.get(f"{seed}/{key}")]
+
     totals = {rule: [] for rule in RULES}
     for key in keys:
         per = {rule: [] for rule in RULES}
         opt = {rule: [] for rule in ("search", "validation", "mean")}
-        for seed in seeds:
-            cands = raw.get(f"{seed}/{key}")
-            if not cands:
-                continue
-            off = split_offsets(quality, seed)
+        for cands, off in runs(key):
             for rule in RULES:
                 p = pick(cands, rule)
                 per[rule].append(p["test"])
@@ -153,11 +153,7 @@ def main() -> None:
               + " |", "|---|" + "---|" * (2 * len(ks))]
     for key in keys:
         gains, optimism = {k: [] for k in ks}, {k: [] for k in ks}
-        for seed in seeds:
-            cands = raw.get(f"{seed}/{key}")
-            if not cands:
-                continue
-            off = split_offsets(quality, seed)
+        for cands, off in runs(key):
             for k in ks:
                 p = max(cands[:k], key=lambda c: (c["validation"], c["search"]))
                 gains[k].append(p["test"] - cands[0]["test"])
