@@ -184,13 +184,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print JSON (the written path, or the front)")
     e.add_argument("--register", metavar="NAME", help="with --format hf: register it in MLflow as NAME")
 
-    mg = _command(sub, "merge", "write a recipe (or a mergekit config, or a preset) as a Hugging Face model dir",
+    mg = _command(sub, "merge", "write a recipe, mergekit config or preset as a model dir",
                   "evomerge merge out/recipe.yaml --out out/model", "RECIPE")
     mg.add_argument("recipe", metavar="RECIPE", type=Path, nargs="?",
                     help="an evomerge recipe or a mergekit config (or --preset)")
-    mg.add_argument("--preset", metavar="NAME[:K=V,...]",
-                    help="a published merge over the experiment's experts: layer_swapping (outer, inner, k), "
-                         "lines (alpha, beta), model_stock (filter_wise); needs --experiment or --run")
+    mg.add_argument("--preset", metavar="SPEC",
+                    help="NAME[:k=v,..]: layer_swapping, lines, model_stock")
     mg.add_argument("--out", type=Path, required=True, metavar="DIR", help="the model directory to write")
     mg.add_argument("--force", action="store_true", help="replace a non-empty --out whole")
     mg.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
