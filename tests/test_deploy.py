@@ -162,6 +162,29 @@ def test_the_install_command_applies_both_locks_as_constraints(tmp_path):
         assert not (tmp_path / "v").exists()  # --dry-run runs nothing
 
 
+def test_the_install_script_falls_back_to_pip_when_uv_fails(tmp_path, monkeypatch, capsys):
+    install = _install_script()
+    venv = tmp_path / "v"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")  # an existing venv: not created again
+    calls = []
+
+    def run(command, **kwargs):
+        calls.append([str(c) for c in command])
+        return subprocess.CompletedProcess(command, 0)
+
+    def failing_uv(command, **kwargs):
+        calls.append([str(c) for c in command])
+        raise subprocess.CalledProcessError(2, command)
+
+    monkeypatch.setattr(install, "_run", run)
+    monkeypatch.setattr(install, "_run_uv", failing_uv)
+    assert install.main(["--venv", str(venv), "--test"]) == 0
+    assert calls[0][-1] == f"uv=={install.UV_VERSION}" and calls[1][1:3] == ["pip", "install"]  # uv tried first
+    assert calls[-1] == [str(venv / "bin" / "pip"), "install", "-q", "-c", "constraints-cpu.txt", "-e", ".[test]"]
+    assert "the uv install failed (exit 2); installing with pip instead" in capsys.readouterr().out
+
+
 def test_the_install_script_hands_pips_package_sources_to_uv(tmp_path):
     """uv does not read pip's configuration: the script passes pip's sources on, later files and
     PIP_* variables overriding earlier ones, [install] over [global], several values repeated."""

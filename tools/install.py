@@ -23,7 +23,8 @@ uv does not read pip's configuration, so the package sources pip is configured w
 constraint, cert; including ``PIP_*`` variables) are passed to uv as the matching options. A
 local wheel directory or mirror that pip would use is therefore used by uv too; indexes are
 searched like pip does (the best version across all of them: ``--index-strategy
-unsafe-best-match``). If uv cannot be installed, the script says so and installs with pip.
+unsafe-best-match``). If uv cannot be installed, or its install fails, the script says so and
+installs with pip.
 """
 
 from __future__ import annotations
@@ -155,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         reader = [pip] if pip.exists() else [sys.executable, "-m", "pip"]
         listed = subprocess.run([*map(str, reader), "config", "list"], cwd=ROOT, text=True, capture_output=True)
         options, env = pip_sources(listed.stdout if listed.returncode == 0 else "")
-        _run_uv([uv, "pip", "install", "--python", python, "--compile-bytecode", "--index-strategy", "unsafe-best-match",
-                 *options, "-c", CONSTRAINTS, "-e", target], env=env, dry_run=args.dry_run)
-    else:
+        try:
+            _run_uv([uv, "pip", "install", "--python", python, "--compile-bytecode", "--index-strategy",
+                     "unsafe-best-match", *options, "-c", CONSTRAINTS, "-e", target], env=env, dry_run=args.dry_run)
+        except subprocess.CalledProcessError as exc:  # e.g. a source uv cannot read that pip can
+            print(f"the uv install failed (exit {exc.returncode}); installing with pip instead (a few minutes)",
+                  flush=True)
+            use_uv = False
+    if not use_uv:
         _run([pip, "install", "-q", "-c", CONSTRAINTS, "-e", target], dry_run=args.dry_run)
 
     if not args.dry_run:
