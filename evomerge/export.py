@@ -14,7 +14,7 @@ from evomerge.run_dir import (experiment_path, has_info, open_ledger, read_exper
                               require_run_dir)
 from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
-from evomerge.selection import winner
+from evomerge.selection import test_scores, winner
 
 FORMATS = ("recipe", "hf", "mergekit")
 
@@ -52,8 +52,7 @@ def pareto_members(run_dir: Path) -> tuple[list[str], list[dict]]:
                             "it has a best recipe, not a Pareto front")
     names = [t["name"] for t in exp["suite"]["tasks"]]
     records = open_ledger(run_dir).records()
-    tests = {r["recipe_hash"]: float(r["fitness"]) for r in records
-             if r.get("kind") == "test" and r.get("recipe_hash") and r["state"] == "complete"}
+    tests = test_scores(records)
     members = front_of([r for r in records if r.get("kind") == "trial"])
     return names, [{**m, "test": tests.get(m["recipe_hash"])} for m in members]
 

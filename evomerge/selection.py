@@ -76,10 +76,11 @@ def winner(records: list[dict[str, Any]]) -> tuple[Optional[dict[str, Any]], Opt
     return best_trial(trials), None
 
 
-def validation_scores(records: Iterable[dict[str, Any]]) -> dict[int, float]:
-    """Each trial's validation fitness from the ledger's complete ``validation`` records."""
-    return {r["trial_id"]: float(r["fitness"]) for r in records
-            if r.get("kind") == "validation" and r.get("state") == "complete"}
+def test_scores(records: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """Each recipe's held-out test fitness from the ledger's complete ``test`` records, by recipe
+    hash (the winner, the search split's best, Pareto members; sources have no hash)."""
+    return {r["recipe_hash"]: float(r["fitness"]) for r in records
+            if r.get("kind") == "test" and r.get("recipe_hash") and r.get("state") == "complete"}
 
 
 def selection_metrics(selection: dict[str, Any]) -> dict[str, float]:

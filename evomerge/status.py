@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from evomerge.racing import stopped_per_rung
 from evomerge.run_dir import RunLock, open_ledger, read_info, require_run_dir
-from evomerge.selection import winner
+from evomerge.selection import test_scores, winner
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -32,8 +32,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     finished_ids = {r["trial_id"] for r in done}
     complete = [r for r in done if r["state"] == "complete"]
     best, chosen = winner(records)  # with a validation split: the best there among the top trials
-    tests = {r["recipe_hash"]: float(r["fitness"]) for r in records
-             if r.get("kind") == "test" and r.get("recipe_hash") and r["state"] == "complete"}
+    tests = test_scores(records)
     max_trials = int(info.get("max_trials") or 0)
     rate = eta = None
     times = sorted(r["finished_at"] for r in done)
