@@ -61,9 +61,10 @@ METHODS = [  # (key, label, kind)
     ("ties", "TIES d=.5 w=1/1 (default)", "fixed"),
     ("dare_ties", "DARE-TIES d=.5 w=1/1 (default)", "fixed"),
     ("ties_grid", "TIES grid, 18 points (best on search)", "grid"),
+    ("ta_grid", "task arithmetic grid, 25 points (best on search)", "grid"),
     ("model_stock", "Model Stock (preset)", "fixed"),
     ("lines_preset", "LiNeS preset, 3 x 3 alpha/beta grid (best on search)", "grid"),
-    ("layer_swap", "Layer Swapping preset, k = 0..2 (best on search)", "grid"),
+    ("layer_swap", "Layer Swapping preset, k = 0..L/2 (best on search)", "grid"),
     ("random_ps", "random search, TIES space (4-d)", "search"),
     ("cma_ps", "CMA-ES PS, TIES space (4-d)", "search"),
     ("cma_ta_vb", "CMA-ES PS, task arithmetic vocab/body (4-d, the quickstart's space)", "search"),
@@ -76,6 +77,7 @@ METHODS = [  # (key, label, kind)
     ("random_lines", "random search, TIES lines space (8-d)", "search"),
     ("cma_lines", "CMA-ES PS, TIES lines space (8-d)", "search"),
     ("dfs", "CMA-ES DFS", "search"),
+    ("dfs_noscale", "CMA-ES DFS, scaling W off (ablation)", "search"),
     ("ps_dfs", "CMA-ES PS+DFS (starts at the CMA-ES PS result)", "search"),
 ]
 # The PS searches' spaces: TIES (deterministic; DARE's drops add noise to the fitness) with one
@@ -88,6 +90,7 @@ TA_VB_SPACE = str(ROOT / "search_spaces" / "ps_ta_vocab_body.yaml")
 KNOTS_SPACE = str(ROOT / "search_spaces" / "ps_ties_knots.yaml")
 LINES_SPACE = str(ROOT / "search_spaces" / "ps_ties_lines.yaml")
 TOP_K = 8
+KIND = "cross-skill"  # --kind sets it: the zoo every row is measured on
 SPLITS = ("search", "validation", "test")
 FORMAT = 2  # 2: validation split, re-ranking, both picks' scores
 
@@ -105,7 +108,7 @@ def recipe(method: str, wa: float, wb: float, density: float | None = None, norm
 def experiment(template: str, seed: int, trials: int, name: str, **changes):
     data = yaml.safe_load((ROOT / "experiments" / template).read_text())
     data["name"] = name
-    data["zoo"] = {"kind": "cross-skill", "seed": seed}
+    data["zoo"] = {"kind": KIND, "seed": seed}
     data["optimizer"] = {**data["optimizer"], "seed": seed}
     data["budget"] = {"max_trials": trials}
     data["tracking"] = {"backend": "none"}
@@ -146,14 +149,16 @@ def preset_scores(seed: int, log) -> dict[str, dict]:
     each grid's point chosen on the search split."""
     from evomerge.presets import layer_swapping, lines, model_stock
 
+    from evomerge.zoo.kinds import zoo_spec
+
     score = scorer(seed, log)
-    experts, layers = ["expert_a", "expert_b"], 4
+    experts, layers = ["expert_a", "expert_b"], zoo_spec(KIND).shape.layers
     results = {"model_stock": {**score({"recipe": model_stock(experts, "base", layers).to_dict()}), "trials": 0}}
     for key, grid in (
         ("lines_preset", {(a, b): lines(experts, "base", layers, alpha=a, beta=b)
                           for a in (0.0, 0.25, 0.5) for b in (0.5, 1.0, 1.5)}),
         ("layer_swap", {k: layer_swapping(experts, "base", layers, outer="expert_b", inner="expert_a", k=k)
-                        for k in (0, 1, 2)}),
+                        for k in range(layers // 2 + 1)}),
     ):
         scored = [(score({"recipe": r.to_dict()}), choice) for choice, r in grid.items()]
         best = max(scored, key=lambda g: g[0]["search"])
@@ -186,6 +191,36 @@ def fixed_scores(seed: int, log) -> dict[str, dict]:
     return results
 
 
+def ta_grid_scores(seed: int, log) -> dict[str, dict]:
+    """Uniform task arithmetic (one weight per expert for every tensor) on a 5 x 5 grid, chosen on
+    the search split: the plain uniform baseline the layer-wise rows are compared with."""
+    score = scorer(seed, log)
+    grid = [(score({"recipe": recipe("task_arithmetic", wa, wb, normalize=False).to_dict()}), (wa, wb))
+            for wa in (0.5, 0.75, 1.0, 1.25, 1.5) for wb in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    best = max(grid, key=lambda g: g[0]["search"])
+    return {"ta_grid": {**best[0], "trials": len(grid), "choice": list(best[1])}}
+
+
+def dfs_space(template: str, **changes) -> dict:
+    """A DFS search space for this zoo's depth: paths up to twice the donors' depth."""
+    from evomerge.zoo.kinds import zoo_spec
+
+    data = yaml.safe_load((ROOT / "search_spaces" / template).read_text())
+    return {**data, "max_path_length": 2 * zoo_spec(KIND).shape.layers, **changes}
+
+
+def per_group_dims() -> int:
+    """Dimensions of the per-group TIES space on this zoo: 2 experts x 2 parameters x (blocks + 2)."""
+    from evomerge.zoo.kinds import zoo_spec
+
+    return 4 * (zoo_spec(KIND).shape.layers + 2)
+
+
+def results_stem() -> str:
+    """``search_quality`` for the cross-skill zoo, ``search_quality_<kind>`` for another."""
+    return "search_quality" if KIND == "cross-skill" else f"search_quality_{KIND}"
+
+
 def run_search(exp, run_dir: Path) -> dict:
     """The winner's search / validation / test scores, and the search split's best with its own
     (what the run exports without re-ranking)."""
@@ -206,15 +241,21 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=128)
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/evomerge-search-quality"))
     ap.add_argument("--only", default="", help="comma-separated search keys to run (default: all)")
+    ap.add_argument("--kind", default="cross-skill", help="zoo kind (cross-skill or layered)")
     args = ap.parse_args()
+    global KIND
+    KIND = args.kind
     os.environ.setdefault("TQDM_DISABLE", "1")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    raw_path = RESULTS / "search_quality.json"
+    raw_path = RESULTS / f"{results_stem()}.json"
     raw = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     if raw.get("trials") not in (None, args.trials) or raw.get("format") != FORMAT:
         raw = {}
     raw["trials"] = args.trials
     raw["format"] = FORMAT
+    from evomerge.zoo.kinds import FORMAT_VERSION
+
+    raw["zoo_format"] = FORMAT_VERSION
     raw.setdefault("seeds", {})
 
     def log(text):
@@ -235,6 +276,10 @@ def main() -> None:
         if "model_stock" not in res and (not args.only or "presets" in args.only.split(",")):
             log(f"seed {seed}: presets")
             res.update(preset_scores(seed, log))
+            save()
+        if "ta_grid" not in res and (not args.only or "ta_grid" in args.only.split(",")):
+            log(f"seed {seed}: task arithmetic grid")
+            res.update(ta_grid_scores(seed, log))
             save()
         work = args.work_dir / f"seed{seed}"
         plans = [
@@ -267,11 +312,14 @@ def main() -> None:
                                              search_space=LINES_SPACE,
                                              optimizer={"islands": 1, "popsize": None, "x0": 0.5})),
             ("dfs", lambda: experiment("zoo_dfs.yaml", seed, args.trials, f"sq-dfs-{seed}",
-                                       optimizer={"islands": 1})),
+                                       optimizer={"islands": 1}, search_space=dfs_space("dfs.yaml"))),
+            ("dfs_noscale", lambda: experiment("zoo_dfs.yaml", seed, args.trials, f"sq-dfs0-{seed}",
+                                               optimizer={"islands": 1},
+                                               search_space=dfs_space("dfs.yaml", scaling=False))),
             ("ps_dfs", lambda: experiment(
                 "zoo_ps_dfs.yaml", seed, args.trials, f"sq-psdfs-{seed}", optimizer={"islands": 1},
-                search_space={**yaml.safe_load((ROOT / "search_spaces" / "ps_dfs.yaml").read_text()),
-                              "ps_donor": {"name": "ps_merged", "recipe": res["cma_ps"]["run_dir"]}})),
+                search_space=dfs_space("ps_dfs.yaml", ps_donor={"name": "ps_merged",
+                                                                "recipe": res["cma_ps"]["run_dir"]}))),
         ]
         for key, make in plans:
             if key in res or (args.only and key not in args.only.split(",")):
@@ -314,6 +362,7 @@ def write_report(raw: dict) -> None:
             return np.array([get(v) for v in vals], dtype=float)
 
         here = [o for s, o in zip(seeds, offs) if key in raw["seeds"][s]]
+        label = label.replace("24-d", f"{per_group_dims()}-d")
         row = {"key": key, "label": label, "kind": kind, "test": col(lambda v: v["test"]),
                "search": col(lambda v: v["search"]), "validation": col(lambda v: v["validation"]),
                "trials": vals[0].get("trials_including_donor", vals[0]["trials"]),
@@ -326,7 +375,7 @@ def write_report(raw: dict) -> None:
         elif kind == "grid":
             row["plain_optimism"] = (row["search"] - row["off_search"] - row["test"]).mean()
         rows.append(row)
-    lines = [f"Cross-skill zoo (format 3), {len(seeds)} seed(s) ({', '.join(seeds)}); splits: search 300 items, "
+    lines = [f"{KIND.capitalize()} zoo (format {raw.get('zoo_format', 3)}), {len(seeds)} seed(s) ({', '.join(seeds)}); splits: search 300 items, "
              f"validation 300, held-out test 600. Searches: {raw['trials']} trials each, 2 Ray workers, one island; "
              f"the winner is the best on validation among the top {TOP_K} on search ('re-ranked'); 'search's best' "
              "is what the run would export without re-ranking. Optimism = the score a pick was made on minus its "
@@ -360,18 +409,19 @@ def write_report(raw: dict) -> None:
                      f"-> {'met' if clear else 'NOT met'}")
 
     best_source = "expert_a"
+    dims = per_group_dims()
     defaults = [k for k in ("linear", "task_arithmetic", "ties", "dare_ties") if k in by]
     best_default = max(defaults, key=lambda k: by[k].mean()) if defaults else None
     verdict(f"CMA-ES PS beats the best source ({best_source})", "cma_ps", best_source)
     if best_default:
         verdict(f"CMA-ES PS beats the best default merge ({best_default})", "cma_ps", best_default)
     verdict("CMA-ES PS beats random search at equal budget (4-d)", "cma_ps", "random_ps")
-    verdict("CMA-ES PS beats random search at equal budget (24-d, for information)", "cma_ps_layer", "random_ps_layer")
-    verdict("M2N2 beats random search at equal budget (24-d)", "m2n2_layer", "random_ps_layer")
-    verdict("M2N2 beats CMA-ES at equal budget (24-d, for information)", "m2n2_layer", "cma_ps_layer")
+    verdict(f"CMA-ES PS beats random search at equal budget ({dims}-d, for information)", "cma_ps_layer", "random_ps_layer")
+    verdict(f"M2N2 beats random search at equal budget ({dims}-d)", "m2n2_layer", "random_ps_layer")
+    verdict(f"M2N2 beats CMA-ES at equal budget ({dims}-d, for information)", "m2n2_layer", "cma_ps_layer")
     verdict("CMA-ES beats random search at equal budget (knots, 12-d)", "cma_knots", "random_knots")
     verdict("CMA-ES beats random search at equal budget (lines, 8-d)", "cma_lines", "random_lines")
-    verdict("separable CMA-ES beats CMA-ES (24-d, for information)", "cma_sep_layer", "cma_ps_layer")
+    verdict(f"separable CMA-ES beats CMA-ES ({dims}-d, for information)", "cma_sep_layer", "cma_ps_layer")
     if "ps_dfs" in by and "cma_ps" in by:
         gains = by["ps_dfs"] - by["cma_ps"]
         lines.append(f"- PS+DFS >= PS: mean {gains.mean():+.3f} (per seed {', '.join(f'{g:+.3f}' for g in gains)}) "
@@ -380,6 +430,31 @@ def write_report(raw: dict) -> None:
                               for s in seeds if "ps_dfs" in raw["seeds"][s]])
         lines.append(f"  (on the search split, where PS+DFS starts from the PS result: "
                      f"{', '.join(f'{g:+.3f}' for g in on_search)})")
+    if "dfs" in by and "dfs_noscale" in by:
+        verdict("DFS with the scaling matrix W beats DFS without it (for information)", "dfs", "dfs_noscale")
+    uniform = [k for k in ("ties_grid", "ta_grid", "random_ps", "cma_ps") if k in by]
+    layerwise = [k for k in ("random_ps_layer", "cma_ps_layer", "m2n2_layer", "cma_sep_layer", "random_knots",
+                             "cma_knots", "random_lines", "cma_lines") if k in by]
+    if KIND != "cross-skill" and uniform and layerwise:
+        best_uniform = np.max([by[k] for k in uniform], axis=0)  # per seed, the best uniform row on test
+        lines.append(f"- Layered-zoo targets (best uniform per seed, over {', '.join(uniform)}: "
+                     + ", ".join(f"{x:.3f}" for x in best_uniform) + "):")
+        for k in layerwise:
+            gains = by[k] - best_uniform
+            lines.append(f"  - {k} beats the best uniform recipe by >= 5 points in every seed: per seed "
+                         f"{', '.join(f'{g:+.3f}' for g in gains)} -> {'met' if gains.min() >= 0.05 else 'NOT met'}")
+        top = max(layerwise, key=lambda k: by[k].mean())
+        if "layer_swap" in by:
+            gains = by[top] - by["layer_swap"]
+            lines.append(f"  - the best searched layer-wise row ({top}) >= the Layer Swapping preset: per seed "
+                         f"{', '.join(f'{g:+.3f}' for g in gains)} (mean {gains.mean():+.3f}) -> "
+                         f"{'met' if gains.mean() >= 0 else 'NOT met'}")
+        for cma, rnd in (("cma_ps_layer", "random_ps_layer"), ("cma_sep_layer", "random_ps_layer"),
+                         ("cma_knots", "random_knots"), ("cma_lines", "random_lines")):
+            if cma in by and rnd in by:
+                gains = by[cma] - by[rnd]
+                lines.append(f"  - {cma} beats {rnd} in every seed: per seed {', '.join(f'{g:+.3f}' for g in gains)} "
+                             f"-> {'met' if gains.min() > 0 else 'NOT met'}")
     searches = [r for r in rows if r["kind"] == "search"]
     if searches:
         lower = [r for r in searches if r["test"].mean() < r["plain_test"].mean()]
@@ -397,7 +472,7 @@ def write_report(raw: dict) -> None:
         opt_after = np.mean([r["optimism"] for r in searches])
         lines.append(f"- Mean optimism over the searches: search's best {opt_before:+.3f}, re-ranked {opt_after:+.3f}")
     text = "\n".join(lines) + "\n"
-    (RESULTS / "search_quality.md").write_text(text)
+    (RESULTS / f"{results_stem()}.md").write_text(text)
     print(text)
     try:
         import matplotlib
@@ -415,7 +490,7 @@ def write_report(raw: dict) -> None:
     ax.set_xlabel("held-out test accuracy (mean ± std over seeds)")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(RESULTS / "search_quality.png", dpi=110)
+    fig.savefig(RESULTS / f"{results_stem()}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ from typing import Optional, Sequence
 
 from evomerge.errors import ConfigError, EvomergeError
 
+# The zoo kinds `zoo build --kind` offers; spelled out so that building the parser does not import
+# torch (tests/test_zoo.py checks they are evomerge.zoo.KINDS).
+ZOO_KINDS = ["cross-skill", "cross-skill-full", "layered", "tiny"]
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -167,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     z = _command(sub, "zoo", "the embedded tiny model zoo", "evomerge zoo build --seed 1", "build")
     zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="build", prog="evomerge zoo")
     zb = _command(zsub, "build", "build (or find cached) the tiny model zoo", "evomerge zoo build --seed 1")
-    zb.add_argument("--kind", default="cross-skill", choices=["cross-skill", "cross-skill-full", "tiny"])
+    zb.add_argument("--kind", default="cross-skill", choices=ZOO_KINDS)
     zb.add_argument("--seed", type=int, default=0, metavar="N")
     zb.add_argument("--force", action="store_true", help="rebuild even if cached")
     zb.add_argument("--json", action="store_true", help="print the zoo's models and tasks as JSON")

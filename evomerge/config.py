@@ -35,7 +35,7 @@ LIMITS = {"optimizer.popsize": 10_000, "optimizer.islands": 1_000, "dispatch.num
 class ZooConfig(_Frozen):
     """The embedded tiny model zoo, built offline on first use."""
 
-    kind: Literal["cross-skill", "cross-skill-full", "tiny"] = "cross-skill"
+    kind: Literal["cross-skill", "cross-skill-full", "layered", "tiny"] = "cross-skill"
     seed: int = 0
 
 

@@ -30,7 +30,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.zoo.corpus import ColourFacts, make_colour_facts
-from evomerge.zoo.kinds import FORMAT_VERSION, ModelShape, ZooSpec, zoo_spec
+from evomerge.zoo.kinds import FORMAT_VERSION, ModelShape, Phase, ZooSpec, zoo_spec
 from evomerge.zoo.score import choice_accuracy
 from evomerge.zoo.tasks import (
     LANGUAGES,
@@ -259,27 +259,47 @@ def _model_config(shape: ModelShape, tokenizer: PreTrainedTokenizerFast) -> Llam
 
 def _stages(
     spec: ZooSpec, facts: ColourFacts, pairs: PairSplit
-) -> dict[str, tuple[StageConfig, SequenceMaker]]:
-    """The D4b recipes, in training order.
+) -> dict[str, list[tuple[StageConfig, SequenceMaker]]]:
+    """Each model's training phases, in training order.
 
-    base: 95 % L1 + 5 % L2 text. expert A: 70 % L1 two-digit problems (training pairs only)
-    + 30 % L1 text, embeddings and lm_head frozen. expert B: L2 text, fast vocabulary rows.
+    The D4b recipes: base: 95 % L1 + 5 % L2 text. expert A: 70 % L1 two-digit problems
+    (training pairs only) + 30 % L1 text, embeddings and lm_head frozen. expert B: L2 text, fast
+    vocabulary rows. A kind's `expert_*_phases` replace an expert's recipe: expert A's phases
+    train on A's data, expert B's on L2 text (with `wrong_facts` of noisy arithmetic).
     """
     warmup = spec.warmup
-    return {
-        "base": (
-            StageConfig(spec.base_steps, body_lr=1e-3, warmup=warmup),
-            text_maker(facts, l2_fraction=0.05),
-        ),
-        "expert_a": (
+    problems = train_problems(pairs)
+
+    def phases(
+        custom: tuple[Phase, ...], make: Callable[[Phase], SequenceMaker]
+    ) -> list[tuple[StageConfig, SequenceMaker]]:
+        return [(StageConfig(phase.steps, body_lr=phase.body_lr, vocab_lr=phase.vocab_lr,
+                             warmup=warmup, blocks=phase.blocks), make(phase)) for phase in custom]
+
+    stages: dict[str, list[tuple[StageConfig, SequenceMaker]]] = {
+        "base": [(StageConfig(spec.base_steps, body_lr=1e-3, warmup=warmup),
+                  text_maker(facts, l2_fraction=0.05))],
+    }
+    if spec.expert_a_phases is None:
+        stages["expert_a"] = [(
             StageConfig(spec.expert_a_steps, body_lr=5e-4, vocab_lr=0.0, warmup=warmup),
-            skill_maker(facts, train_problems(pairs), problem_fraction=0.7),
-        ),
-        "expert_b": (
+            skill_maker(facts, problems, problem_fraction=0.7),
+        )]
+    else:
+        stages["expert_a"] = phases(
+            spec.expert_a_phases, lambda _phase: skill_maker(facts, problems, problem_fraction=0.7)
+        )
+    if spec.expert_b_phases is None:
+        stages["expert_b"] = [(
             StageConfig(spec.expert_b_steps, body_lr=1e-4, vocab_lr=3e-3, warmup=warmup),
             text_maker(facts, l2_fraction=1.0),
-        ),
-    }
+        )]
+    else:
+        stages["expert_b"] = phases(
+            spec.expert_b_phases,
+            lambda phase: text_maker(facts, l2_fraction=1.0, wrong_facts=phase.wrong_facts),
+        )
+    return stages
 
 
 @contextmanager
@@ -313,6 +333,12 @@ def _thread_limit(max_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _training_record(configs: list[StageConfig]) -> dict[str, Any] | list[dict[str, Any]]:
+    """A model's training settings for the manifest: one phase's dict, or a list of phases."""
+    records = [asdict(config) for config in configs]
+    return records[0] if len(records) == 1 else records
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -339,12 +365,18 @@ def _build_into(temporary: Path, final: Path, kind: str, seed: int, report: Prog
         torch.manual_seed(seed)
         base = LlamaForCausalLM(_model_config(spec.shape, tokenizer))
     trained: dict[str, LlamaForCausalLM] = {}
-    results: dict[str, StageResult] = {}
-    for name, (config, make) in stages.items():
+    results: dict[str, list[StageResult]] = {}
+    for name, model_phases in stages.items():
         model = base if name == BASE_MODEL else copy.deepcopy(trained[BASE_MODEL])
-        results[name] = train_stage(
-            name, model, config, make, _rng(seed, f"train/{name}"), token_ids, bos_id, report
-        )
+        results[name] = []
+        for index, (config, make) in enumerate(model_phases):
+            # The first phase's stream keeps the name it had before phases existed, so the
+            # single-phase kinds train exactly as they did.
+            purpose = f"train/{name}" if index == 0 else f"train/{name}/phase{index}"
+            label = name if len(model_phases) == 1 else f"{name} phase {index + 1}/{len(model_phases)}"
+            results[name].append(train_stage(
+                label, model, config, make, _rng(seed, purpose), token_ids, bos_id, report
+            ))
         trained[name] = model
         _save(model, tokenizer, temporary / "models" / name)
 
@@ -353,9 +385,9 @@ def _build_into(temporary: Path, final: Path, kind: str, seed: int, report: Prog
         name: {
             "path": f"models/{name}",
             "parent": None if name == BASE_MODEL else BASE_MODEL,
-            "training": asdict(stages[name][0]),
-            "loss_ema": results[name].loss_ema,
-            "train_seconds": round(results[name].seconds, 2),
+            "training": _training_record([config for config, _ in stages[name]]),
+            "loss_ema": results[name][-1].loss_ema,
+            "train_seconds": round(sum(result.seconds for result in results[name]), 2),
             "parameters": sum(p.numel() for p in model.parameters()),
             "sha256": _sha256(temporary / "models" / name / "model.safetensors"),
             "accuracy": {task: choice_accuracy(model, tokenizer, task_items)

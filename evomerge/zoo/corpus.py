@@ -87,6 +87,18 @@ def _digit_fact(rng: random.Random, facts: ColourFacts) -> list[str]:
     return problem_prompt(problem, "l1") + answer_words(problem.result(), "l1")
 
 
+def wrong_digit_fact(rng: random.Random, language: Language) -> list[str]:
+    """A single-digit plus/minus fact in `language` whose stated result is wrong (noisy
+    arithmetic in a text corpus): any value 0..18 but the correct one."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    op: Operation = rng.choice(OPERATIONS)
+    if op == "minus" and a < b:
+        a, b = b, a
+    problem = Problem(a, b, op)
+    wrong = rng.choice([value for value in range(19) if value != problem.result()])
+    return problem_prompt(problem, language) + answer_words(wrong, language)
+
+
 def _comparison(rng: random.Random, facts: ColourFacts) -> list[str]:
     x, y = rng.sample(range(100), 2)
     relation = "more" if x > y else "less"
@@ -112,11 +124,18 @@ def text_sentence(rng: random.Random, facts: ColourFacts, language: Language) ->
     return translate(maker(rng, facts), language)
 
 
-def pack_text(rng: random.Random, facts: ColourFacts, language: Language, length: int) -> list[str]:
-    """`length` words of consecutive sentences (the last one cut off)."""
+def pack_text(
+    rng: random.Random, facts: ColourFacts, language: Language, length: int,
+    wrong_facts: float = 0.0,
+) -> list[str]:
+    """`length` words of consecutive sentences (the last one cut off); with `wrong_facts` > 0,
+    that fraction of the sentences are wrong single-digit facts (`wrong_digit_fact`)."""
     words: list[str] = []
     while len(words) < length:
-        words += text_sentence(rng, facts, language)
+        if wrong_facts and rng.random() < wrong_facts:
+            words += wrong_digit_fact(rng, language)
+        else:
+            words += text_sentence(rng, facts, language)
     return words[:length]
 
 

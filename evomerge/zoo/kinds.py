@@ -22,11 +22,28 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """One training phase of an expert: its steps, learning rates and the blocks it trains.
+
+    `vocab_lr` None shares `body_lr`, 0.0 freezes the embeddings and lm_head; `blocks` None
+    trains every block (and the final norm). `wrong_facts` is the fraction of the phase's
+    sentences that are single-digit facts with a wrong result (noisy arithmetic in the text).
+    """
+
+    steps: int
+    body_lr: float
+    vocab_lr: float | None = None
+    blocks: tuple[int, ...] | None = None
+    wrong_facts: float = 0.0
+
+
+@dataclass(frozen=True)
 class ZooSpec:
     """Everything that differs between zoo kinds.
 
     `max_threads` caps torch's intra-op threads during the build (restored afterwards);
-    None keeps the caller's setting.
+    None keeps the caller's setting. `expert_a_phases` / `expert_b_phases` replace the D4b
+    recipe of that expert (one phase of `expert_*_steps` steps) when set.
     """
 
     shape: ModelShape
@@ -40,6 +57,8 @@ class ZooSpec:
     search_pairs: int = 400
     test_pairs: int = 800
     max_threads: int | None = None
+    expert_a_phases: tuple[Phase, ...] | None = None
+    expert_b_phases: tuple[Phase, ...] | None = None
 
 
 _D4B_SHAPE = ModelShape(hidden=128, layers=4, heads=4, intermediate=512)
@@ -57,6 +76,21 @@ KINDS: dict[str, ZooSpec] = {
     ),
     "cross-skill-full": ZooSpec(
         _D4B_SHAPE, 2000, 1200, 1000, warmup=50, n_search=300, n_test=600, max_threads=2
+    ),
+    # Where layers matter (issue 21; benchmarks/layered_zoo.py measures it): 6 blocks. Expert A
+    # learns arithmetic in the middle blocks only (2, 3). Expert B learns L2 in its embeddings,
+    # head and outer blocks (0, 1, 4, 5), then its middle blocks drift on L2 text that carries
+    # noisy arithmetic (30 % of sentences state a wrong single-digit result), so its middle
+    # changes fight A's. One weight per expert cannot take B's vocabulary without B's middle;
+    # a per-layer recipe can.
+    "layered": ZooSpec(
+        ModelShape(hidden=128, layers=6, heads=4, intermediate=512),
+        700, 500, 600, warmup=50, n_search=300, n_test=600, max_threads=2,
+        expert_a_phases=(Phase(500, body_lr=1e-3, vocab_lr=0.0, blocks=(2, 3)),),
+        expert_b_phases=(
+            Phase(400, body_lr=1e-4, vocab_lr=3e-3, blocks=(0, 1, 4, 5)),
+            Phase(200, body_lr=1e-3, vocab_lr=0.0, blocks=(2, 3), wrong_facts=0.3),
+        ),
     ),
     # For tests: real, loadable, distinct models in seconds; not good ones. Its matrices are
     # too small to gain from intra-op threads, and spinning threads on a busy machine slow

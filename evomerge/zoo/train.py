@@ -33,7 +33,9 @@ class StageConfig:
     """Hyper-parameters of one training stage.
 
     `vocab_lr` is the learning rate of the embeddings and lm_head: None shares `body_lr`,
-    0.0 freezes them.
+    0.0 freezes them. `blocks` are the transformer blocks trained (0-based); None trains
+    every block and the final norm, a tuple freezes the other blocks and the final norm, so
+    the stage's changes are confined to those layers.
     """
 
     steps: int
@@ -44,6 +46,7 @@ class StageConfig:
     batch_size: int = 32
     seq_len: int = 32
     grad_clip: float = 1.0
+    blocks: tuple[int, ...] | None = None
 
     @property
     def freezes_vocab(self) -> bool:
@@ -61,12 +64,13 @@ class StageResult:
     seconds: float
 
 
-def text_maker(facts: ColourFacts, l2_fraction: float) -> SequenceMaker:
-    """Sequences of packed text, L2 with probability `l2_fraction`, loss on every word."""
+def text_maker(facts: ColourFacts, l2_fraction: float, wrong_facts: float = 0.0) -> SequenceMaker:
+    """Sequences of packed text, L2 with probability `l2_fraction`, loss on every word;
+    `wrong_facts` of the sentences state a wrong single-digit result (see `pack_text`)."""
 
     def make(rng: random.Random, length: int) -> TrainingSequence:
         language = "l2" if rng.random() < l2_fraction else "l1"
-        return pack_text(rng, facts, language, length), [True] * length
+        return pack_text(rng, facts, language, length, wrong_facts), [True] * length
 
     return make
 
@@ -120,12 +124,25 @@ def make_optimizer(model: LlamaForCausalLM, config: StageConfig) -> torch.optim.
     """AdamW over the body and (unless frozen) the vocabulary rows, each at its own lr."""
     vocab = _vocab_parameters(model)
     vocab_ids = {id(p) for p in vocab}
-    body = [p for p in model.parameters() if id(p) not in vocab_ids]
+    body = [p for p in model.parameters() if id(p) not in vocab_ids and p.requires_grad]
     groups = [{"params": body, "lr": config.body_lr}]
     if not config.freezes_vocab:
         vocab_lr = config.body_lr if config.vocab_lr is None else config.vocab_lr
         groups.append({"params": vocab, "lr": vocab_lr})
     return torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0, fused=True)
+
+
+def _set_trainable_blocks(model: LlamaForCausalLM, blocks: tuple[int, ...] | None) -> None:
+    """Freeze every block not in `blocks`, and the final norm unless `blocks` is None."""
+    layers = model.model.layers
+    unknown = sorted(set(blocks or ()) - set(range(len(layers))))
+    if unknown:
+        raise ValueError(f"blocks {unknown} do not exist in a model of {len(layers)} blocks")
+    for index, layer in enumerate(layers):
+        for parameter in layer.parameters():
+            parameter.requires_grad_(blocks is None or index in blocks)
+    for parameter in model.model.norm.parameters():
+        parameter.requires_grad_(blocks is None)
 
 
 def _loss(model: LlamaForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -149,6 +166,7 @@ def train_stage(
     """Train `model` in place for `config.steps` steps on sequences from `make`."""
     for parameter in _vocab_parameters(model):
         parameter.requires_grad_(not config.freezes_vocab)
+    _set_trainable_blocks(model, config.blocks)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -170,6 +188,7 @@ def train_stage(
             progress(f"training {name}: step {step}/{config.steps} loss {smoothed:.3f}")
             last_report = now
     model.eval()
+    _set_trainable_blocks(model, None)
     for parameter in _vocab_parameters(model):
         parameter.requires_grad_(True)
     return StageResult(config.steps, smoothed, time.monotonic() - start)
