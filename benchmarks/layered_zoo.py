@@ -95,7 +95,7 @@ def report(raw: dict) -> str:
     for label, get in rows:
         cells = [get(raw["seeds"][s]) for s in seeds]
         lines.append(f"| {label} | " + " | ".join(f"{c['test']:.3f} ({c['search']:.3f})" for c in cells) + " | "
-                     + "; ".join(str(c.get("choice", "-")) for c in cells) + " |")
+                     + "; ".join(json.dumps(c["choice"]) if "choice" in c else "-" for c in cells) + " |")
     lines.append("")
     gaps = []
     for s in seeds:

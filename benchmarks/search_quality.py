@@ -27,7 +27,12 @@ Output: one table (mean ± std over seeds, trials used, per-seed values) printed
 ``benchmarks/results/search_quality.md`` with a plot (``.png``) and the raw ``.json``.
 Results are cached per (seed, method) in the JSON, so an interrupted run continues.
 
-Usage: python benchmarks/search_quality.py [--seeds 0,1,2] [--trials 128] [--only KEY,...]   (~13 min per seed on 2 cores)
+``--kind layered`` measures the same rows on the layered zoo (6 blocks: the per-group space is
+32-d, Layer Swapping's k runs 0..3, DFS paths up to 12 layers) plus a uniform task-arithmetic grid
+and DFS with the scaling matrix off (ablation), and checks issue 21's targets there; its results go
+to ``search_quality_layered.{md,json,png}``.
+
+Usage: python benchmarks/search_quality.py [--kind cross-skill|layered] [--seeds 0,1,2] [--trials 128] [--only KEY,...]   (~13 min per seed on 2 cores; layered ~22)
 """
 
 from __future__ import annotations
