@@ -22,7 +22,7 @@ from evomerge.zoo import KINDS, build_zoo
 from evomerge.zoo.corpus import Problem, make_colour_facts, pack_text, text_sentence, wrong_digit_fact
 from evomerge.zoo.kinds import Phase, zoo_spec
 from evomerge.zoo.train import StageConfig, train_stage
-from evomerge.zoo.vocab import BOS, PAD, VOCABULARY, build_tokenizer, translate
+from evomerge.zoo.vocab import BOS, VOCABULARY, build_tokenizer, translate
 
 FACTS_WORLD = make_colour_facts(random.Random(0))
 
@@ -139,4 +139,3 @@ def test_a_phased_zoo_confines_each_experts_changes(tmp_path: Path, monkeypatch:
     assert [phase["blocks"] for phase in phases] == [[0, 2], [1]]
     assert manifest["models"]["expert_a"]["training"]["blocks"] == [1]
     assert manifest["models"]["base"]["training"]["blocks"] is None
-    assert PAD in VOCABULARY
