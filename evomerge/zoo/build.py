@@ -264,8 +264,8 @@ def _stages(
 
     The D4b recipes: base: 95 % L1 + 5 % L2 text. expert A: 70 % L1 two-digit problems
     (training pairs only) + 30 % L1 text, embeddings and lm_head frozen. expert B: L2 text, fast
-    vocabulary rows. A kind's `expert_*_phases` replace an expert's recipe: expert A's phases
-    train on A's data, expert B's on L2 text (with `wrong_facts` of noisy arithmetic).
+    vocabulary rows. A kind's `expert_*_phases` replace an expert's one D4b phase: expert A's
+    phases train on A's data, expert B's on L2 text (with `wrong_facts` of noisy arithmetic).
     """
     warmup = spec.warmup
     problems = train_problems(pairs)
@@ -280,25 +280,19 @@ def _stages(
         "base": [(StageConfig(spec.base_steps, body_lr=1e-3, warmup=warmup),
                   text_maker(facts, l2_fraction=0.05))],
     }
-    if spec.expert_a_phases is None:
-        stages["expert_a"] = [(
-            StageConfig(spec.expert_a_steps, body_lr=5e-4, vocab_lr=0.0, warmup=warmup),
-            skill_maker(facts, problems, problem_fraction=0.7),
-        )]
-    else:
-        stages["expert_a"] = phases(
-            spec.expert_a_phases, lambda _phase: skill_maker(facts, problems, problem_fraction=0.7)
-        )
-    if spec.expert_b_phases is None:
-        stages["expert_b"] = [(
-            StageConfig(spec.expert_b_steps, body_lr=1e-4, vocab_lr=3e-3, warmup=warmup),
-            text_maker(facts, l2_fraction=1.0),
-        )]
-    else:
-        stages["expert_b"] = phases(
-            spec.expert_b_phases,
-            lambda phase: text_maker(facts, l2_fraction=1.0, wrong_facts=phase.wrong_facts),
-        )
+    # The D4b experts are one phase each.
+    a_phases = spec.expert_a_phases or (
+        Phase(spec.expert_a_steps, body_lr=5e-4, vocab_lr=0.0),
+    )
+    b_phases = spec.expert_b_phases or (
+        Phase(spec.expert_b_steps, body_lr=1e-4, vocab_lr=3e-3),
+    )
+    stages["expert_a"] = phases(
+        a_phases, lambda _phase: skill_maker(facts, problems, problem_fraction=0.7)
+    )
+    stages["expert_b"] = phases(
+        b_phases, lambda phase: text_maker(facts, l2_fraction=1.0, wrong_facts=phase.wrong_facts)
+    )
     return stages
 
 

@@ -78,23 +78,24 @@ def _counting(rng: random.Random, facts: ColourFacts) -> list[str]:
     return ["count", *run, "."]
 
 
-def _digit_fact(rng: random.Random, facts: ColourFacts) -> list[str]:
+def _single_digit_problem(rng: random.Random) -> Problem:
+    """A random single-digit plus/minus problem (operands swapped so a minus stays >= 0)."""
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     op: Operation = rng.choice(OPERATIONS)
     if op == "minus" and a < b:
         a, b = b, a
-    problem = Problem(a, b, op)
+    return Problem(a, b, op)
+
+
+def _digit_fact(rng: random.Random, facts: ColourFacts) -> list[str]:
+    problem = _single_digit_problem(rng)
     return problem_prompt(problem, "l1") + answer_words(problem.result(), "l1")
 
 
 def wrong_digit_fact(rng: random.Random, language: Language) -> list[str]:
     """A single-digit plus/minus fact in `language` whose stated result is wrong (noisy
     arithmetic in a text corpus): any value 0..18 but the correct one."""
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    op: Operation = rng.choice(OPERATIONS)
-    if op == "minus" and a < b:
-        a, b = b, a
-    problem = Problem(a, b, op)
+    problem = _single_digit_problem(rng)
     wrong = rng.choice([value for value in range(19) if value != problem.result()])
     return problem_prompt(problem, language) + answer_words(wrong, language)
 
