@@ -10,7 +10,9 @@ on the held-out test split (600 items):
 - searches at equal trial budgets (``--trials``, default 128; 2 Ray workers, one island):
   random search and CMA-ES over the TIES space (search_spaces/ps_ties.yaml, 4 dimensions)
   and random search, CMA-ES, separable CMA-ES and M2N2 over the per-group TIES space
-  (search_spaces/ps_ties_per_layer.yaml, 24), random search and CMA-ES over the knots
+  (search_spaces/ps_ties_per_layer.yaml, 24), separable CMA-ES there started from the Layer
+  Swapping presets (``optimizer.start_from``: its first generation evaluates every k of the preset
+  row, within the same budget), random search and CMA-ES over the knots
   (ps_ties_knots.yaml, 12) and lines (ps_ties_lines.yaml, 8) spaces, DFS (experiments/zoo_dfs.yaml) and PS+DFS (experiments/zoo_ps_dfs.yaml with
   this seed's CMA-ES PS result as the donor, starting at its path, so PS+DFS spends the PS
   budget plus its own).
@@ -77,6 +79,8 @@ METHODS = [  # (key, label, kind)
     ("cma_ps_layer", "CMA-ES PS, per-group TIES space (24-d)", "search"),
     ("m2n2_layer", "M2N2, per-group TIES space (24-d)", "search"),
     ("cma_sep_layer", "separable CMA-ES, per-group TIES space (24-d)", "search"),
+    ("cma_sep_start", "separable CMA-ES from the Layer Swapping presets (k = 0..L/2), per-group TIES space (24-d)",
+     "search"),
     ("random_knots", "random search, TIES knots space (3 knots, 12-d)", "search"),
     ("cma_knots", "CMA-ES PS, TIES knots space (3 knots, 12-d)", "search"),
     ("random_lines", "random search, TIES lines space (8-d)", "search"),
@@ -221,6 +225,14 @@ def per_group_dims() -> int:
     return 4 * (zoo_spec(KIND).shape.layers + 2)
 
 
+def swap_starts() -> list[dict]:
+    """Every Layer Swapping preset the preset row chooses among (k = 0..L/2), as start recipes."""
+    from evomerge.zoo.kinds import zoo_spec
+
+    return [{"preset": f"layer_swapping:outer=expert_b,inner=expert_a,k={k}"}
+            for k in range(zoo_spec(KIND).shape.layers // 2 + 1)]
+
+
 def results_stem() -> str:
     """``search_quality`` for the cross-skill zoo, ``search_quality_<kind>`` for another."""
     return "search_quality" if KIND == "cross-skill" else f"search_quality_{KIND}"
@@ -306,6 +318,10 @@ def main() -> None:
                                                  search_space=PS_LAYER_SPACE,
                                                  optimizer={"islands": 1, "popsize": None, "x0": 0.5,
                                                             "separable": True})),
+            ("cma_sep_start", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cmasepstart-{seed}",
+                                                 search_space=PS_LAYER_SPACE,
+                                                 optimizer={"islands": 1, "popsize": None, "x0": 0.5,
+                                                            "separable": True, "start_from": swap_starts()})),
             ("random_knots", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-randomk-{seed}",
                                                 search_space=KNOTS_SPACE, optimizer={"name": "random", "islands": 1})),
             ("cma_knots", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cmak-{seed}",
@@ -454,6 +470,14 @@ def write_report(raw: dict) -> None:
             lines.append(f"  - the best searched layer-wise row ({top}) >= the Layer Swapping preset: per seed "
                          f"{', '.join(f'{g:+.3f}' for g in gains)} (mean {gains.mean():+.3f}) -> "
                          f"{'met' if gains.mean() >= 0 else 'NOT met'}")
+        if "layer_swap" in by and "cma_sep_start" in by:
+            gains = by["cma_sep_start"] - by["layer_swap"]
+            lines.append(f"  - separable CMA-ES started from the Layer Swapping presets >= the preset: per seed "
+                         f"{', '.join(f'{g:+.3f}' for g in gains)} (mean {gains.mean():+.3f}) -> "
+                         f"{'met' if gains.mean() >= 0 else 'NOT met'}")
+            gains = by["cma_sep_start"] - best_uniform
+            lines.append(f"  - it beats the best uniform recipe by >= 5 points in every seed: per seed "
+                         f"{', '.join(f'{g:+.3f}' for g in gains)} -> {'met' if gains.min() >= 0.05 else 'NOT met'}")
         for cma, rnd in (("cma_ps_layer", "random_ps_layer"), ("cma_sep_layer", "random_ps_layer"),
                          ("cma_knots", "random_knots"), ("cma_lines", "random_lines")):
             if cma in by and rnd in by:

@@ -212,6 +212,44 @@ class M2N2Config(_Frozen):
     mutation: float = Field(default=0.0, ge=0, le=1)
 
 
+class StartRecipe(_Frozen):
+    """A recipe a parameter-space search evaluates first (``optimizer.start_from``; see
+    ``evomerge/start_recipes.py``): a ``preset`` spec as ``evomerge merge --preset`` takes it
+    (``layer_swapping:k=1``), or a ``recipe`` file (or a run directory: its best recipe)."""
+
+    preset: Optional[str] = None
+    recipe: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "StartRecipe":
+        if (self.preset is None) == (self.recipe is None):
+            raise ValueError("give one of preset: NAME[:key=value,...] or recipe: FILE")
+        if self.preset is not None:
+            from evomerge.presets import parse_preset
+
+            try:
+                parse_preset(self.preset)
+            except ConfigError as exc:
+                raise ValueError("\n".join(f"preset: {line.removeprefix('--preset: ').removeprefix('--preset ')}" for line in exc.problems)) from None
+        return self
+
+
+DEFAULT_SIGMA0 = 1 / 6  # the paper's (and Optuna's) step size: a sixth of every gene's range
+AUTO_SIGMA0_REF_DIM = 8  # sigma0: auto equals the default at this many dimensions
+AUTO_SIGMA0_RANGE = (0.05, 0.3)
+
+
+def auto_sigma0(dim: int) -> float:
+    """``sigma0: auto`` for a parameter-space genome of ``dim`` genes: ``1/6 * sqrt(8 / dim)``,
+    kept within [0.05, 0.3]. The first generation's step then has the same expected length
+    (sigma0 * sqrt(dim), about 0.47 of the box's edge) in every space, instead of growing with the
+    square root of the dimension, as a fixed per-gene sigma0 does. On a 100-trial budget CMA-ES
+    hardly adapts its step size in tens of dimensions, so the start value is the step size of the
+    whole search; benchmarks/sigma0_study.py measures the rule (README, "Which space to use when")."""
+    low, high = AUTO_SIGMA0_RANGE
+    return float(min(high, max(low, DEFAULT_SIGMA0 * math.sqrt(AUTO_SIGMA0_REF_DIM / max(1, dim)))))
+
+
 OPTIMIZERS = ("cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2")
 MULTI_OBJECTIVE = ("nsga2", "random")
 
@@ -231,11 +269,17 @@ class OptimizerConfig(_Frozen):
     pycma's termination criteria fire or its best has not improved for ``stall_generations``.
     ``separable`` (cma_es): pycma's separable CMA-ES (a diagonal covariance), for spaces of many
     dimensions and few trials.
+    ``start_from`` (cma_es, parameter spaces): recipes the first generation evaluates, each a
+    ``preset`` spec or a ``recipe`` file (see ``evomerge/start_recipes.py``).
+    ``sigma0`` (cma_es, optuna_cmaes): the start step size as a fraction of every gene's range;
+    ``auto`` scales it with a parameter space's dimension n, ``1/6 * sqrt(8 / n)`` within
+    [0.05, 0.3] (:func:`auto_sigma0`; a data-flow space keeps 1/6, which its start path's margin
+    is set for).
     """
 
     name: Literal["cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2"] = "cma_es"
     x0: float = Field(default=0.5, ge=0, le=1)
-    sigma0: float = Field(default=1 / 6, gt=0, le=1)
+    sigma0: Union[float, Literal["auto"]] = DEFAULT_SIGMA0
     popsize: Optional[int] = Field(default=None, ge=2)
     seed: int = Field(default=0, ge=0)
     failure_fitness: Optional[float] = None
@@ -245,7 +289,17 @@ class OptimizerConfig(_Frozen):
     max_restarts: int = Field(default=9, ge=0)
     stall_generations: int = Field(default=20, ge=2)
     separable: bool = False
+    start_from: tuple[StartRecipe, ...] = ()
     m2n2: M2N2Config = M2N2Config()
+
+    @field_validator("sigma0", mode="before")
+    @classmethod
+    def _sigma0(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"a step size in (0, 1] (a fraction of each gene's range) or 'auto', got {v!r}")
+        return float(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "OptimizerConfig":
@@ -257,6 +311,9 @@ class OptimizerConfig(_Frozen):
                             f"{self.name} optimizes one weighted fitness")
         if self.separable and self.name != "cma_es":
             problems.append(f"separable: pycma's separable CMA-ES is an option of cma_es, not {self.name}")
+        if self.start_from and self.name != "cma_es":
+            problems.append(f"start_from: start recipes are injected into CMA-ES's first generation; "
+                            f"they need name cma_es, not {self.name}")
         if self.name == "nsga2" and self.objectives != "per_task":
             problems.append("objectives: nsga2 is multi-objective; set objectives: per_task")
         if problems:
@@ -265,6 +322,12 @@ class OptimizerConfig(_Frozen):
 
     def resolved_popsize(self, dim: int) -> int:
         return self.popsize or 4 + int(math.floor(3 * math.log(dim)))
+
+    def resolved_sigma0(self, dim: int, space_kind: str = "ps") -> float:
+        """``sigma0`` as a number; ``auto`` scales it with the space (:func:`auto_sigma0`)."""
+        if self.sigma0 != "auto":
+            return float(self.sigma0)
+        return auto_sigma0(dim) if space_kind == "ps" else DEFAULT_SIGMA0
 
     def resolved_islands(self, num_workers: int, popsize: int) -> int:
         """Independent populations that share the workers (see islands.py).
@@ -379,6 +442,18 @@ class Experiment(_Frozen):
                 problems.append(f"suite.validation_tasks: {overlap} are also {what} tasks; the validation split "
                                 "must be held out from both")
         space = self.search_space
+        if self.optimizer.start_from and getattr(space, "kind", "ps") != "ps":
+            problems.append("optimizer.start_from: start recipes are parameter-space recipes; a data-flow search "
+                            "starts from search_space.start")
+        for i, entry in enumerate(self.optimizer.start_from):
+            if entry.recipe is not None:
+                recipe = Path(entry.recipe)
+                if recipe.is_dir():
+                    from evomerge.run_dir import best_recipe_path
+
+                    recipe = best_recipe_path(recipe)
+                if not recipe.is_file():
+                    problems.append(f"optimizer.start_from.{i}.recipe: no recipe at {recipe}")
         if getattr(space, "kind", "ps") == "dfs":
             for i, name in enumerate(space.models or ()):
                 if name not in names:
@@ -464,6 +539,12 @@ def parse_experiment(data: Any, base_dir: Path) -> Experiment:
         recipe = space["ps_donor"].get("recipe")
         if isinstance(recipe, str) and not Path(recipe).is_absolute():  # an inline space (e.g. a staged job)
             data["search_space"] = {**space, "ps_donor": {**space["ps_donor"], "recipe": str((base_dir / recipe).resolve())}}
+    optimizer = data.get("optimizer")
+    if isinstance(optimizer, dict) and isinstance(optimizer.get("start_from"), list):
+        data["optimizer"] = {**optimizer, "start_from": [
+            {**e, "recipe": str((base_dir / Path(e["recipe"]).expanduser()).resolve())}
+            if isinstance(e, dict) and isinstance(e.get("recipe"), str) else e
+            for e in optimizer["start_from"]]}
     models = data.get("models")
     if isinstance(models, list):
         resolved = []
@@ -508,7 +589,7 @@ def parse_experiment(data: Any, base_dir: Path) -> Experiment:
 def portable_experiment(exp: Experiment) -> tuple[dict[str, Any], dict[str, Path]]:
     """The experiment as data that loads on another machine, and the local files it needs there.
 
-    Task dirs, declared model configs and a PS donor's recipe are local files: they are listed
+    Task dirs, declared model configs, a PS donor's recipe and start recipes are local files: they are listed
     as ``{relative path: local path}`` and the data refers to them relatively (a job ships them
     in its working dir). Hub and zoo sources travel as they are; a source given as a local
     directory does not (weights are not shipped): it must exist at the same path on the cluster.
@@ -536,6 +617,13 @@ def portable_experiment(exp: Experiment) -> tuple[dict[str, Any], dict[str, Path
 
         files["files/ps_donor.yaml"] = best_recipe_path(recipe) if recipe.is_dir() else recipe
         donor["recipe"] = "files/ps_donor.yaml"
+    for i, entry in enumerate(data["optimizer"].get("start_from") or []):
+        if entry.get("recipe"):
+            from evomerge.run_dir import best_recipe_path
+
+            recipe = Path(entry["recipe"])
+            files[f"files/start_{i}.yaml"] = best_recipe_path(recipe) if recipe.is_dir() else recipe
+            entry["recipe"] = f"files/start_{i}.yaml"
     return data, files
 
 

@@ -261,9 +261,21 @@ class Controller:
                                                    exp.budget.max_trials))
         n_objectives = len(exp.suite.tasks) if exp.optimizer.objectives == "per_task" else 1
         start = codec.start_genome()
+        inject: tuple = ()
+        if exp.optimizer.start_from:  # island 0 (seeded optimizer.seed) evaluates them first
+            from evomerge.start_recipes import describe, start_points
+
+            points = start_points(exp, codec)
+            inject = tuple(p.genome for p in points)
+            if len(inject) > popsize:
+                raise ConfigError([f"optimizer.start_from: {len(inject)} start recipes for a population of {popsize}; "
+                                   "list fewer or raise optimizer.popsize"])
+            self.progress.message(describe(points))
         scheduler = build_islands(
             n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives,
-                                                    start=start, gene_groups=getattr(codec, "gene_groups", None)),
+                                                    start=start, gene_groups=getattr(codec, "gene_groups", None),
+                                                    space_kind=exp.search_space.kind,
+                                                    inject=inject if seed == exp.optimizer.seed else ()),
             codec.decode,
             exp.budget.max_trials, exp.optimizer.failure_fitness, exp.optimizer.seed,
         )
@@ -373,7 +385,7 @@ class Controller:
             "islands": islands,
             "optimizer": exp.optimizer.name,
             "x0": exp.optimizer.x0,
-            "sigma0": exp.optimizer.sigma0,
+            "sigma0": exp.optimizer.resolved_sigma0(codec.dim, space.kind),
             "seed": exp.optimizer.seed,
             "max_trials": exp.budget.max_trials,
             "num_workers": exp.dispatch.num_workers,

@@ -83,6 +83,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     validation_tasks: list[dict[str, Any]] = field(default_factory=list)
     top_k: int = 0
+    sigma0: Optional[float] = None  # CMA-ES's start step size (genome units), resolved from `auto`
+    sigma0_auto: bool = False
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,8 +97,10 @@ class Plan:
             ("experiment", f"{self.experiment} ({self.space})"),
             ("models", "; ".join(f"{m['name']} {_params(m['params_b'])}, {m['layers']} layers" for m in self.models)),
             ("genome", f"{self.dim} dimensions = {self.dim_detail}"),
-            ("optimizer", f"{self.optimizer}, popsize {self.popsize}, {self.islands} island(s), "
-                          f"~{self.generations} generations each"),
+            ("optimizer", f"{self.optimizer}, popsize {self.popsize}"
+                          + (f", sigma0 {self.sigma0:.3g}" + (" (auto)" if self.sigma0_auto else "")
+                             if self.sigma0 is not None else "")
+                          + f", {self.islands} island(s), ~{self.generations} generations each"),
             ("budget", f"{self.max_trials} trials (+ {self.extra_evaluations} source/validation/test evaluations)"),
             ("workers", f"{self.num_workers} x {self.device}, {self.dtype}; "
                         f"~{self.worker_memory_gib:.3g} GiB of weights per worker ({self.memory_detail})"),
@@ -238,6 +242,10 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         path_fraction = expected / for_config(base_cfg).num_layers(base_cfg)
     popsize = exp.optimizer.resolved_popsize(dim)
     islands = exp.optimizer.resolved_islands(exp.dispatch.num_workers, popsize)
+    if exp.optimizer.start_from and space.kind == "ps":  # each must be a point of the space: checked here too
+        from evomerge.start_recipes import describe, start_points
+
+        notes.append(describe(start_points(exp, codec)))
     generations = math.ceil(exp.budget.max_trials / islands / popsize)
     from evomerge.evaluate.lm_eval_runner import task_configs
 
@@ -287,7 +295,9 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         models=[{"name": m.name, "path": m.path, "params_b": param_count(configs[m.name]) / 1e9,
                  "layers": for_config(configs[m.name]).num_layers(configs[m.name])} for m in exp.models],
         worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail,
-        search_tasks=search, test_tasks=test, validation_tasks=validation, top_k=top_k, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
+        search_tasks=search, test_tasks=test, validation_tasks=validation, top_k=top_k,
+        sigma0=exp.optimizer.resolved_sigma0(dim, space.kind) if exp.optimizer.name in ("cma_es", "optuna_cmaes") else None,
+        sigma0_auto=exp.optimizer.sigma0 == "auto", cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
     )
 
 

@@ -12,6 +12,10 @@ its learning rates scale with the dimension instead of its square, so in a space
 hundreds of dimensions and a budget of a hundred trials it adapts where full CMA-ES has barely
 started, at the price of ignoring correlations between genes.
 
+``inject``: genomes evaluated in the first generation besides the sampled ones (start recipes,
+``optimizer.start_from``), at exactly these values; the first update learns from them as from
+any other member.
+
 IPOP: when a population stalls — pycma's own termination criteria fire (e.g.
 tolx, tolfun, flat fitness) or the best fitness has not improved for
 ``stall_generations`` generations — a new CMA-ES starts from a uniformly random
@@ -36,7 +40,7 @@ class CMAESOptimizer:
 
     def __init__(self, dim: int, *, x0: float | np.ndarray = 0.5, sigma0: float = 1 / 6, popsize: int, seed: int = 0,
                  restarts: str = "ipop", max_restarts: int = 9, stall_generations: int = 20,
-                 separable: bool = False) -> None:
+                 separable: bool = False, inject: Sequence[np.ndarray] = ()) -> None:
         if dim < 1:
             raise ValueError("dim must be >= 1")
         if restarts not in ("none", "ipop"):
@@ -55,8 +59,17 @@ class CMAESOptimizer:
         if start.shape != (dim,):
             raise ValueError(f"x0 has shape {start.shape}, expected ({dim},)")
         self._start(start, popsize)
-        if np.ndim(x0):  # a chosen start point (not the box centre) is itself in the first generation
-            self._es.inject([start if dim > 1 else np.concatenate([start, [0.5]])], force=True)
+        first = ([start] if np.ndim(x0) else []) + [np.asarray(g, dtype=np.float64) for g in inject]
+        if len(first) > popsize:
+            raise ValueError(f"{len(first)} start genomes for a population of {popsize}; raise the popsize")
+        if any(g.shape != (dim,) or not np.all((g >= 0) & (g <= 1)) for g in first):
+            raise ValueError(f"start genomes must lie in [0, 1]^{dim}")
+        # a chosen start point (not the box centre) and the injected genomes are the first
+        # generation's first members, at exactly these values (pycma takes genotypes: the inverse
+        # of its bound transform, which is not the identity near the bounds)
+        pad = [] if dim > 1 else [0.5]
+        self._es.inject([self._es.boundary_handler.inverse(np.concatenate([g, pad])) for g in first], force=True)
+        self._injected = first  # the transform's round trip is exact to ~1e-16: ask() returns these values
 
     def _start(self, x0: np.ndarray, popsize: int) -> None:
         self.popsize = popsize
@@ -76,13 +89,17 @@ class CMAESOptimizer:
             x0 = np.concatenate([x0, [0.5]])  # pycma refuses 1-d problems; pad with an inert dimension
         self._es = cma.CMAEvolutionStrategy(x0, self.sigma0, options)
         self._asked: dict[bytes, np.ndarray] = {}
+        self._injected: list[np.ndarray] = []
         self._run_best = -np.inf
         self._since_improvement = 0
 
     def ask(self) -> list[Genome]:
         out = []
-        for x in self._es.ask():
+        injected, self._injected = self._injected, []
+        for i, x in enumerate(self._es.ask()):
             g = np.clip(np.asarray(x[: self.dim], dtype=np.float64), 0.0, 1.0)  # BoundTransform already maps in
+            if i < len(injected) and np.allclose(g, injected[i], rtol=0, atol=1e-9):
+                g = injected[i].copy()
             self._asked[g.tobytes()] = np.asarray(x, dtype=np.float64)
             out.append(g)
         return out
