@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 import search_quality as sq  # noqa: E402
-from evomerge.config import auto_sigma0  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TRIALS = 128
@@ -55,7 +54,7 @@ ROWS = [
 CHECKPOINTS = (32, 64, 96, 128)
 
 
-def climb(run_dir: Path) -> list[float]:
+def climb(run_dir: Path, checkpoints: tuple[int, ...] = CHECKPOINTS) -> list[float]:
     """Best search fitness reached by each checkpoint trial count, from the run's ledger."""
     trials = {}
     for line in (run_dir / "ledger.jsonl").read_text().splitlines():
@@ -64,12 +63,12 @@ def climb(run_dir: Path) -> list[float]:
             trials[rec["trial_id"]] = float(rec["fitness"])
     fits = [trials[t] for t in sorted(trials)]
     best = np.maximum.accumulate(np.asarray(fits)) if fits else np.asarray([np.nan])
-    return [float(best[min(c, len(best)) - 1]) for c in CHECKPOINTS]
+    return [float(best[min(c, len(best)) - 1]) for c in checkpoints]
 
 
-def label(sigma) -> str:
-    """A sigma0 as the results name it: ``auto`` or the number to 4 decimals."""
-    return sigma if sigma == "auto" else f"{float(sigma):.4f}"
+def label(sigma: float) -> str:
+    """A sigma0 as the results name it: the number to 4 decimals."""
+    return f"{float(sigma):.4f}"
 
 
 def main() -> None:
@@ -78,6 +77,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated row keys, e.g. layered/cma_sep_layer")
     ap.add_argument("--sigmas", default=",".join(f"{s:.6g}" for s in SIGMAS))
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/evomerge-sigma0"))
+    ap.add_argument("--trials", type=int, default=TRIALS, help="budget per search (other than 128: its own rows)")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     raw_path = RESULTS / "sigma0_study.json"
@@ -88,25 +88,25 @@ def main() -> None:
         tmp.write_text(json.dumps(raw, indent=2, sort_keys=True))
         os.replace(tmp, raw_path)
 
-    sigmas = [s if s == "auto" else float(s) for s in args.sigmas.split(",")]
+    sigmas = [float(s) for s in args.sigmas.split(",")]
     for row, kind, key, space, opt in ROWS:
         if args.only and row not in args.only.split(","):
             continue
         sq.KIND = kind
         for sigma in sigmas:
             for seed in [int(s) for s in args.seeds.split(",")]:
-                name = f"{row}@{label(sigma)}/seed{seed}"
+                name = f"{row}@{label(sigma)}/seed{seed}" + (f"/t{args.trials}" if args.trials != TRIALS else "")
                 if name in raw["runs"]:
                     continue
-                run_dir = args.work_dir / kind / key / f"sigma{label(sigma)}" / f"seed{seed}"
+                run_dir = args.work_dir / kind / key / f"sigma{label(sigma)}-t{args.trials}" / f"seed{seed}"
                 if run_dir.exists():
                     shutil.rmtree(run_dir)
                 print(f"{name}", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
-                exp = sq.experiment("quickstart.yaml", seed, TRIALS, f"s0-{kind}-{key}-{seed}", search_space=space,
+                exp = sq.experiment("quickstart.yaml", seed, args.trials, f"s0-{kind}-{key}-{seed}", search_space=space,
                                     optimizer={"islands": 1, "popsize": None, "x0": 0.5, "sigma0": sigma, **opt})
                 res = sq.run_search(exp, run_dir)
-                res["climb"] = climb(run_dir)
+                res["climb"] = climb(run_dir, tuple(args.trials * i // 4 for i in (1, 2, 3, 4)))
                 res["seconds"] = round(time.perf_counter() - t0, 1)
                 raw["runs"][name] = res
                 save()
@@ -126,6 +126,10 @@ def baseline(kind: str, key: str, seed: int) -> dict | None:
     return {**res, "climb": climb(run_dir) if (run_dir / "ledger.jsonl").exists() else None}
 
 
+def per_seed(results: list, field: str) -> str:
+    return ", ".join("-" if r is None else f"{r[field]:.3f}" for r in results)
+
+
 def write_report(raw: dict, seeds: list[int]) -> None:
     lines = [f"CMA-ES sigma0 study: {TRIALS} trials per search, seeds {', '.join(map(str, seeds))}, "
              "settings as in search_quality.py (validation re-ranking, top 8). sigma0 is in genome units "
@@ -139,7 +143,7 @@ def write_report(raw: dict, seeds: list[int]) -> None:
         name = {"cma_sep_layer": "separable CMA-ES, per-group", "cma_ps": "CMA-ES, TIES 4-d",
                  "cma_ps_layer": "CMA-ES, per-group"}[key]
         sigmas = sorted({label(1 / 6), *(n.split("@")[1].split("/")[0] for n in raw["runs"] if n.startswith(row + "@"))},
-                        key=lambda x: -1.0 if x == "auto" else float(x))
+                        key=float)
         for sigma in sigmas:
             runs = [baseline(kind, key, s) if sigma == label(1 / 6) else raw["runs"].get(f"{row}@{sigma}/seed{s}")
                     for s in seeds]
@@ -149,10 +153,34 @@ def write_report(raw: dict, seeds: list[int]) -> None:
             climbs = [r["climb"] for r in runs if r.get("climb")]
             climb_text = (" / ".join(f"{v:.3f}" for v in np.mean(climbs, axis=0)) if len(climbs) == len(runs)
                           else "(run dirs gone)")
-            shown = f"auto ({auto_sigma0(dim):.3g})" if sigma == "auto" else f"{float(sigma):.3g}"
+            shown = f"{float(sigma):.3g}"
             lines.append(f"| {kind} | {name} | {dim} | {shown} | {tests.mean():.3f} ± {tests.std(ddof=1):.3f} | "
                          f"{', '.join(f'{t:.3f}' for t in tests)} | {np.mean([r['search'] for r in runs]):.3f} | "
                          f"{climb_text} |")
+    longer = sorted({n.split("/t")[1] for n in raw["runs"] if "/t" in n}, key=int)
+    for trials in longer:
+        lines += ["", f"Budget: {trials} trials (same settings otherwise), against the layered zoo's Layer Swapping "
+                  "preset (search_quality_layered.json).", "",
+                  "| zoo | search | sigma0 | test (mean ± std) | test per seed | Layer Swapping preset per seed | "
+                  f"best search score by trial {int(trials) // 4} / {int(trials) // 2} / {3 * int(trials) // 4} / {trials} "
+                  "| preset's search score per seed |", "|---|---|---|---|---|---|---|---|"]
+        for row, kind, key, space, opt in ROWS:
+            for sigma in sorted({n.split("@")[1].split("/")[0] for n in raw["runs"]
+                                 if n.startswith(row + "@") and n.endswith(f"/t{trials}")}):
+                runs = [raw["runs"].get(f"{row}@{sigma}/seed{s}/t{trials}") for s in seeds]
+                if any(r is None for r in runs):
+                    continue
+                tests = np.array([r["test"] for r in runs])
+                path = RESULTS / ("search_quality.json" if kind == "cross-skill" else f"search_quality_{kind}.json")
+                table = json.loads(path.read_text())["seeds"] if path.exists() else {}
+                preset = [table.get(str(s), {}).get("layer_swap") for s in seeds]
+                name = {"cma_sep_layer": "separable CMA-ES, per-group", "cma_ps": "CMA-ES, TIES 4-d",
+                        "cma_ps_layer": "CMA-ES, per-group"}[key]
+                lines.append(f"| {kind} | {name} | {sigma} | {tests.mean():.3f} ± {tests.std(ddof=1):.3f} | "
+                             f"{', '.join(f'{t:.3f}' for t in tests)} | "
+                             f"{per_seed(preset, 'test')} | "
+                             f"{' / '.join(f'{v:.3f}' for v in np.mean([r['climb'] for r in runs], axis=0))} | "
+                             f"{per_seed(preset, 'search')} |")
     text = "\n".join(lines) + "\n"
     print(text)
     (RESULTS / "sigma0_study.md").write_text(text)

@@ -235,19 +235,6 @@ class StartRecipe(_Frozen):
 
 
 DEFAULT_SIGMA0 = 1 / 6  # the paper's (and Optuna's) step size: a sixth of every gene's range
-AUTO_SIGMA0_REF_DIM = 8  # sigma0: auto equals the default at this many dimensions
-AUTO_SIGMA0_RANGE = (0.05, 0.3)
-
-
-def auto_sigma0(dim: int) -> float:
-    """``sigma0: auto`` for a parameter-space genome of ``dim`` genes: ``1/6 * sqrt(8 / dim)``,
-    kept within [0.05, 0.3]. The first generation's step then has the same expected length
-    (sigma0 * sqrt(dim), about 0.47 of the box's edge) in every space, instead of growing with the
-    square root of the dimension, as a fixed per-gene sigma0 does. On a 100-trial budget CMA-ES
-    hardly adapts its step size in tens of dimensions, so the start value is the step size of the
-    whole search; benchmarks/sigma0_study.py measures the rule (README, "Which space to use when")."""
-    low, high = AUTO_SIGMA0_RANGE
-    return float(min(high, max(low, DEFAULT_SIGMA0 * math.sqrt(AUTO_SIGMA0_REF_DIM / max(1, dim)))))
 
 
 OPTIMIZERS = ("cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2")
@@ -271,15 +258,15 @@ class OptimizerConfig(_Frozen):
     dimensions and few trials.
     ``start_from`` (cma_es, parameter spaces): recipes the first generation evaluates, each a
     ``preset`` spec or a ``recipe`` file (see ``evomerge/start_recipes.py``).
-    ``sigma0`` (cma_es, optuna_cmaes): the start step size as a fraction of every gene's range;
-    ``auto`` scales it with a parameter space's dimension n, ``1/6 * sqrt(8 / n)`` within
-    [0.05, 0.3] (:func:`auto_sigma0`; a data-flow space keeps 1/6, which its start path's margin
-    is set for).
+    ``sigma0`` (cma_es, optuna_cmaes): the start step size as a fraction of every gene's range
+    (genes are normalised to their bounds, so it scales with each parameter's range); the same
+    1/6 in every space, as measured best in 4 to 32 dimensions (benchmarks/sigma0_study.py:
+    0.1 and 0.25 lose up to 3 points, a 1/sqrt(n) rule loses in both low and high dimensions).
     """
 
     name: Literal["cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2"] = "cma_es"
     x0: float = Field(default=0.5, ge=0, le=1)
-    sigma0: Union[float, Literal["auto"]] = DEFAULT_SIGMA0
+    sigma0: float = DEFAULT_SIGMA0
     popsize: Optional[int] = Field(default=None, ge=2)
     seed: int = Field(default=0, ge=0)
     failure_fitness: Optional[float] = None
@@ -295,10 +282,8 @@ class OptimizerConfig(_Frozen):
     @field_validator("sigma0", mode="before")
     @classmethod
     def _sigma0(cls, v: Any) -> Any:
-        if v == "auto":
-            return v
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            raise ValueError(f"a step size in (0, 1] (a fraction of each gene's range) or 'auto', got {v!r}")
+            raise ValueError(f"a step size in (0, 1] (a fraction of each gene's range), got {v!r}")
         return float(v)
 
     @model_validator(mode="after")
@@ -322,12 +307,6 @@ class OptimizerConfig(_Frozen):
 
     def resolved_popsize(self, dim: int) -> int:
         return self.popsize or 4 + int(math.floor(3 * math.log(dim)))
-
-    def resolved_sigma0(self, dim: int, space_kind: str = "ps") -> float:
-        """``sigma0`` as a number; ``auto`` scales it with the space (:func:`auto_sigma0`)."""
-        if self.sigma0 != "auto":
-            return float(self.sigma0)
-        return auto_sigma0(dim) if space_kind == "ps" else DEFAULT_SIGMA0
 
     def resolved_islands(self, num_workers: int, popsize: int) -> int:
         """Independent populations that share the workers (see islands.py).

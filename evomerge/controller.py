@@ -274,7 +274,6 @@ class Controller:
         scheduler = build_islands(
             n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives,
                                                     start=start, gene_groups=getattr(codec, "gene_groups", None),
-                                                    space_kind=exp.search_space.kind,
                                                     inject=inject if seed == exp.optimizer.seed else ()),
             codec.decode,
             exp.budget.max_trials, exp.optimizer.failure_fitness, exp.optimizer.seed,
@@ -385,7 +384,7 @@ class Controller:
             "islands": islands,
             "optimizer": exp.optimizer.name,
             "x0": exp.optimizer.x0,
-            "sigma0": exp.optimizer.resolved_sigma0(codec.dim, space.kind),
+            "sigma0": exp.optimizer.sigma0,
             "seed": exp.optimizer.seed,
             "max_trials": exp.budget.max_trials,
             "num_workers": exp.dispatch.num_workers,

@@ -83,8 +83,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     validation_tasks: list[dict[str, Any]] = field(default_factory=list)
     top_k: int = 0
-    sigma0: Optional[float] = None  # CMA-ES's start step size (genome units), resolved from `auto`
-    sigma0_auto: bool = False
+    sigma0: Optional[float] = None  # CMA-ES's start step size (genome units)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -98,8 +97,7 @@ class Plan:
             ("models", "; ".join(f"{m['name']} {_params(m['params_b'])}, {m['layers']} layers" for m in self.models)),
             ("genome", f"{self.dim} dimensions = {self.dim_detail}"),
             ("optimizer", f"{self.optimizer}, popsize {self.popsize}"
-                          + (f", sigma0 {self.sigma0:.3g}" + (" (auto)" if self.sigma0_auto else "")
-                             if self.sigma0 is not None else "")
+                          + (f", sigma0 {self.sigma0:.3g}" if self.sigma0 is not None else "")
                           + f", {self.islands} island(s), ~{self.generations} generations each"),
             ("budget", f"{self.max_trials} trials (+ {self.extra_evaluations} source/validation/test evaluations)"),
             ("workers", f"{self.num_workers} x {self.device}, {self.dtype}; "
@@ -296,8 +294,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
                  "layers": for_config(configs[m.name]).num_layers(configs[m.name])} for m in exp.models],
         worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail,
         search_tasks=search, test_tasks=test, validation_tasks=validation, top_k=top_k,
-        sigma0=exp.optimizer.resolved_sigma0(dim, space.kind) if exp.optimizer.name in ("cma_es", "optuna_cmaes") else None,
-        sigma0_auto=exp.optimizer.sigma0 == "auto", cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
+        sigma0=exp.optimizer.sigma0 if exp.optimizer.name in ("cma_es", "optuna_cmaes") else None, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
     )
 
 

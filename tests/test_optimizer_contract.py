@@ -107,28 +107,6 @@ def test_separable_cma_es_is_pycmas_diagonal_variant_and_beats_random_in_many_di
         OptimizerConfig(name="random", separable=True)
 
 
-def test_sigma0_auto_scales_the_first_step_with_the_dimension():
-    """``sigma0: auto`` is 1/6 at 8 genes and shrinks as 1/sqrt(n) (kept in [0.05, 0.3]), so the
-    first generation's step has the same expected length in every parameter space; a data-flow
-    space keeps 1/6. The step pycma takes is the resolved one: the first generation's spread
-    around x0 = 0.5 matches it per gene."""
-    from evomerge.config import auto_sigma0
-
-    assert auto_sigma0(8) == pytest.approx(1 / 6)
-    assert auto_sigma0(32) == pytest.approx(1 / 12)
-    assert auto_sigma0(2) == pytest.approx(0.3) and auto_sigma0(1000) == pytest.approx(0.05)  # the clips
-    cfg = OptimizerConfig(sigma0="auto", popsize=400, seed=1, restarts="none")
-    assert cfg.resolved_sigma0(32, "dfs") == pytest.approx(1 / 6)
-    assert OptimizerConfig(sigma0=0.2).resolved_sigma0(32) == 0.2
-    for dim, space_kind, want in ((32, "ps", 1 / 12), (4, "ps", auto_sigma0(4)), (32, "dfs", 1 / 6)):
-        opt = build_optimizer(cfg, dim, space_kind=space_kind)
-        spread = np.std(np.asarray(opt.ask()) - 0.5)
-        assert spread == pytest.approx(want, rel=0.1), (dim, space_kind, spread)
-    sizes = {dim: np.mean(np.linalg.norm(np.asarray(build_optimizer(cfg, dim).ask()) - 0.5, axis=1))
-             for dim in (8, 16, 32)}
-    assert max(sizes.values()) / min(sizes.values()) < 1.15, sizes  # same step length at 8, 16 and 32 genes
-
-
 def test_cma_es_beats_random_search_at_equal_budget():
     """Over 5 seeds, 40 dims, 600 evaluations, pycma's best is better than random search's every time."""
     for seed in range(5):

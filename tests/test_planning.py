@@ -24,11 +24,11 @@ def pilot(tmp_path_factory, session_tiny_zoo):
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, session_tiny_zoo, capsys):
     exp = experiment_file(tmp_path, "plan", budget={"max_trials": 40},
-                          optimizer={"name": "cma_es", "popsize": 4, "seed": 0, "islands": 2, "sigma0": "auto"})
+                          optimizer={"name": "cma_es", "popsize": 4, "seed": 0, "islands": 2, "sigma0": 0.2})
     assert main(["run", str(exp), "--dry-run", "--run-dir", str(tmp_path / "never")]) == 0
     out = capsys.readouterr().out
     assert "4 dimensions = 2 merged models x 2 parameters (density, weight) x 1 group" in out
-    assert "popsize 4, sigma0 0.236 (auto), 2 island(s), ~5 generations each" in out  # 1/6 * sqrt(8 / 4)
+    assert "popsize 4, sigma0 0.2, 2 island(s), ~5 generations each" in out
     assert "40 trials" in out and "per trial   unknown" in out
     assert not (tmp_path / "never").exists()
 

@@ -10,25 +10,22 @@ from evomerge.optimize.base import Genome, Optimizer
 
 def build_optimizer(cfg: OptimizerConfig, dim: int, seed: int | None = None, num_objectives: int = 1,
                     start: np.ndarray | None = None, gene_groups: tuple[int, ...] | None = None,
-                    space_kind: str = "ps", inject: tuple[np.ndarray, ...] = ()) -> Optimizer:
+                    inject: tuple[np.ndarray, ...] = ()) -> Optimizer:
     """Instantiate the optimizer an experiment names (``seed`` overrides ``cfg.seed``, e.g. per island).
 
     ``start``: a search space's own start genome (e.g. a DFS path), instead of ``cfg.x0``
     everywhere; only CMA-ES takes one (it also evaluates it in its first generation).
     ``gene_groups``: each gene's layer group (-1: none), for M2N2's split point.
-    ``space_kind`` (``ps`` or ``dfs``): what ``sigma0: auto`` scales for (see
-    :meth:`OptimizerConfig.resolved_sigma0`).
     ``inject``: genomes CMA-ES evaluates in its first generation (start recipes).
     """
     seed = cfg.seed if seed is None else seed
     popsize = cfg.resolved_popsize(dim)
-    sigma0 = cfg.resolved_sigma0(dim, space_kind)
     if (start is not None or len(inject)) and cfg.name != "cma_es":
         raise ValueError(f"a search-space start point or start recipes need optimizer cma_es, not {cfg.name}")
     if cfg.name == "cma_es":
         from evomerge.optimize.cma_es import CMAESOptimizer
 
-        return CMAESOptimizer(dim, x0=cfg.x0 if start is None else start, sigma0=sigma0, popsize=popsize, seed=seed,
+        return CMAESOptimizer(dim, x0=cfg.x0 if start is None else start, sigma0=cfg.sigma0, popsize=popsize, seed=seed,
                               restarts=cfg.restarts, max_restarts=cfg.max_restarts,
                               stall_generations=cfg.stall_generations, separable=cfg.separable, inject=inject)
     if cfg.name == "m2n2":
@@ -44,7 +41,7 @@ def build_optimizer(cfg: OptimizerConfig, dim: int, seed: int | None = None, num
         from evomerge.optimize.optuna_samplers import OptunaOptimizer
 
         return OptunaOptimizer(cfg.name, dim, popsize=popsize, seed=seed, num_objectives=num_objectives,
-                               x0=cfg.x0, sigma0=sigma0)
+                               x0=cfg.x0, sigma0=cfg.sigma0)
     raise ValueError(f"unknown optimizer {cfg.name!r}")
 
 
