@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -41,10 +41,15 @@ class StartPoint:
     genome: np.ndarray
 
 
-def in_method(recipe: Recipe, method: str, num_layers: int) -> Recipe:
+# settings that cannot change a merge of one-hot weights at density 1 (a sum of one task vector)
+INERT_SETTINGS = ("normalize", "rescale", "int8_mask")
+
+
+def in_method(recipe: Recipe, method: str, num_layers: int, fixed: Mapping[str, object] = {}) -> Recipe:
     """``recipe`` as an equal recipe of ``method``: itself when the method matches, or a linear
     recipe that takes each tensor group whole from one model, as a task-vector method with the
-    same weights, density 1 and lambda 1. ValueError says why another recipe has no equal."""
+    same weights, density 1 and lambda 1 (and ``fixed``'s values of the settings that cannot
+    change such a merge). ValueError says why another recipe has no equal."""
     if recipe.method == method:
         return recipe
     if recipe.method != "linear" or method not in WHOLE_GROUP_METHODS:
@@ -60,7 +65,7 @@ def in_method(recipe: Recipe, method: str, num_layers: int) -> Recipe:
                              f"one model (weights 1 and 0); group {g} has weights {column}")
     extra = {"density": 1.0} if method != "task_arithmetic" else {}
     return Recipe(method=method, base_model=recipe.base_model, seed=recipe.seed, dtype=recipe.dtype,
-                  parameters={"lambda": 1.0},
+                  parameters={"lambda": 1.0, **{k: v for k, v in fixed.items() if k in INERT_SETTINGS}},
                   models=tuple(ModelParams(model=m.model, parameters={"weight": weights[m.model], **extra})
                                for m in models))
 
@@ -89,7 +94,7 @@ def start_points(exp: "Experiment", codec: "PSCodec") -> list[StartPoint]:
         where = f"optimizer.start_from.{i}"
         try:
             label, recipe = _recipe(entry, exp, codec.num_layers)
-            recipe = in_method(recipe, codec.space.method, codec.num_layers)
+            recipe = in_method(recipe, codec.space.method, codec.num_layers, codec.space.fixed)
             unknown = sorted({m.model for m in recipe.models} - set(codec.models))
             if unknown or recipe.base_model != codec.base_model:
                 raise ValueError(f"its models {[m.model for m in recipe.models]} (base {recipe.base_model!r}) are not "
@@ -99,6 +104,9 @@ def start_points(exp: "Experiment", codec: "PSCodec") -> list[StartPoint]:
             if outside:
                 raise ValueError(f"outside the search space's bounds: {', '.join(outside)}")
             genome = np.clip(genome, 0.0, 1.0)
+            differ = _differences(_with_defaults(recipe, codec), codec.decode(genome), codec)
+            if differ:
+                raise ValueError("the search space cannot hold it exactly: " + "; ".join(differ))
             points.append(StartPoint(label, recipe, genome))
         except ConfigError as exc:
             problems.extend(f"{where}: {line}" for line in exc.problems)
@@ -135,6 +143,33 @@ def _with_defaults(recipe: Recipe, codec: "PSCodec") -> Recipe:
             glob[p] = default
     return Recipe(method=recipe.method, base_model=recipe.base_model, models=tuple(models), parameters=glob,
                   seed=recipe.seed, dtype=recipe.dtype)
+
+
+def _differences(recipe: Recipe, decoded: Recipe, codec: "PSCodec") -> list[str]:
+    """Where the recipe its genome decodes to is not the start recipe (a setting the space fixes
+    to another value, or leaves at a default the recipe does not use)."""
+    from evomerge.method_specs import SPECS
+
+    spec = SPECS[codec.space.method]
+    out = []
+    groups = codec.num_layers + 2
+    for mp in decoded.models:
+        want = recipe.model_params(mp.model)
+        for name in sorted(set(mp.parameters) | set(want.parameters)):
+            default = spec.model_parameters[name].default if name in spec.model_parameters else None
+
+            def values(m: ModelParams) -> list:
+                return [m.value(name, g, codec.num_layers) if name in m.parameters else default for g in range(groups)]
+
+            a, b = values(want), values(mp)
+            if any(x is None or y is None or abs(float(x) - float(y)) > 1e-9 for x, y in zip(a, b)):
+                out.append(f"{mp.model}.{name} is {a} in the recipe, {b} in the space")
+    for name in sorted(set(decoded.parameters) | set(recipe.parameters)):
+        default = spec.global_parameters[name].default if name in spec.global_parameters else None
+        a, b = recipe.parameters.get(name, default), decoded.parameters.get(name, default)
+        if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-9):
+            out.append(f"{name} is {a} in the recipe, {b} in the space")
+    return out
 
 
 def describe(points: Sequence[StartPoint]) -> str:

@@ -82,7 +82,13 @@ def test_start_recipes_that_are_not_points_of_the_space_are_named(tmp_path, sess
     other.write_text(yaml.safe_dump({"method": "ties", "base_model": "base", "models": [
         {"model": "expert_a", "parameters": {"weight": 0.4, "density": 0.5}},
         {"model": "stranger", "parameters": {"weight": 0.4, "density": 0.5}}]}))
+    normalized = tmp_path / "normalized.yaml"  # the space fixes normalize: false; decoding would drop this
+    normalized.write_text(yaml.safe_dump({"method": "ties", "base_model": "base", "parameters": {"normalize": True},
+                                          "models": [{"model": "expert_a", "parameters": {"weight": 0.4,
+                                                                                          "density": 0.5}}]}))
     cases = [
+        (PER_LAYER, [{"recipe": str(normalized)}],
+         "the search space cannot hold it exactly: normalize is True in the recipe, False in the space"),
         (str(lines_space), [{"preset": SWAP}], "optimizer.start_from.0: "),  # a lines space has no one-hot layers
         (PER_LAYER, [{"preset": "lines:alpha=0.2,beta=1"}], "task_arithmetic recipe has no exact equal in a ties"),
         (str(narrow), [{"preset": SWAP}], "outside the search space's bounds: expert_a.weight[block0]"),
@@ -146,3 +152,27 @@ def test_a_search_started_from_presets_evaluates_them_first_and_resumes(tmp_path
     assert main(["resume", str(crashed), "--quiet"]) == 0
     genomes = lambda rs: {r["trial_id"]: r["genome"] for r in rs if r["kind"] == "trial"}  # noqa: E731
     assert genomes(Ledger(crashed / "ledger.jsonl")) == genomes(recs)
+
+
+def test_a_submitted_experiment_carries_its_start_recipe_files(tmp_path):
+    from evomerge.config import portable_experiment
+    from evomerge.dispatch.ray_jobs import STAGED_EXPERIMENT, stage_files
+
+    prior = tmp_path / "runs" / "earlier"
+    prior.mkdir(parents=True)
+    (prior / "best_recipe.yaml").write_text(yaml.safe_dump({"method": "ties", "base_model": "base", "models": [
+        {"model": "expert_a", "parameters": {"weight": 0.9, "density": 0.6}}]}))
+    path = experiment_file(tmp_path, "ship", search_space=PER_LAYER,
+                           optimizer={"name": "cma_es", "start_from": [{"preset": SWAP}, {"recipe": "runs/earlier"}]})
+    exp = load_experiment(path)
+    assert exp.optimizer.start_from[1].recipe == str(prior)  # resolved against the experiment file
+    data, files = portable_experiment(exp)
+    staging = tmp_path / "job"
+    staging.mkdir()
+    (staging / STAGED_EXPERIMENT).write_text(yaml.safe_dump(data, sort_keys=False))
+    stage_files(staging, files)
+    staged = load_experiment(staging / STAGED_EXPERIMENT)
+    shipped = staged.optimizer.start_from[1].recipe
+    assert shipped == str(staging / "files" / "start_1.yaml")
+    assert (staging / "files" / "start_1.yaml").read_text() == (prior / "best_recipe.yaml").read_text()
+    assert staged.optimizer.start_from[0] == exp.optimizer.start_from[0]
