@@ -8,7 +8,8 @@ on the held-out test split (600 items):
   chosen on the search split); the published layer-wise presets (``evomerge/presets.py``):
   Model Stock, LiNeS (alpha/beta grid) and Layer Swapping (k grid), grids chosen on search;
 - searches at equal trial budgets (``--trials``, default 128; 2 Ray workers, one island):
-  random search and CMA-ES over the TIES space (search_spaces/ps_ties.yaml, 4 dimensions)
+  random search and CMA-ES over the TIES space (search_spaces/ps_ties.yaml, 4 dimensions) and
+  over task arithmetic with a vocabulary and a body weight per expert (ps_ta_vocab_body.yaml, 4)
   and random search, CMA-ES, separable CMA-ES and M2N2 over the per-group TIES space
   (search_spaces/ps_ties_per_layer.yaml, 24), separable CMA-ES there started from the Layer
   Swapping presets (``optimizer.start_from``: its first generation evaluates every k of the preset
@@ -74,6 +75,7 @@ METHODS = [  # (key, label, kind)
     ("layer_swap", "Layer Swapping preset, k = 0..L/2 (best on search)", "grid"),
     ("random_ps", "random search, TIES space (4-d)", "search"),
     ("cma_ps", "CMA-ES PS, TIES space (4-d)", "search"),
+    ("random_ta_vb", "random search, task arithmetic vocab/body (4-d)", "search"),
     ("cma_ta_vb", "CMA-ES PS, task arithmetic vocab/body (4-d, the quickstart's space)", "search"),
     ("random_ps_layer", "random search, per-group TIES space (24-d)", "search"),
     ("cma_ps_layer", "CMA-ES PS, per-group TIES space (24-d)", "search"),
@@ -248,7 +250,8 @@ def run_search(exp, run_dir: Path) -> dict:
             "trials": summary.trials, "run_dir": str(run_dir), "best_trial": summary.best_trial,
             "search_best": {"trial": summary.best_trial if same else summary.search_best_trial,
                             "search": summary.best_fitness if same else summary.search_best_fitness,
-                            "validation": summary.validation.get(str(summary.search_best_trial or summary.best_trial)),
+                            "validation": summary.validation.get(str(summary.best_trial if same
+                                                                     else summary.search_best_trial)),
                             "test": tests.get("best") if same else tests.get("search_best")}}
 
 
@@ -304,6 +307,8 @@ def main() -> None:
                                              search_space=PS_SPACE, optimizer={"name": "random", "islands": 1})),
             ("cma_ps", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cma-{seed}",
                                           search_space=PS_SPACE, optimizer={"islands": 1, "popsize": None, "x0": 0.5})),
+            ("random_ta_vb", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-randomtavb-{seed}",
+                                                search_space=TA_VB_SPACE, optimizer={"name": "random", "islands": 1})),
             ("cma_ta_vb", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-cmatavb-{seed}",
                                              search_space=TA_VB_SPACE, optimizer={"islands": 1, "popsize": None})),
             ("random_ps_layer", lambda: experiment("quickstart.yaml", seed, args.trials, f"sq-random24-{seed}",
@@ -454,8 +459,9 @@ def write_report(raw: dict) -> None:
     if "dfs" in by and "dfs_noscale" in by:
         verdict("DFS with the scaling matrix W beats DFS without it (for information)", "dfs", "dfs_noscale")
     uniform = [k for k in ("ties_grid", "ta_grid", "random_ps", "cma_ps") if k in by]
-    layerwise = [k for k in ("random_ps_layer", "cma_ps_layer", "m2n2_layer", "cma_sep_layer", "random_knots",
-                             "cma_knots", "random_lines", "cma_lines") if k in by]
+    layerwise = [k for k in ("random_ta_vb", "cma_ta_vb", "random_ps_layer", "cma_ps_layer", "m2n2_layer",
+                             "cma_sep_layer", "cma_sep_start", "random_knots", "cma_knots", "random_lines", "cma_lines")
+                 if k in by]
     if KIND != "cross-skill" and uniform and layerwise:
         best_uniform = np.max([by[k] for k in uniform], axis=0)  # per seed, the best uniform row on test
         lines.append(f"- Layered-zoo targets (best uniform per seed, over {', '.join(uniform)}: "
@@ -478,7 +484,8 @@ def write_report(raw: dict) -> None:
             gains = by["cma_sep_start"] - best_uniform
             lines.append(f"  - it beats the best uniform recipe by >= 5 points in every seed: per seed "
                          f"{', '.join(f'{g:+.3f}' for g in gains)} -> {'met' if gains.min() >= 0.05 else 'NOT met'}")
-        for cma, rnd in (("cma_ps_layer", "random_ps_layer"), ("cma_sep_layer", "random_ps_layer"),
+        for cma, rnd in (("cma_ta_vb", "random_ta_vb"), ("cma_ps_layer", "random_ps_layer"),
+                         ("cma_sep_layer", "random_ps_layer"),
                          ("cma_knots", "random_knots"), ("cma_lines", "random_lines")):
             if cma in by and rnd in by:
                 gains = by[cma] - by[rnd]

@@ -157,6 +157,16 @@ def write_report(raw: dict, seeds: list[int]) -> None:
             lines.append(f"| {kind} | {name} | {dim} | {shown} | {tests.mean():.3f} ± {tests.std(ddof=1):.3f} | "
                          f"{', '.join(f'{t:.3f}' for t in tests)} | {np.mean([r['search'] for r in runs]):.3f} | "
                          f"{climb_text} |")
+    repeats = [(n, r) for n, r in sorted(raw["runs"].items()) if f"@{label(1 / 6)}/" in n and "/t" not in n]
+    if repeats:
+        lines += ["", "Repeats of sigma0 = 1/6 searches, run with sigma0 = 0.166667 (a relative change of 2e-6): the "
+                  "trajectory noise of one search, against the search_quality run of the same seed."]
+        for n, r in repeats:
+            row, seed = n.split("@")[0], int(n.split("seed")[1])
+            kind, key = row.split("/")
+            base = baseline(kind, key, seed)
+            lines.append(f"- {n}: test {r['test']:.3f} (search_quality: {base['test']:.3f}), "
+                         f"search {r['search']:.3f} ({base['search']:.3f})" if base else f"- {n}: test {r['test']:.3f}")
     longer = sorted({n.split("/t")[1] for n in raw["runs"] if "/t" in n}, key=int)
     for trials in longer:
         lines += ["", f"Budget: {trials} trials (same settings otherwise), against the layered zoo's Layer Swapping "
