@@ -45,7 +45,7 @@ class StartPoint:
 INERT_SETTINGS = ("normalize", "rescale", "int8_mask")
 
 
-def in_method(recipe: Recipe, method: str, num_layers: int, fixed: Mapping[str, object] = {}) -> Recipe:
+def in_method(recipe: Recipe, method: str, num_layers: int, fixed: Mapping[str, object] | None = None) -> Recipe:
     """``recipe`` as an equal recipe of ``method``: itself when the method matches, or a linear
     recipe that takes each tensor group whole from one model, as a task-vector method with the
     same weights, density 1 and lambda 1 (and ``fixed``'s values of the settings that cannot
@@ -65,7 +65,7 @@ def in_method(recipe: Recipe, method: str, num_layers: int, fixed: Mapping[str, 
                              f"one model (weights 1 and 0); group {g} has weights {column}")
     extra = {"density": 1.0} if method != "task_arithmetic" else {}
     return Recipe(method=method, base_model=recipe.base_model, seed=recipe.seed, dtype=recipe.dtype,
-                  parameters={"lambda": 1.0, **{k: v for k, v in fixed.items() if k in INERT_SETTINGS}},
+                  parameters={"lambda": 1.0, **{k: v for k, v in (fixed or {}).items() if k in INERT_SETTINGS}},
                   models=tuple(ModelParams(model=m.model, parameters={"weight": weights[m.model], **extra})
                                for m in models))
 
@@ -99,12 +99,13 @@ def start_points(exp: "Experiment", codec: "PSCodec") -> list[StartPoint]:
             if unknown or recipe.base_model != codec.base_model:
                 raise ValueError(f"its models {[m.model for m in recipe.models]} (base {recipe.base_model!r}) are not "
                                  f"this search's {list(codec.models)} (base {codec.base_model!r})")
-            genome = codec.encode(_with_defaults(recipe, codec))
+            full = _with_defaults(recipe, codec)
+            genome = codec.encode(full)
             outside = [name for name, x in zip(codec.names, genome) if not -1e-9 <= x <= 1 + 1e-9]
             if outside:
                 raise ValueError(f"outside the search space's bounds: {', '.join(outside)}")
             genome = np.clip(genome, 0.0, 1.0)
-            differ = _differences(_with_defaults(recipe, codec), codec.decode(genome), codec)
+            differ = _differences(full, codec.decode(genome), codec)
             if differ:
                 raise ValueError("the search space cannot hold it exactly: " + "; ".join(differ))
             points.append(StartPoint(label, recipe, genome))
@@ -123,24 +124,20 @@ def _with_defaults(recipe: Recipe, codec: "PSCodec") -> Recipe:
     from evomerge.method_specs import SPECS
 
     spec = SPECS[codec.space.method]
+
+    def filled(settings: dict, names: Sequence[str], specs: Mapping, where: str) -> dict:
+        for p in names:
+            if p not in settings:
+                if specs[p].default is None:
+                    raise ValueError(f"{where}{p}: not set, and {codec.space.method} has no default for it")
+                settings[p] = specs[p].default
+        return settings
+
     given = {m.model: m for m in recipe.models}
-    models = []
-    for name in codec.models:
-        params = dict(given[name].parameters) if name in given else {"weight": 0.0}
-        for p in codec.model_params:
-            if p not in params:
-                default = spec.model_parameters[p].default
-                if default is None:
-                    raise ValueError(f"{name}.{p}: not set, and {codec.space.method} has no default for it")
-                params[p] = default
-        models.append(ModelParams(model=name, parameters=params))
-    glob = dict(recipe.parameters)
-    for p in codec.global_params:
-        if p not in glob:
-            default = spec.global_parameters[p].default
-            if default is None:
-                raise ValueError(f"{p}: not set, and {codec.space.method} has no default for it")
-            glob[p] = default
+    models = [ModelParams(model=name, parameters=filled(
+        dict(given[name].parameters) if name in given else {"weight": 0.0}, codec.model_params,
+        spec.model_parameters, f"{name}.")) for name in codec.models]
+    glob = filled(dict(recipe.parameters), codec.global_params, spec.global_parameters, "")
     return Recipe(method=recipe.method, base_model=recipe.base_model, models=tuple(models), parameters=glob,
                   seed=recipe.seed, dtype=recipe.dtype)
 
@@ -157,11 +154,8 @@ def _differences(recipe: Recipe, decoded: Recipe, codec: "PSCodec") -> list[str]
         want = recipe.model_params(mp.model)
         for name in sorted(set(mp.parameters) | set(want.parameters)):
             default = spec.model_parameters[name].default if name in spec.model_parameters else None
-
-            def values(m: ModelParams) -> list:
-                return [m.value(name, g, codec.num_layers) if name in m.parameters else default for g in range(groups)]
-
-            a, b = values(want), values(mp)
+            a, b = ([m.value(name, g, codec.num_layers) if name in m.parameters else default for g in range(groups)]
+                    for m in (want, mp))
             if any(x is None or y is None or abs(float(x) - float(y)) > 1e-9 for x, y in zip(a, b)):
                 out.append(f"{mp.model}.{name} is {a} in the recipe, {b} in the space")
     for name in sorted(set(decoded.parameters) | set(recipe.parameters)):
