@@ -139,3 +139,11 @@ def test_every_shipped_search_space_validates_in_the_quickstart(space):
     data["search_space"] = str(ROOT / "search_spaces" / space)
     exp = parse_experiment(data, ROOT / "experiments")
     assert exp.search_space.kind in ("ps", "dfs")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "experiments").glob("*.yaml")
+                                        if p.name.startswith(("zoo_", "quickstart"))))
+def test_every_shipped_zoo_experiment_loads(name):
+    """The experiments that run on the embedded zoo load and pass the cross-field checks."""
+    exp = load_experiment(ROOT / "experiments" / name)
+    assert exp.zoo is not None and exp.models[0].path.startswith("zoo:")
