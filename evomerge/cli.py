@@ -428,8 +428,12 @@ def _print_summary(s, as_json: bool = False) -> None:
         return
     cached = f", {s.cached_trials} cached" if s.cached_trials else ""
     rows = [("trials", f"{s.trials} ({s.failed} failed{cached})")]
+    starts = getattr(s, "start_trials", {})
+    if starts:
+        rows.append(("start recipes", "; ".join(f"trial {t}: {label}" for t, label in starts.items())))
     if s.best_fitness is not None:
-        rows.append(("best fitness (search)", f"{s.best_fitness:.4f}  trial {s.best_trial}, recipe {s.best_recipe_hash}"))
+        rows.append(("best fitness (search)", f"{s.best_fitness:.4f}  trial {s.best_trial}, recipe {s.best_recipe_hash}"
+                     + (f" (start recipe {starts[str(s.best_trial)]})" if str(s.best_trial) in starts else "")))
     if s.validation_fitness is not None:
         rows.append(("chosen on validation", f"trial {s.best_trial} among the top {len(s.validation)} by search "
                      f"fitness: search {s.best_fitness:.4f} -> validation {s.validation_fitness:.4f} "

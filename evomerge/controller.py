@@ -101,6 +101,7 @@ class RunSummary:
     validation_fitness: Optional[float] = None
     search_best_trial: Optional[int] = None
     search_best_fitness: Optional[float] = None
+    start_trials: dict[str, str] = field(default_factory=dict)  # {trial id: start recipe} (optimizer.start_from)
 
     @property
     def all_failed(self) -> bool:
@@ -262,6 +263,7 @@ class Controller:
         n_objectives = len(exp.suite.tasks) if exp.optimizer.objectives == "per_task" else 1
         start = codec.start_genome()
         inject: tuple = ()
+        start_labels: dict[str, str] = {}  # recipe hash -> what the user wrote, of the start recipes
         if exp.optimizer.start_from:  # island 0 (seeded optimizer.seed) evaluates them first
             from evomerge.start_recipes import describe, start_points
 
@@ -271,6 +273,7 @@ class Controller:
                 raise ConfigError([f"optimizer.start_from: {len(inject)} start recipes for a population of {popsize}; "
                                    "list fewer or raise optimizer.popsize"])
             self.progress.message(describe(points))
+            start_labels = {codec.decode(p.genome).content_hash(): p.label for p in points}
         scheduler = build_islands(
             n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives,
                                                     start=start, gene_groups=getattr(codec, "gene_groups", None),
@@ -330,6 +333,9 @@ class Controller:
         status = "FAILED"
         try:
             summary = state.search(dispatcher)
+            summary.start_trials = {str(r["trial_id"]): start_labels[r["recipe_hash"]]
+                                    for r in sorted(state.board.records, key=lambda r: r["trial_id"])
+                                    if r.get("recipe_hash") in start_labels}
             summary.tracking_uri = tracking_uri
             summary.mlflow_run_id = mlflow_run_id
             summary.seconds = time.perf_counter() - t_start

@@ -3,6 +3,7 @@ its first generation, at exactly their values, on the tiny zoo with real merges.
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -145,6 +146,8 @@ def test_a_search_started_from_presets_evaluates_them_first_and_resumes(tmp_path
         assert t["generation"] == 0
         np.testing.assert_allclose(t["genome"], genome, atol=1e-12)
     assert trials[2]["recipe"]["models"][0]["parameters"]["weight"] == [0.9] * (codec.num_layers + 2)
+    summary = json.loads((clean / "summary.json").read_text())  # the run names its start trials
+    assert summary["start_trials"] == {"0": starts[0]["preset"], "1": starts[1]["preset"], "2": str(prior)}
     assert all(t["state"] == "complete" for t in trials) and len(trials) == 12
     # the process dies after the 4th trial: resume re-creates the injected generation and goes on identically
     cut = [i for i, r in enumerate(recs) if r["kind"] == "trial"][3]
