@@ -269,9 +269,6 @@ class Controller:
 
             points = start_points(exp, codec)
             inject = tuple(p.genome for p in points)
-            if len(inject) > popsize:
-                raise ConfigError([f"optimizer.start_from: {len(inject)} start recipes for a population of {popsize}; "
-                                   "list fewer or raise optimizer.popsize"])
             self.progress.message(describe(points))
             start_labels = {codec.decode(p.genome).content_hash(): p.label for p in points}
         scheduler = build_islands(

@@ -88,7 +88,8 @@ def _recipe(entry: "StartRecipe", exp: "Experiment", num_layers: int) -> tuple[s
 
 def start_points(exp: "Experiment", codec: "PSCodec") -> list[StartPoint]:
     """Every ``optimizer.start_from`` entry as a genome of the search space; ConfigError names
-    each entry that cannot be one (unknown model, another method, outside the bounds...)."""
+    each entry that cannot be one (unknown model, another method, outside the bounds...), and
+    more entries than one population holds."""
     points, problems = [], []
     for i, entry in enumerate(exp.optimizer.start_from):
         where = f"optimizer.start_from.{i}"
@@ -113,6 +114,10 @@ def start_points(exp: "Experiment", codec: "PSCodec") -> list[StartPoint]:
             problems.extend(f"{where}: {line}" for line in exc.problems)
         except (ValueError, KeyError, OSError) as exc:
             problems.append(f"{where}: {exc}")
+    popsize = exp.optimizer.resolved_popsize(codec.dim)
+    if len(exp.optimizer.start_from) > popsize:
+        problems.append(f"optimizer.start_from: {len(exp.optimizer.start_from)} start recipes for a population of "
+                        f"{popsize}; list fewer or raise optimizer.popsize")
     if problems:
         raise ConfigError(problems)
     return points

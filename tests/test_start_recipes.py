@@ -102,6 +102,12 @@ def test_start_recipes_that_are_not_points_of_the_space_are_named(tmp_path, sess
         exp, codec = _codec(path)
         with pytest.raises(ConfigError, match=re.escape(message)):
             start_points(exp, codec)
+    path = experiment_file(tmp_path, "crowded", search_space=PER_LAYER,
+                           optimizer={"name": "cma_es", "popsize": 2, "seed": 0, "islands": 1,
+                                      "start_from": [{"preset": f"layer_swapping:k={k}"} for k in (0, 1, 0)]})
+    exp, codec = _codec(path)
+    with pytest.raises(ConfigError, match=re.escape("3 start recipes for a population of 2; list fewer")):
+        start_points(exp, codec)
     half = Recipe(method="linear", base_model="base", parameters={"normalize": False}, models=(
         ModelParams(model="expert_a", parameters={"weight": (1.0, 0.5, 0.0, 0.0)}),
         ModelParams(model="expert_b", parameters={"weight": (0.0, 0.5, 1.0, 1.0)})))
