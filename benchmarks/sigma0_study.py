@@ -52,6 +52,8 @@ ROWS = [
     if not (kind == "cross-skill" and key == "cma_ps_layer")
 ]
 CHECKPOINTS = (32, 64, 96, 128)
+LABELS = {"cma_sep_layer": "separable CMA-ES, per-group", "cma_ps": "CMA-ES, TIES 4-d",
+          "cma_ps_layer": "CMA-ES, per-group"}
 
 
 def climb(run_dir: Path, checkpoints: tuple[int, ...] = CHECKPOINTS) -> list[float]:
@@ -113,13 +115,16 @@ def main() -> None:
     write_report(raw, [int(s) for s in args.seeds.split(",")])
 
 
+def quality_table(kind: str) -> dict:
+    """search_quality's results for a zoo kind, per seed ({} before it ran)."""
+    path = RESULTS / ("search_quality.json" if kind == "cross-skill" else f"search_quality_{kind}.json")
+    return json.loads(path.read_text())["seeds"] if path.exists() else {}
+
+
 def baseline(kind: str, key: str, seed: int) -> dict | None:
     """The sigma0 = 1/6 search of search_quality's table (same settings), with its climb when
     its run directory is still there."""
-    path = RESULTS / ("search_quality.json" if kind == "cross-skill" else f"search_quality_{kind}.json")
-    if not path.exists():
-        return None
-    res = json.loads(path.read_text())["seeds"].get(str(seed), {}).get(key)
+    res = quality_table(kind).get(str(seed), {}).get(key)
     if res is None:
         return None
     run_dir = Path(res["run_dir"])
@@ -140,8 +145,7 @@ def write_report(raw: dict, seeds: list[int]) -> None:
              "|---|---|---|---|---|---|---|---|"]
     for row, kind, key, space, opt in ROWS:
         dim = {"cma_ps": 4}.get(key, 24 if kind == "cross-skill" else 32)
-        name = {"cma_sep_layer": "separable CMA-ES, per-group", "cma_ps": "CMA-ES, TIES 4-d",
-                 "cma_ps_layer": "CMA-ES, per-group"}[key]
+        name = LABELS[key]
         sigmas = sorted({label(1 / 6), *(n.split("@")[1].split("/")[0] for n in raw["runs"] if n.startswith(row + "@"))},
                         key=float)
         for sigma in sigmas:
@@ -181,12 +185,9 @@ def write_report(raw: dict, seeds: list[int]) -> None:
                 if any(r is None for r in runs):
                     continue
                 tests = np.array([r["test"] for r in runs])
-                path = RESULTS / ("search_quality.json" if kind == "cross-skill" else f"search_quality_{kind}.json")
-                table = json.loads(path.read_text())["seeds"] if path.exists() else {}
+                table = quality_table(kind)
                 preset = [table.get(str(s), {}).get("layer_swap") for s in seeds]
-                name = {"cma_sep_layer": "separable CMA-ES, per-group", "cma_ps": "CMA-ES, TIES 4-d",
-                        "cma_ps_layer": "CMA-ES, per-group"}[key]
-                lines.append(f"| {kind} | {name} | {sigma} | {tests.mean():.3f} ± {tests.std(ddof=1):.3f} | "
+                lines.append(f"| {kind} | {LABELS[key]} | {sigma} | {tests.mean():.3f} ± {tests.std(ddof=1):.3f} | "
                              f"{', '.join(f'{t:.3f}' for t in tests)} | "
                              f"{per_seed(preset, 'test')} | "
                              f"{' / '.join(f'{v:.3f}' for v in np.mean([r['climb'] for r in runs], axis=0))} | "

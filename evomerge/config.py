@@ -426,11 +426,9 @@ class Experiment(_Frozen):
                             "starts from search_space.start")
         for i, entry in enumerate(self.optimizer.start_from):
             if entry.recipe is not None:
-                recipe = Path(entry.recipe)
-                if recipe.is_dir():
-                    from evomerge.run_dir import best_recipe_path
+                from evomerge.run_dir import recipe_file
 
-                    recipe = best_recipe_path(recipe)
+                recipe = recipe_file(entry.recipe)
                 if not recipe.is_file():
                     problems.append(f"optimizer.start_from.{i}.recipe: no recipe at {recipe}")
         if getattr(space, "kind", "ps") == "dfs":
@@ -452,11 +450,9 @@ class Experiment(_Frozen):
             if space.ps_donor is not None:
                 if space.ps_donor.name in names:
                     problems.append(f"search_space.ps_donor.name: {space.ps_donor.name!r} is already a source name")
-                recipe = Path(space.ps_donor.recipe)
-                if recipe.is_dir():
-                    from evomerge.run_dir import best_recipe_path
+                from evomerge.run_dir import recipe_file
 
-                    recipe = best_recipe_path(recipe)
+                recipe = recipe_file(space.ps_donor.recipe)
                 if not recipe.is_file():
                     problems.append(f"search_space.ps_donor.recipe: no recipe at {recipe}")
         if problems:
@@ -589,19 +585,15 @@ def portable_experiment(exp: Experiment) -> tuple[dict[str, Any], dict[str, Path
             rel = f"files/configs/{m['name']}.json"
             files[rel] = Path(m["config"])
             m["config"] = rel
+    from evomerge.run_dir import recipe_file
+
     donor = data["search_space"].get("ps_donor")
     if donor:
-        recipe = Path(donor["recipe"])
-        from evomerge.run_dir import best_recipe_path
-
-        files["files/ps_donor.yaml"] = best_recipe_path(recipe) if recipe.is_dir() else recipe
+        files["files/ps_donor.yaml"] = recipe_file(donor["recipe"])
         donor["recipe"] = "files/ps_donor.yaml"
     for i, entry in enumerate(data["optimizer"].get("start_from") or []):
         if entry.get("recipe"):
-            from evomerge.run_dir import best_recipe_path
-
-            recipe = Path(entry["recipe"])
-            files[f"files/start_{i}.yaml"] = best_recipe_path(recipe) if recipe.is_dir() else recipe
+            files[f"files/start_{i}.yaml"] = recipe_file(entry["recipe"])
             entry["recipe"] = f"files/start_{i}.yaml"
     return data, files
 

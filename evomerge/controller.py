@@ -270,7 +270,7 @@ class Controller:
             points = start_points(exp, codec)
             inject = tuple(p.genome for p in points)
             self.progress.message(describe(points))
-            start_labels = {codec.decode(p.genome).content_hash(): p.label for p in points}
+            start_labels = {p.recipe.content_hash(): p.label for p in points}
         scheduler = build_islands(
             n_islands, lambda seed: build_optimizer(exp.optimizer, codec.dim, seed=seed, num_objectives=n_objectives,
                                                     start=start, gene_groups=getattr(codec, "gene_groups", None),

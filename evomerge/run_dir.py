@@ -134,6 +134,12 @@ def best_recipe_path(run_dir: Path) -> Path:
     return Path(run_dir) / BEST_RECIPE
 
 
+def recipe_file(path: str | Path) -> Path:
+    """A recipe given as a file, or as a run directory (its ``best_recipe.yaml``)."""
+    path = Path(path)
+    return best_recipe_path(path) if path.is_dir() else path
+
+
 def save_best_recipe(run_dir: Path, recipe) -> Path:
     """Write the run's best recipe (``best_recipe.yaml``)."""
     path = best_recipe_path(run_dir)

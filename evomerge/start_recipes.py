@@ -16,7 +16,6 @@ DARE) with the same weights, density 1 and lambda 1: base + (source - base) = so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
@@ -34,11 +33,12 @@ WHOLE_GROUP_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 @dataclass(frozen=True)
 class StartPoint:
-    """One start recipe: what the user wrote, the recipe it makes, and its genome."""
+    """One start recipe: what the user wrote, its genome, and the recipe that genome decodes to
+    (what the search evaluates: the start recipe in the space's method, with the space's settings)."""
 
     label: str
-    recipe: Recipe
     genome: np.ndarray
+    recipe: Recipe
 
 
 # settings that cannot change a merge of one-hot weights at density 1 (a sum of one task vector)
@@ -75,11 +75,9 @@ def _recipe(entry: "StartRecipe", exp: "Experiment", num_layers: int) -> tuple[s
         from evomerge.presets import preset_recipe
 
         return entry.preset, preset_recipe(entry.preset, exp.merged_models, exp.base_model, num_layers)
-    path = Path(entry.recipe or "")
-    if path.is_dir():
-        from evomerge.run_dir import best_recipe_path
+    from evomerge.run_dir import recipe_file
 
-        path = best_recipe_path(path)
+    path = recipe_file(entry.recipe or "")
     recipe = load_recipe(path)
     if not isinstance(recipe, Recipe):
         raise ValueError(f"{path} is a data-flow recipe; a parameter-space search starts from PS recipes")
@@ -106,10 +104,11 @@ def start_points(exp: "Experiment", codec: "PSCodec") -> list[StartPoint]:
             if outside:
                 raise ValueError(f"outside the search space's bounds: {', '.join(outside)}")
             genome = np.clip(genome, 0.0, 1.0)
-            differ = _differences(full, codec.decode(genome), codec)
+            decoded = codec.decode(genome)
+            differ = _differences(full, decoded, codec)
             if differ:
                 raise ValueError("the search space cannot hold it exactly: " + "; ".join(differ))
-            points.append(StartPoint(label, recipe, genome))
+            points.append(StartPoint(label, genome, decoded))
         except ConfigError as exc:
             problems.extend(f"{where}: {line}" for line in exc.problems)
         except (ValueError, KeyError, OSError) as exc:

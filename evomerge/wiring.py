@@ -9,7 +9,6 @@ and runs the loop; nothing here runs a search.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from evomerge.architecture import for_config
@@ -17,7 +16,7 @@ from evomerge.config import ZOO_PREFIX, Experiment
 from evomerge.dispatch.base import Dispatcher
 from evomerge.errors import ConfigError
 from evomerge.recipe import Recipe, load_recipe
-from evomerge.run_dir import best_recipe_path
+from evomerge.run_dir import recipe_file
 from evomerge.sources import model_config
 from evomerge.space import DFSCodec, PSCodec
 from evomerge.worker import TrialWorker, WorkerSpec
@@ -155,9 +154,7 @@ def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
 
 def ps_donor_recipe(path: str) -> Recipe:
     """The PS recipe of a PS+DFS donor: a recipe YAML, or a run dir's best_recipe.yaml."""
-    p = Path(path)
-    if p.is_dir():
-        p = best_recipe_path(p)
+    p = recipe_file(path)
     recipe = load_recipe(p)
     if not isinstance(recipe, Recipe):
         raise ConfigError([f"search_space.ps_donor.recipe: {p} is a {recipe.kind} recipe; a PS recipe is needed"])
