@@ -438,6 +438,10 @@ def _print_summary(s, as_json: bool = False) -> None:
         rows.append(("chosen on validation", f"trial {s.best_trial} among the top {len(s.validation)} by search "
                      f"fitness: search {s.best_fitness:.4f} -> validation {s.validation_fitness:.4f} "
                      f"(drop {s.best_fitness - s.validation_fitness:+.4f})"))
+        if s.validation_corrected is not None:
+            rows.append(("validation, corrected", f"{s.validation_corrected:.4f}: the validation score less its "
+                         f"winner's curse among the {len(s.validation)} ({s.validation_fitness - s.validation_corrected:+.4f}, "
+                         "bootstrap); the estimate to expect on unseen items"))
         if s.search_best_trial != s.best_trial:
             v = s.validation.get(str(s.search_best_trial))
             rows.append(("search split's best", f"trial {s.search_best_trial}: search {s.search_best_fitness:.4f} -> "

@@ -196,9 +196,13 @@ class SuiteConfig(_Frozen):
 class SelectionConfig(_Frozen):
     """How the winner is chosen when ``suite.validation_tasks`` is set: the ``top_k`` trials
     with the best search fitness (one per recipe) are scored on the validation split, and the
-    best of them there wins (ties: the better search fitness, then the earlier trial)."""
+    best of them there wins (ties: the better search fitness, then the earlier trial), if it
+    beats the search split's best there by at least ``min_z`` paired standard errors (the
+    per-item differences of the two on the validation items); else the search split's best
+    stays the winner. ``min_z: 0`` is the plain best on validation."""
 
     top_k: int = Field(default=8, ge=1, le=1000)
+    min_z: float = Field(default=0.0, ge=0, le=10)
 
 
 class M2N2Config(_Frozen):

@@ -38,7 +38,7 @@ from evomerge.run_dir import (RUN_INFO, ItemLog, RunLock, artifacts, experiment_
 from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, recipe_from_dict
-from evomerge.selection import pick, selection_metrics, selection_record, top_trials
+from evomerge.selection import choose, selection_metrics, selection_record, task_values, top_trials
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
 from evomerge.tracking.base import Tracker
 from evomerge.tracking.metrics import trial_metric_rows, trial_metrics
@@ -99,6 +99,8 @@ class RunSummary:
     # search fitness; validation: {trial id: validation fitness} of those top_k
     validation: dict[str, float] = field(default_factory=dict)
     validation_fitness: Optional[float] = None
+    # the winner's validation score less its winner's curse (a bootstrap of the validation items)
+    validation_corrected: Optional[float] = None
     search_best_trial: Optional[int] = None
     search_best_fitness: Optional[float] = None
     start_trials: dict[str, str] = field(default_factory=dict)  # {trial id: start recipe} (optimizer.start_from)
@@ -477,12 +479,14 @@ class _ScoreCache:
             return None
         return EvalResult(trial_id=work.request.trial_id, state="complete", fitness=rec["fitness"],
                           scores=dict(rec["scores"]), worker="cache", split=work.request.split,
-                          cached_from=rec.get("origin") or "cache")
+                          cached_from=rec.get("origin") or "cache", items=rec.get("items"))
 
     def add(self, work: _Work, res: EvalResult) -> None:
         if self.cache is not None and res.state == "complete":
             what = f"trial {work.request.trial_id}" if work.kind == "trial" else f"{work.kind} {work.label}"
-            self.cache.put(*_cache_key(work), res.fitness, res.scores, origin=f"{self.run_id}: {what}")
+            # a validation score keeps its per-item values: a selection pairs candidates on them
+            self.cache.put(*_cache_key(work), res.fitness, res.scores, origin=f"{self.run_id}: {what}",
+                           items=res.items if work.kind == "validation" else None)
 
     def remember(self, key: str, split: str, rec: dict) -> None:
         """A score from this run's ledger (resume): in memory only, it is in the shared file already."""
@@ -595,6 +599,8 @@ class _SourceScores:
                "split": "validation", "state": res.state, "fitness": res.fitness, "scores": res.scores,
                "eval_seconds": res.eval_seconds, "error": res.error, "finished_at": time.time(),
                **({"cached_from": res.cached_from} if res.cached_from else {})}
+        if res.state == "complete" and res.items:
+            rec["item_values"] = {task: pack_values(v) for task, v in task_values(res.items).items()}
         self.ledger.append(rec)
         self.validations[work.request.trial_id] = rec
         if res.state != "complete":
@@ -602,6 +608,11 @@ class _SourceScores:
 
     def validation_scores(self) -> dict[int, float]:
         return {t: float(r["fitness"]) for t, r in self.validations.items() if r["state"] == "complete"}
+
+    def validation_items(self) -> dict[int, dict[str, list[float]]]:
+        """Each validated trial's per-item values by task (those recorded with them)."""
+        return {t: {task: unpack_values(v) for task, v in r["item_values"].items()}
+                for t, r in self.validations.items() if r["state"] == "complete" and r.get("item_values")}
 
     def on_baseline(self, work: _Work, res: EvalResult) -> None:
         if res.state == "complete" and not res.cached_from:
@@ -773,14 +784,16 @@ class _RunState:
         self.ctl.progress.message(f"scoring the top {len(candidates)} trials (by search fitness) on the validation split")
         self._loop(dispatcher, todo, lambda: None)
         scores = self.scores.validation_scores()
-        chosen = pick(candidates, scores)
-        if chosen is None:
+        weights = {t.name: t.weight for t in self.exp.suite.validation_tasks}
+        choice = choose(candidates, scores, self.scores.validation_items(), weights, self.exp.selection.min_z,
+                        seed=self.exp.optimizer.seed)
+        if choice is None:
             self.ctl.progress.message("no trial could be scored on the validation split; the winner is the search "
                                       "split's best")
             return None
-        rec = selection_record(chosen, candidates, scores, candidates[0])
+        rec = selection_record(choice, candidates, scores, self.exp.selection.min_z)
         self.ledger.append(rec)
-        save_best_recipe(self.ctl.run_dir, recipe_from_dict(chosen["recipe"]))
+        save_best_recipe(self.ctl.run_dir, recipe_from_dict(choice.winner["recipe"]))
         return rec
 
     def _next_candidate(self) -> Optional[_Work]:
@@ -993,6 +1006,7 @@ def _summarize(state: _RunState, stats: dict[str, float], test_scores: dict[str,
         summary.validation = {str(c["trial_id"]): c["validation"] for c in selection["candidates"]
                               if c["validation"] is not None}
         summary.validation_fitness = selection["validation_fitness"]
+        summary.validation_corrected = selection.get("validation_corrected")
         summary.search_best_trial = state.best[0]
         summary.search_best_fitness = state.best[1]
     if state.racing is not None:

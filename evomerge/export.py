@@ -14,7 +14,7 @@ from evomerge.run_dir import (experiment_path, has_info, open_ledger, read_exper
                               require_run_dir)
 from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
-from evomerge.selection import test_scores, winner
+from evomerge.selection import current_selection, test_scores, winner
 
 FORMATS = ("recipe", "hf", "mergekit")
 
@@ -296,6 +296,11 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
                   "| model | search fitness | validation fitness | test fitness |", "|---|---|---|---|",
                   f"| **this merge** | {record['fitness']:.4f} | {cell(own_validation)} | {cell(own_test)} |"]
         lines += [f"| {name} | {cell(baselines.get(name))} | - | {cell(tests.get(name))} |" for name in sources]
+        chosen = current_selection(records)
+        if chosen is not None and chosen["trial_id"] == record["trial_id"] and chosen.get("validation_corrected") is not None:
+            lines += ["", f"Being the best on validation of {len(chosen['candidates'])} candidates flatters that score; "
+                      f"less its winner's curse (a paired bootstrap of the validation items) it is "
+                      f"{chosen['validation_corrected']:.4f}."]
     else:
         lines += ["", "## Scores", "",
                   f"Search split ({', '.join(search)}; drove the search) and held-out test split "

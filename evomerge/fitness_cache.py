@@ -86,11 +86,14 @@ class FitnessCache:
         return rec
 
     def put(self, key: str, split: str, fitness: float, scores: Mapping[str, float], origin: str,
-            persist: bool = True) -> None:
-        """Remember a score (``persist``: also in the shared file; False when replaying a ledger)."""
+            persist: bool = True, items: Optional[Mapping[str, Any]] = None) -> None:
+        """Remember a score (``persist``: also in the shared file; False when replaying a ledger),
+        with its per-item values (``items``) when given."""
         if (key, split) in self._scores:
             return
         rec = {"key": key, "split": split, "fitness": fitness, "scores": dict(scores), "origin": origin}
+        if items:
+            rec["items"] = dict(items)
         self._scores[(key, split)] = rec
         if persist and self.path is not None:
             line = json.dumps(rec, sort_keys=True) + "\n"

@@ -83,6 +83,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     validation_tasks: list[dict[str, Any]] = field(default_factory=list)
     top_k: int = 0
+    min_z: float = 0.0  # selection.min_z
     sigma0: Optional[float] = None  # CMA-ES's start step size (genome units)
 
     def to_json(self) -> dict[str, Any]:
@@ -107,7 +108,9 @@ class Plan:
         ]
         if self.validation_tasks:
             rows.insert(-1, ("validation", ", ".join(_task_line(t) for t in self.validation_tasks)
-                             + f"; the top {self.top_k} trials by search fitness, the best there wins"))
+                             + f"; the top {self.top_k} trials by search fitness, the best there wins"
+                             + (f" if it beats the search split's best there by {self.min_z:g} paired standard "
+                                "errors" if self.min_z else "")))
         if self.cost is None:
             rows.append(("per trial", "unknown: pass --calibrate RUN_DIR (a pilot run on the target hardware) "
                                       "or --trial-seconds S"))
@@ -294,6 +297,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
                  "layers": for_config(configs[m.name]).num_layers(configs[m.name])} for m in exp.models],
         worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail,
         search_tasks=search, test_tasks=test, validation_tasks=validation, top_k=top_k,
+        min_z=exp.selection.min_z if validation else 0.0,
         sigma0=exp.optimizer.sigma0 if exp.optimizer.name in ("cma_es", "optuna_cmaes") else None, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,
     )
 

@@ -55,6 +55,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "best_trial": best["trial_id"] if best else None,
         "best_recipe_hash": best["recipe_hash"] if best else None,
         "best_validation": chosen["validation_fitness"] if chosen else None,
+        "best_validation_corrected": chosen.get("validation_corrected") if chosen else None,
         "best_test": tests.get(best["recipe_hash"]) if best else None,
         "validated_trials": len(chosen["candidates"]) if chosen else 0,
         "trials_per_hour": rate,
@@ -93,7 +94,9 @@ def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
         scores = [f"search {s['best_fitness']:.4f}"]
         if s.get("best_validation") is not None:
             scores.append(f"validation {s['best_validation']:.4f} (chosen there among the top "
-                          f"{s['validated_trials']} by search fitness)")
+                          f"{s['validated_trials']} by search fitness"
+                          + (f"; {s['best_validation_corrected']:.4f} less its winner's curse"
+                             if s.get("best_validation_corrected") is not None else "") + ")")
         if s.get("best_test") is not None:
             scores.append(f"test {s['best_test']:.4f}")
         if len(scores) > 1:

@@ -74,7 +74,7 @@ class EvalResult:
     split: Split = "search"
     attempts: int = 1  # > 1 when the request was retried after its worker died
     cached_from: Optional[str] = None  # answered by the fitness cache: where the score came from
-    # per-item values of a search-split score: {leaf task: {"task", "docs", "values"}}
+    # per-item values of a search- or validation-split score: {leaf task: {"task", "docs", "values"}}
     items: Optional[dict[str, dict]] = None
     rung: Optional[int] = None
 
@@ -200,7 +200,9 @@ class TrialWorker:
             result.state = "complete"
             result.fitness = fitness
             result.scores = scores
-            result.items = items if request.split == "search" else None
+            # per-item values: the search split's (racing, M2N2, items.jsonl) and the validation
+            # split's (the paired statistics of the winner's selection)
+            result.items = items if request.split in ("search", "validation") else None
             result.merge_seconds = t1 - t0
             result.eval_seconds = t2 - t1
         except EvomergeError as exc:
