@@ -247,7 +247,7 @@ def run_search(exp, run_dir: Path) -> dict:
     tests = summary.test_scores
     same = summary.search_best_trial in (None, summary.best_trial)
     return {"search": summary.best_fitness, "validation": summary.validation_fitness, "test": tests.get("best"),
-            "trials": summary.trials, "run_dir": str(run_dir), "best_trial": summary.best_trial,
+            "validation_corrected": summary.validation_corrected, "trials": summary.trials, "run_dir": str(run_dir), "best_trial": summary.best_trial,
             "search_best": {"trial": summary.best_trial if same else summary.search_best_trial,
                             "search": summary.best_fitness if same else summary.search_best_fitness,
                             "validation": summary.validation.get(str(summary.best_trial if same
@@ -397,6 +397,9 @@ def write_report(raw: dict) -> None:
             row["plain_test"] = col(lambda v: v["search_best"]["test"])
             row["plain_search"] = col(lambda v: v["search_best"]["search"])
             row["optimism"] = (row["validation"] - row["off_val"] - row["test"]).mean()
+            if all(v.get("validation_corrected") is not None for v in vals):  # runs since the correction
+                row["optimism_corrected"] = (col(lambda v: v["validation_corrected"]) - row["off_val"]
+                                             - row["test"]).mean()
             row["plain_optimism"] = (row["plain_search"] - row["off_search"] - row["plain_test"]).mean()
         elif kind == "grid":
             row["plain_optimism"] = (row["search"] - row["off_search"] - row["test"]).mean()
@@ -507,6 +510,11 @@ def write_report(raw: dict) -> None:
         opt_before = np.mean([r["plain_optimism"] for r in searches])
         opt_after = np.mean([r["optimism"] for r in searches])
         lines.append(f"- Mean optimism over the searches: search's best {opt_before:+.3f}, re-ranked {opt_after:+.3f}")
+        corrected = [r for r in searches if "optimism_corrected" in r]
+        if corrected:  # runs that report validation_corrected (the winner's validation less its winner's curse)
+            lines.append("- Optimism of the re-ranked winner's validation_corrected: "
+                         + ", ".join(f"{r['key']} {r['optimism_corrected']:+.3f}" for r in corrected)
+                         + f"; mean {np.mean([r['optimism_corrected'] for r in corrected]):+.3f}")
     text = "\n".join(lines) + "\n"
     (RESULTS / f"{results_stem()}.md").write_text(text)
     print(text)
