@@ -24,6 +24,7 @@ the methods whose mean test score it lowers, and the per-group spaces' optimism 
 search's.
 
 Usage: python benchmarks/selection_study.py [--kind cross-skill|layered] [--runs DIR ...] [--seeds 0,1,2]
+       [--only KEY,...] [--tag NAME] [--quality FILE]
 Reads benchmarks/results/search_quality{,_layered}.json; writes
 benchmarks/results/selection_study{,_layered}.{json,md} and ..._summary.json.
 (~3 min on 2 cores for the cross-skill zoo, whose test scores were cached; ~20 for the layered one.)
@@ -119,11 +120,16 @@ def main() -> None:
                     help="a search_quality --runs folder (repeatable; the first holding a run is used)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates of the winner's curse")
+    ap.add_argument("--only", default="", help="comma-separated search keys (default: every search row)")
+    ap.add_argument("--tag", default="", help="report as selection_study[_layered]_TAG.md (e.g. for more seeds)")
+    ap.add_argument("--quality", type=Path, default=None,
+                    help="the search_quality JSON holding these seeds' fixed rows (split offsets); "
+                         "default benchmarks/results/search_quality[_layered].json")
     args = ap.parse_args()
     runs_roots = args.runs or [Path("/tmp/evomerge-search-quality")]
     os.environ.setdefault("TQDM_DISABLE", "1")
     suffix = "" if args.kind == "cross-skill" else "_layered"
-    quality = json.loads((RESULTS / f"search_quality{suffix}.json").read_text())
+    quality = json.loads((args.quality or RESULTS / f"search_quality{suffix}.json").read_text())
     from search_quality import METHODS, split_offsets  # noqa: E402  (the benchmark's labels and offsets)
 
     raw_path = RESULTS / f"selection_study{suffix}.json"
@@ -132,7 +138,7 @@ def main() -> None:
     def log(text):
         print(text, file=sys.stderr, flush=True)
 
-    keys = [k for k, _, kind in METHODS if kind == "search"]
+    keys = [k for k, _, kind in METHODS if kind == "search" and (not args.only or k in args.only.split(","))]
     seeds = args.seeds.split(",")
     for seed in seeds:
         for key in keys:
@@ -246,14 +252,15 @@ def report(raw, quality, keys, labels, seeds, split_offsets, args, suffix) -> No
         if gains[1]:
             lines.append(f"| {labels[key]} | " + " | ".join(f"{np.mean(gains[k]):+.3f}" for k in ks) + " | "
                          + " | ".join(f"{np.mean(optimism[k]):+.3f}" for k in ks) + " |")
-    lines += ["", *noise_lines(raw, quality, seeds, split_offsets, summary, layer)]
+    lines += ["", *noise_lines(raw, quality, seeds, split_offsets, summary, layer, keys)]
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"selection_study{suffix}.md").write_text(text)
-    (RESULTS / f"selection_study{suffix}_summary.json").write_text(json.dumps(summary, indent=1))
+    stem = f"selection_study{suffix}" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}_summary.json").write_text(json.dumps(summary, indent=1))
     print(text)
 
 
-def noise_lines(raw, quality, seeds, split_offsets, summary, layer) -> list[str]:
+def noise_lines(raw, quality, seeds, split_offsets, summary, layer, keys) -> list[str]:
     """How far the optimism targets can be measured here: the search split's pick's validation
     score is unbiased by construction (validation chose nothing), so the spread of its error
     over the runs is the measurement's own noise; with it, the chance that a perfectly unbiased
@@ -261,7 +268,7 @@ def noise_lines(raw, quality, seeds, split_offsets, summary, layer) -> list[str]
     from math import erf, sqrt
 
     errors = []
-    for key in {k.split("/", 1)[1] for k in raw}:
+    for key in keys:
         for seed in seeds:
             cands = raw.get(f"{seed}/{key}")
             if cands:
