@@ -166,7 +166,8 @@ def _records(run_dir):
 
 
 def test_a_search_with_a_validation_split_exports_the_best_there(tmp_path, session_tiny_zoo, capsys):
-    path = experiment_file(tmp_path, "val", suite=SUITE, selection={"top_k": 4}, budget={"max_trials": 12},
+    # min_z 0: the plain best on validation (the default 2 is tested below)
+    path = experiment_file(tmp_path, "val", suite=SUITE, selection={"top_k": 4, "min_z": 0}, budget={"max_trials": 12},
                            tracking={"backend": "mlflow"})
     run_dir = tmp_path / "val"
     assert main(["run", str(path), "--run-dir", str(run_dir)]) == 0
@@ -257,7 +258,8 @@ def test_the_plan_counts_the_validation_evaluations(tmp_path, session_tiny_zoo, 
     # 3 baselines, 4 validations, then the winner, the search's best and 3 sources on test
     assert plan["extra_evaluations"] == 3 + 4 + 5
     assert main(["run", str(path), "--dry-run", "--trial-seconds", "1"]) == 0
-    assert "the top 4 trials by search fitness, the best there wins" in capsys.readouterr().out
+    assert ("the top 4 trials by search fitness, the best there wins if it beats the search split's best there by "
+            "2 paired standard errors") in capsys.readouterr().out  # the default min_z
 
 
 def test_min_z_keeps_the_search_pick_without_evidence(tmp_path, session_tiny_zoo, capsys):
@@ -289,3 +291,8 @@ def test_a_shared_cache_keeps_the_validation_items(tmp_path, session_tiny_zoo):
     assert {t: r["item_values"] for t, r in vb.items()} == {t: r["item_values"] for t, r in va.items()}
     (sa,), (sb,) = ([r for r in recs if r["kind"] == "selection"] for recs in (a, b))
     assert sb["winners_curse"] is not None and sb["validation_corrected"] == sa["validation_corrected"]
+    # the default rule: the search split's best unless a candidate beats it by 2 paired standard errors
+    assert sa["min_z"] == 2.0
+    gate = [c for c in sa["candidates"] if c["z"] >= 2 and c["validation"] > sa["candidates"][0]["validation"]]
+    assert sa["trial_id"] == (max(gate, key=lambda c: c["validation"])["trial_id"] if gate
+                              else sa["candidates"][0]["trial_id"])
