@@ -107,12 +107,6 @@ def items_of(cands: list[dict]):
     return ItemMatrix.of(per, {t: 1.0 for t in per[0]})
 
 
-def gated(min_z: float):
-    from evomerge.selection import gated_index
-
-    return lambda values, weights, strata: gated_index(values, weights, strata, min_z)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", default="cross-skill", choices=("cross-skill", "layered"))
@@ -164,13 +158,13 @@ GATES = (1.0, 1.64, 2.0)
 
 
 def report(raw, quality, keys, labels, seeds, split_offsets, args, suffix) -> None:
-    from evomerge.selection import winners_curse
+    from evomerge.selection import gate, winners_curse
 
     def runs(key):
         """(candidates, split offsets) of each seed's run of ``key``."""
         return [(raw[f"{seed}/{key}"], split_offsets(quality, seed)) for seed in seeds if raw.get(f"{seed}/{key}")]
 
-    rules = {"search": None, "validation": gated(0.0), **{f"z>={z:g}": gated(z) for z in GATES}}
+    rules = {"search": None, "validation": gate(0.0), **{f"z>={z:g}": gate(z) for z in GATES}}
     lines = [f"{args.kind} zoo: every top-8 candidate (by search fitness) of the search-quality runs scored on the "
              f"held-out test split (600 items), seeds {', '.join(seeds)}. Test score of each rule's pick (mean over "
              "seeds), and the optimism of the number it reports (picked-on score minus test, less the split's own "

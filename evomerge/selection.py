@@ -119,8 +119,16 @@ def gated_index(values: np.ndarray, weights: np.ndarray, strata: Sequence[np.nda
     return best
 
 
-def winners_curse(items: ItemMatrix, rule: Callable[[np.ndarray, np.ndarray, Sequence[np.ndarray]], int],
-                  seed: int = 0, replicates: int = 1000) -> float:
+Rule = Callable[[np.ndarray, np.ndarray, Sequence[np.ndarray]], int]
+
+
+def gate(min_z: float) -> Rule:
+    """The rule ``selection.min_z`` as a function of (values, weights, strata): what
+    :func:`winners_curse` re-applies to each replicate."""
+    return lambda values, weights, strata: gated_index(values, weights, strata, min_z)
+
+
+def winners_curse(items: ItemMatrix, rule: Rule, seed: int = 0, replicates: int = 1000) -> float:
     """The bootstrap estimate of how much the validation score of ``rule``'s pick overstates
     that pick's true score (its winner's curse): documents are resampled within each task,
     the same for every candidate (paired), ``rule`` picks again on each replicate, and the
@@ -176,9 +184,7 @@ def choose(candidates: list[dict[str, Any]], validation: Mapping[int, float],
     z = ({c["trial_id"]: paired_z(matrix.values, matrix.weights, matrix.strata, i) for i, c in enumerate(paired)}
          if matrix is not None else {})
 
-    def rule(values: np.ndarray, weights: np.ndarray, strata: Sequence[np.ndarray]) -> int:
-        return gated_index(values, weights, strata, min_z)
-
+    rule = gate(min_z)
     if min_z == 0.0 or incumbent["trial_id"] not in validation:
         winner = pick(candidates, dict(validation))
     elif matrix is None:

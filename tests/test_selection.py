@@ -16,7 +16,7 @@ from evomerge.config import parse_experiment
 from evomerge.errors import ConfigError
 from evomerge.ledger import Ledger
 from evomerge.recipe import Recipe
-from evomerge.selection import (ItemMatrix, choose, current_selection, gated_index, paired_z, pick,
+from evomerge.selection import (ItemMatrix, choose, current_selection, gate, gated_index, paired_z, pick,
                                 task_values, top_trials, winner, winners_curse)
 from tiny import experiment_file
 
@@ -92,9 +92,7 @@ def test_the_winners_curse_correction_removes_the_bias_of_picking_the_best_of_eq
     # bootstrap winner's curse, the estimate is unbiased within a point
     rng = np.random.default_rng(1)
 
-    def rule(values, weights, strata):
-        return gated_index(values, weights, strata, 0.0)
-
+    rule = gate(0.0)
     raw, corrected = [], []
     for draw in range(60):
         m = _matrix(rng.random((8, 300)) < 0.5)
