@@ -64,6 +64,9 @@ def score_candidates(run_dir: Path, known: list[dict], log) -> list[dict]:
     selection = selections[-1]
     recipes = {r["trial_id"]: r["recipe"] for r in records if r.get("kind") == "trial"}
     tested = {r["recipe_hash"]: r["fitness"] for r in records if r.get("kind") == "test" and r.get("recipe_hash")}
+    # runs since validation records keep their per-item values need no second validation pass
+    recorded = {r["trial_id"]: r["item_values"] for r in records
+                if r.get("kind") == "validation" and r.get("state") == "complete" and r.get("item_values")}
     before = {c["trial_id"]: c for c in known}
     worker = None
 
@@ -88,6 +91,8 @@ def score_candidates(run_dir: Path, known: list[dict], log) -> list[dict]:
             row["test"] = tested.get(rec["recipe_hash"])
             if row["test"] is None:
                 row["test"] = run(c["trial_id"], "test").fitness
+        if "validation_items" not in row and c["trial_id"] in recorded:
+            row["validation_items"] = recorded[c["trial_id"]]
         if "validation_items" not in row:
             res = run(c["trial_id"], "validation")
             if abs(res.fitness - c["validation"]) > 1e-9:
