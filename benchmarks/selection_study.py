@@ -9,9 +9,9 @@ per-item values (in-process, the run's own worker set-up; cached in the JSON), a
 search method over the seeds, the test score of the pick each rule makes:
 
 - ``search``: the best on the search split (no validation split);
-- ``validation``: the best on the validation split (``selection.min_z: 0``, the default);
+- ``validation``: the best on the validation split (``selection.min_z: 0``, the issue's plain rule);
 - ``z>=Z``: the best on validation among the candidates that beat the search split's pick there
-  by at least Z paired standard errors, else that pick (``selection.min_z: Z``);
+  by at least Z paired standard errors, else that pick (``selection.min_z: Z``; the default is 2);
 - ``mean``: the best on the mean of the search and validation scores, i.e. on 600 items;
 - ``oracle``: the best on test (an upper bound no rule can reach);
 
@@ -190,6 +190,7 @@ def report(raw, quality, keys, labels, seeds, split_offsets, args, suffix) -> No
         for r in rules:
             if r != "search":
                 opt |= {r: [], f"{r}, corrected": []}
+        switched = {r: [] for r in rules if r != "search"}  # test gain of each run whose pick the rule switched
         for si, (cands, off) in enumerate(runs(key)):
             have_items = all("validation_items" in c for c in cands)
             items = items_of(cands) if have_items else None
@@ -200,7 +201,10 @@ def report(raw, quality, keys, labels, seeds, split_offsets, args, suffix) -> No
                 elif items is None:
                     continue
                 else:
-                    p = cands[rule(items.values, items.weights, items.strata)]
+                    index = rule(items.values, items.weights, items.strata)
+                    p = cands[index]
+                    if index != 0:
+                        switched[r].append(p["test"] - cands[0]["test"])
                     raw_opt = p["validation"] - off["validation"] - p["test"]
                     opt[r].append(raw_opt)
                     opt[f"{r}, corrected"].append(
@@ -213,7 +217,10 @@ def report(raw, quality, keys, labels, seeds, split_offsets, args, suffix) -> No
         summary[key] = {"test": {r: float(np.mean(v)) for r, v in test.items() if v},
                         "gain": {r: float(np.mean(np.array(v) - np.array(test["search"]))) for r, v in test.items()
                                  if len(v) == len(test["search"])},
-                        "optimism": {r: float(np.mean(v)) for r, v in opt.items() if v}}
+                        "optimism": {r: float(np.mean(v)) for r, v in opt.items() if v},
+                        "gain_se": {r: float(np.std(np.array(v) - np.array(test["search"]), ddof=1) / np.sqrt(len(v)))
+                                    for r, v in test.items() if len(v) == len(test["search"]) and len(v) > 1},
+                        "switched": switched, "runs": len(test["search"])}
         cell = lambda d, r, f: f.format(d[r]) if r in d else "-"  # noqa: E731
         lines.append(f"| {labels[key]} | " + " | ".join(cell(summary[key]["test"], r, "{:.3f}") for r in test)
                      + " | " + " | ".join(cell(summary[key]["optimism"], r, "{:+.3f}") for r in opt) + " |")
@@ -225,13 +232,30 @@ def report(raw, quality, keys, labels, seeds, split_offsets, args, suffix) -> No
     for r in rules:
         if r == "search":
             continue
-        lowered = [f"{k} {summary[k]['gain'][r]:+.3f}" for k in summary if summary[k]["gain"].get(r, 0.0) < 0]
+        lowered = [f"{k} {summary[k]['gain'][r]:+.3f} (s.e. {summary[k]['gain_se'].get(r, float('nan')):.3f}; "
+                   f"{len(summary[k]['switched'][r])} of {summary[k]['runs']} picks switched)"
+                   for k in summary if summary[k]["gain"].get(r, 0.0) < 0]
         for variant in (r, f"{r}, corrected"):
             halves = [f"{k} {summary[k]['optimism']['search']:+.3f} -> {summary[k]['optimism'][variant]:+.3f}"
                       + ("" if summary[k]["optimism"][variant] <= summary[k]["optimism"]["search"] / 2 else " (not halved)")
                       for k in layer if variant in summary[k]["optimism"]]
             lines.append(f"- `{variant}`: lowers {', '.join(lowered) if lowered else 'none'}; "
                          f"per-group optimism {'; '.join(halves)}")
+    # every switched pick, over all methods: how often the switch helped on test, and by how much
+    lines += ["", "Per rule, pooled over every method and seed: the runs whose pick it switched away from the search "
+              "split's, how many of those switches raised the test score, and the mean test gain of a switch "
+              "(with its standard error).", ""]
+    for r in rules:
+        if r == "search":
+            continue
+        gains = np.array([g for k in summary for g in summary[k]["switched"][r]])
+        runs_all = sum(summary[k]["runs"] for k in summary)
+        if len(gains) > 1:
+            lines.append(f"- `{r}`: {len(gains)} of {runs_all} runs switched; {int((gains > 0).sum())} raised test, "
+                         f"{int((gains < 0).sum())} lowered it; mean gain per switch {gains.mean():+.3f} "
+                         f"(s.e. {gains.std(ddof=1) / np.sqrt(len(gains)):.3f})")
+        else:
+            lines.append(f"- `{r}`: {len(gains)} of {runs_all} runs switched")
     # top_k: re-ranking the k best on search by validation (k = 1 keeps the search's pick and only
     # reports its validation score); test gain over the search's pick, and the optimism of the
     # validation score reported for the pick
