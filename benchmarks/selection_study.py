@@ -20,8 +20,9 @@ test score), corrected for the splits' own difficulty: each seed's split offset 
 averaged over the sources and the four default merges, which no search chose) is subtracted;
 for the validation rules also with the pick's bootstrap winner's curse subtracted ('corrected':
 the number a run reports as ``validation_corrected``). Then, per rule, the issue-22 targets:
-the methods whose mean test score it lowers, and the per-group spaces' optimism against half the
-search's.
+the methods whose mean test score it lowers (with the gain's standard error over seeds and the
+number of picks it switched), and the per-group spaces' optimism against half the search's; and,
+pooled over every method and seed, how many picks it switched and the mean test gain of a switch.
 
 Usage: python benchmarks/selection_study.py [--kind cross-skill|layered] [--runs DIR ...] [--seeds 0,1,2]
        [--only KEY,...] [--tag NAME] [--quality FILE]
