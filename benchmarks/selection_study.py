@@ -246,11 +246,11 @@ def report(raw, quality, keys, labels, seeds, split_offsets, args, suffix) -> No
     lines += ["", "Per rule, pooled over every method and seed: the runs whose pick it switched away from the search "
               "split's, how many of those switches raised the test score, and the mean test gain of a switch "
               "(with its standard error).", ""]
+    runs_all = sum(summary[k]["runs"] for k in summary)
     for r in rules:
         if r == "search":
             continue
         gains = np.array([g for k in summary for g in summary[k]["switched"][r]])
-        runs_all = sum(summary[k]["runs"] for k in summary)
         if len(gains) > 1:
             lines.append(f"- `{r}`: {len(gains)} of {runs_all} runs switched; {int((gains > 0).sum())} raised test, "
                          f"{int((gains < 0).sum())} lowered it; mean gain per switch {gains.mean():+.3f} "
