@@ -2,8 +2,10 @@
 ui | sync.
 
 Exit codes: 0 success; 1 a run or command failed; 2 invalid input (bad config,
-missing file, unknown option); 130 interrupted. Errors are one line (or one
-line per config problem); ``--debug`` shows the traceback.
+missing file, unknown option); 75 the run was interrupted by its infrastructure (the Ray
+head lost, no worker could run: recorded as ``interrupted``, resumable); 130 stopped by
+Ctrl-C or SIGTERM. Errors are one line (or one line per config problem); ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ClusterLost, ConfigError, EvomergeError, RunInterrupted
 
 # The zoo kinds `zoo build --kind` offers; spelled out so that building the parser does not import
 # torch (tests/test_zoo.py checks they are evomerge.zoo.KINDS).
 ZOO_KINDS = ["cross-skill", "cross-skill-full", "layered", "tiny"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_RUN_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: the run stopped for a cause outside it; resume it
 
 
 class _BarProgress:
@@ -119,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, metavar="N", help="override optimizer.seed")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--resume", action="store_true", help="resume the run already in --run-dir (a restarted job)")
+    r.add_argument("--address", metavar="HOST:PORT",
+                   help="the Ray cluster to run on (default: $RAY_ADDRESS, else dispatch.address; local: a "
+                        "local instance)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan (dimensions, budget, GPU-hours) and exit")
     r.add_argument("--calibrate", type=Path, metavar="DIR", help="with --dry-run: per-trial cost of this pilot run")
@@ -131,6 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--max-trials", type=int, metavar="N", help="extend the budget (at least the run's max_trials)")
     rs.add_argument("--repair", action="store_true", help="move damaged ledger lines aside, then resume")
     rs.add_argument("--restart", action="store_true", help="the ledger is lost: search again from the start")
+    rs.add_argument("--address", metavar="HOST:PORT",
+                    help="continue on this Ray cluster (default: $RAY_ADDRESS, else the run's dispatch.address; "
+                         "local: a local instance)")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -222,11 +231,11 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     from evomerge.config import load_experiment
 
-    from evomerge.wiring import source_problems, suite_problems
+    from evomerge.wiring import dispatch_problems, source_problems, suite_problems
 
     try:
         exp = load_experiment(args.experiment)
-        problems = suite_problems(exp) + source_problems(exp)
+        problems = suite_problems(exp) + source_problems(exp) + dispatch_problems(exp)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
@@ -279,18 +288,19 @@ def _cmd_run(args) -> int:
         from evomerge.run_dir import load_run_experiment
 
         held = load_run_experiment(args.run_dir)
-        if held.model_dump(exclude={"budget"}) != exp.model_dump(exclude={"budget"}):
+        if held.identity() != exp.identity():
             raise ConfigError([f"--resume: {args.run_dir} holds a run of a different experiment (or other "
                                f"settings); continue it with `evomerge resume {args.run_dir}`"])
         progress = _BarProgress(args.quiet)
         progress.message(f"{args.run_dir} holds a run already: resuming it")
         extend = exp.budget.max_trials if exp.budget.max_trials > held.budget.max_trials else None
-        summary = Controller.for_resume(args.run_dir, max_trials=extend, progress=progress).resume()
+        summary = Controller.for_resume(args.run_dir, max_trials=extend, progress=progress, address=args.address,
+                                        runtime=exp).resume()
         return _finish(summary, args.json)
     run_dir = args.run_dir or Path("runs") / new_run_id(exp.name)
     progress = _BarProgress(args.quiet)
     progress.message(f"run {run_dir.name}: {run_dir}")
-    summary = Controller(exp, run_dir, progress=progress, source=args.experiment).run()
+    summary = Controller(exp, run_dir, progress=progress, source=args.experiment, address=args.address).run()
     return _finish(summary, args.json)
 
 
@@ -312,7 +322,8 @@ def _cmd_resume(args) -> int:
     if args.max_trials is not None and args.max_trials < 1:
         raise ConfigError(["--max-trials: must be at least 1"])
     progress = _BarProgress(args.quiet)
-    controller = Controller.for_resume(args.run_dir, max_trials=args.max_trials, progress=progress)
+    controller = Controller.for_resume(args.run_dir, max_trials=args.max_trials, progress=progress,
+                                       address=args.address)
     summary = controller.resume(repair=args.repair, restart=args.restart)
     return _finish(summary, args.json)
 
@@ -708,6 +719,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for line in exc.problems:
             print(f"  - {line}", file=sys.stderr)
         return EXIT_USAGE
+    except RunInterrupted as exc:
+        if args.debug:
+            raise
+        global _abandoned_ray
+        _abandoned_ray = isinstance(exc, ClusterLost)
+        print(interrupted_line(exc), file=sys.stderr, flush=True)
+        return EXIT_RUN_INTERRUPTED
     except EvomergeError as exc:
         if args.debug:
             raise
@@ -723,5 +741,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_FAILED
 
 
+_abandoned_ray = False  # the Ray head was lost: this process's Ray connection must not be cleaned up
+
+
+def interrupted_line(exc: RunInterrupted) -> str:
+    """The one line a run stopped by its infrastructure ends with: what happened, how to go on."""
+    run_dir = getattr(exc, "run_dir", None)
+    where = " --address HOST:PORT" if isinstance(exc, ClusterLost) else ""
+    go_on = (f"; it is recorded as interrupted: continue it with `evomerge resume {run_dir}{where}`"
+             if run_dir is not None else "")
+    return f"interrupted ({exc.what}): {exc.reason}{go_on}"
+
+
+def entry() -> None:
+    """The console command: ``main``, then the exit; after a lost Ray head without Ray's exit-time
+    clean-up, which would wait on the dead head (the run's state is already recorded)."""
+    code = main()
+    if _abandoned_ray:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -337,24 +337,56 @@ class BudgetConfig(_Frozen):
 
 
 class DispatchConfig(_Frozen):
-    """Where trials run: Ray actors (local ``ray.init()`` unless ``address``), or in-process.
+    """Where trials run: Ray actors (a local Ray instance of this run's own unless an address names a
+    cluster), or in-process.
 
+    ``address``: the Ray cluster to join (``HOST:PORT`` of its head, ``auto``, or ``local`` for a
+    private local instance). It is a run-time setting, not part of the experiment's identity:
+    ``--address`` and ``$RAY_ADDRESS`` take precedence, and a run resumes on any cluster.
     ``max_retries``: how often a trial whose worker died (killed process, lost node) is
     retried on a fresh worker before it is recorded as failed. ``trial_timeout``: seconds
     after which a running trial is stopped (its worker replaced) and recorded as failed.
     ``dtype``: the dtype the resident sources, the merged model and its evaluation use
     (``bfloat16`` halves a 7B worker's memory; merges then round like mergekit's
     ``dtype: bfloat16``).
+    ``cpus_per_worker`` / ``gpus_per_worker``: each worker's Ray resources; a worker runs as many
+    torch threads as its CPU allotment (``threads_per_worker`` overrides). ``gpus_per_worker``
+    may be a fraction (0.25 packs four workers onto a GPU); default 1 with ``device: cuda``.
+    ``head_timeout``: seconds the controller waits for an unreachable Ray head before it stops
+    the run as interrupted. ``worker_timeout``: seconds a run waits with no live worker (none
+    could start, or all were lost) before it stops as interrupted. ``ship_sources``: how local
+    source and task directories reach workers on other nodes (see docs/cluster.md).
     """
 
-    backend: Literal["ray", "local"] = "ray"
-    num_workers: int = Field(default=2, gt=0)
-    address: Optional[str] = None
-    device: str = "cpu"
+    # settings of where and how a run executes, not of what it computes: they may change when a
+    # run resumes (another cluster, more workers) without making it another experiment
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("backend", "num_workers", "address", "threads_per_worker", "cpus_per_worker",
+                      "gpus_per_worker", "max_retries", "trial_timeout", "head_timeout", "worker_timeout",
+                      "ship_sources")
+
+    backend: Literal["ray", "local"] = Field(default="ray", description="ray: Ray actors; local: in this process")
+    num_workers: int = Field(default=2, gt=0, description="workers (Ray actors) the pool keeps running")
+    address: Optional[str] = Field(default=None, description="Ray cluster to join; none: a local instance")
+    device: str = Field(default="cpu", description="where workers merge and evaluate: cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads_per_worker: Optional[int] = Field(default=None, gt=0)
+    threads_per_worker: Optional[int] = Field(default=None, gt=0,
+                                              description="torch threads per worker (default: its CPU allotment)")
+    cpus_per_worker: Optional[float] = Field(
+        default=None, gt=0, description="Ray CPUs per worker (default: 1 on a cluster; this machine's cores "
+                                        "shared out on a local instance)")
+    gpus_per_worker: Optional[float] = Field(default=None, ge=0, le=1,
+                                             description="Ray GPUs per worker, a fraction allowed (default: "
+                                                         "1 with device cuda, else 0)")
     max_retries: int = Field(default=2, ge=0)
     trial_timeout: Optional[float] = Field(default=None, gt=0)
+    head_timeout: float = Field(default=30.0, gt=0, le=3600,
+                                description="seconds an unreachable Ray head is waited for")
+    worker_timeout: float = Field(default=300.0, gt=0,
+                                  description="seconds a run waits with no live worker")
+    ship_sources: Literal["auto", "always", "never"] = Field(
+        default="auto", description="auto: a worker uses a local dir at the same path if its content "
+                                    "matches, else fetches it from the controller; always: fetch; never: "
+                                    "the same path must exist on every node")
 
     @model_validator(mode="after")
     def _timeout_needs_ray(self) -> "DispatchConfig":
@@ -362,6 +394,24 @@ class DispatchConfig(_Frozen):
             raise ValueError("trial_timeout: only the ray backend can stop a running trial; "
                              "remove it or use backend: ray")
         return self
+
+    @model_validator(mode="after")
+    def _gpus_need_cuda(self) -> "DispatchConfig":
+        cuda = self.device.startswith("cuda")
+        if self.gpus_per_worker is not None:
+            if cuda and self.gpus_per_worker == 0:
+                raise ValueError("gpus_per_worker: a worker with device cuda needs a GPU share (> 0, at most 1)")
+            if not cuda and self.gpus_per_worker > 0:
+                raise ValueError(f"gpus_per_worker: {self.gpus_per_worker:g} GPUs for a worker with device "
+                                 f"{self.device!r}; set device: cuda, or leave gpus_per_worker out")
+        return self
+
+    @property
+    def worker_gpus(self) -> float:
+        """The GPUs each worker asks Ray for."""
+        if self.gpus_per_worker is not None:
+            return float(self.gpus_per_worker)
+        return 1.0 if self.device.startswith("cuda") else 0.0
 
 
 class TrackingConfig(_Frozen):
@@ -474,6 +524,19 @@ class Experiment(_Frozen):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a run this experiment: everything but the budget (a run may be extended) and
+        the run-time dispatch settings (a run may resume on another cluster, with other workers)."""
+        data = self.model_dump(mode="json", exclude={"budget"})
+        for key in DispatchConfig.RUNTIME_FIELDS:
+            data["dispatch"].pop(key, None)
+        return data
+
+    def with_runtime(self, dispatch: "DispatchConfig") -> "Experiment":
+        """This experiment with another's run-time dispatch settings (see :meth:`identity`)."""
+        update = {k: getattr(dispatch, k) for k in DispatchConfig.RUNTIME_FIELDS}
+        return self.model_copy(update={"dispatch": self.dispatch.model_copy(update=update)})
 
 
 def _format_validation_error(err: ValidationError) -> list[str]:

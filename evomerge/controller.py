@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional, Protocol
 from evomerge import __version__
 from evomerge.config import Experiment
 from evomerge.dispatch.base import Dispatcher
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, RunInterrupted
+from evomerge.heartbeat import Heartbeat
 from evomerge.fitness_cache import FitnessCache, recipe_key, source_key
 from evomerge.islands import Candidate, IslandScheduler, ReplayError, Tell, build_islands, replay
 from evomerge.ledger import DAMAGED, Ledger
@@ -44,7 +45,8 @@ from evomerge.tracking.base import Tracker
 from evomerge.tracking.metrics import trial_metric_rows, trial_metrics
 from evomerge.tracking.null import NullTracker
 from evomerge.plots import write_plots
-from evomerge.wiring import build_codec, build_dispatcher, resolve_worker_spec, source_problems, suite_problems
+from evomerge.wiring import (build_codec, build_dispatcher, cluster_address, resolve_worker_spec, source_problems,
+                             suite_problems)
 from evomerge.worker import EvalRequest, EvalResult, TrialWorker, WorkerSpec
 
 
@@ -163,11 +165,15 @@ class Controller:
         worker_factory: Callable[[WorkerSpec], Any] = TrialWorker,
         dispatcher_factory: Optional[Callable[[Experiment, WorkerSpec], Dispatcher]] = None,
         source: Optional[Path] = None,
+        address: Optional[str] = None,
     ) -> None:
         """``worker_factory`` builds a worker from its spec inside each worker process;
         ``dispatcher_factory`` replaces the experiment's dispatcher (simulations); ``source``:
-        the experiment file as the user wrote it (kept and logged next to the resolved config)."""
+        the experiment file as the user wrote it (kept and logged next to the resolved config);
+        ``address``: the Ray cluster to run on this time (``--address``; see
+        :func:`evomerge.wiring.cluster_address`), ``local`` for a local instance."""
         self.exp = exp
+        self.address = address
         self.source = Path(source) if source else None
         self.run_dir = Path(run_dir)
         self.run_id = self.run_dir.name
@@ -188,8 +194,10 @@ class Controller:
     def for_resume(cls, run_dir: Path, *, max_trials: Optional[int] = None, progress: Optional[Progress] = None,
                    worker_factory: Callable[[WorkerSpec], Any] = TrialWorker,
                    dispatcher_factory: Optional[Callable[[Experiment, WorkerSpec], Dispatcher]] = None,
+                   address: Optional[str] = None, runtime: Optional[Experiment] = None,
                    ) -> "Controller":
-        """A controller that continues the run in ``run_dir`` (optionally with a larger budget)."""
+        """A controller that continues the run in ``run_dir`` (optionally with a larger budget, on
+        the cluster at ``address``, with ``runtime``'s run-time dispatch settings)."""
         run_dir = Path(run_dir)
         exp = load_run_experiment(run_dir)
         if max_trials is not None:
@@ -197,8 +205,10 @@ class Controller:
                 raise ConfigError([f"--max-trials: can only extend a run; {run_dir.name} has max_trials "
                                    f"{exp.budget.max_trials}"])
             exp = exp.model_copy(update={"budget": exp.budget.model_copy(update={"max_trials": max_trials})})
+        if runtime is not None:
+            exp = exp.with_runtime(runtime.dispatch)
         return cls(exp, run_dir, progress=progress, worker_factory=worker_factory,
-                   dispatcher_factory=dispatcher_factory)
+                   dispatcher_factory=dispatcher_factory, address=address)
 
     def resume(self, repair: bool = False, restart: bool = False) -> RunSummary:
         """Continue the run. ``repair``: move damaged ledger lines aside first (see
@@ -247,8 +257,8 @@ class Controller:
         info = read_info(self.run_dir) if resuming else {}
         if not resuming:
             kept = write_experiment(self.run_dir, exp, self.source)
-        elif exp.budget.max_trials != read_experiment_data(self.run_dir)["budget"]["max_trials"]:
-            write_experiment(self.run_dir, exp)  # an extended budget is part of the run now
+        elif exp.model_dump(mode="json") != read_experiment_data(self.run_dir):
+            write_experiment(self.run_dir, exp)  # an extended budget, new run-time settings: the run's now
         ledger = open_ledger(self.run_dir)
         if resuming:
             self._check_ledger(ledger, info)
@@ -309,9 +319,9 @@ class Controller:
             "updated_at": _dt.datetime.now().isoformat(),
         })
         info.setdefault("created_at", info["updated_at"])
-        if resuming:
-            info["resumed"] = int(info.get("resumed", 0)) + 1
-        else:
+        for key in ("reason", "ended_at"):  # of the last session
+            info.pop(key, None)
+        if not resuming:
             ledger.path.touch()  # with run.json: from now on a missing ledger is a lost one (_check_ledger)
         write_info(self.run_dir, info)
         state.feed.tracker = tracker
@@ -323,14 +333,15 @@ class Controller:
             self.progress.message(f"resuming {self.run_id}: {state.finished} trials done, "
                                   f"{len(state.redo)} to run again, {len(state.missing_tells)} tells replayed")
 
-        self.progress.message(f"starting {exp.dispatch.num_workers} {exp.dispatch.backend} worker(s), "
-                              f"{n_islands} island(s) of popsize {popsize}")
-        if self.dispatcher_factory is not None:
-            dispatcher = self.dispatcher_factory(exp, spec)
-        else:
-            dispatcher = build_dispatcher(exp, spec, self.worker_factory)
-        status = "FAILED"
+        heartbeat = Heartbeat(self.run_dir).start()
+        dispatcher: Optional[Dispatcher] = None
+        status, reason = "FAILED", None
         try:
+            dispatcher = self._dispatcher(spec, info, n_islands, popsize)
+            heartbeat.watch(dispatcher.worker_counts)
+            if resuming:  # a session that got its workers (a failed start is no resumption)
+                info["resumed"] = int(info.get("resumed", 0)) + 1
+                write_info(self.run_dir, info)
             summary = state.search(dispatcher)
             summary.start_trials = {str(r["trial_id"]): start_labels[r["recipe_hash"]]
                                     for r in sorted(state.board.records, key=lambda r: r["trial_id"])
@@ -356,13 +367,24 @@ class Controller:
             status = "FINISHED"
             return summary
         except KeyboardInterrupt:
-            status = "KILLED"
+            status, reason = "KILLED", "stopped by a signal (Ctrl-C, SIGTERM, `evomerge stop`)"
+            raise
+        except RunInterrupted as exc:
+            status, reason = "INTERRUPTED", f"{exc.what}: {exc.reason}"
+            exc.run_dir = self.run_dir
+            raise
+        except BaseException as exc:
+            reason = failure_reason(str(exc) if isinstance(exc, EvomergeError) else f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            dispatcher.close()
-            tracker.finish(status)
+            heartbeat.stop()
+            if dispatcher is not None:
+                dispatcher.close()
+            tracker.finish("KILLED" if status == "INTERRUPTED" else status)
             info["status"] = status.lower()
-            info["updated_at"] = _dt.datetime.now().isoformat()
+            info["updated_at"] = info["ended_at"] = _dt.datetime.now().isoformat()
+            if reason:
+                info["reason"] = reason
             if tracker.error:
                 info["tracking_error"] = tracker.error
             try:
@@ -372,6 +394,23 @@ class Controller:
                 if status == "FINISHED":
                     raise
             self.progress.close()
+
+    def _dispatcher(self, spec: WorkerSpec, info: dict, n_islands: int, popsize: int) -> Dispatcher:
+        """Start the workers (where this session runs them is recorded in ``run.json``)."""
+        exp = self.exp
+        if self.dispatcher_factory is not None:
+            return self.dispatcher_factory(exp, spec)
+        where = "in this process"
+        if exp.dispatch.backend == "ray":
+            address, origin = cluster_address(exp, self.address)
+            info["ray_address"] = address or "local"
+            where = (f"on the Ray cluster at {address} ({origin})" if address else
+                     "on a local Ray instance" + (" (--address local)" if origin == "--address" else ""))
+        self.progress.message(f"starting {exp.dispatch.num_workers} {exp.dispatch.backend} worker(s) {where}, "
+                              f"{n_islands} island(s) of popsize {popsize}")
+        if exp.dispatch.backend != "ray":
+            return build_dispatcher(exp, spec, self.worker_factory)
+        return build_dispatcher(exp, spec, self.worker_factory, address=address, notify=self.progress.message)
 
     def _params(self, codec, popsize: int, islands: int) -> dict[str, Any]:
         exp = self.exp

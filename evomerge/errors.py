@@ -21,3 +21,27 @@ class MergeError(EvomergeError):
 
 class EvaluationError(EvomergeError):
     """Scoring a merged model failed (missing metric, non-finite fitness...)."""
+
+
+class RunInterrupted(EvomergeError):
+    """The run stopped before its budget for a cause outside the search (the cluster's head lost,
+    no worker could run): it is recorded as ``interrupted`` and can be resumed once the cause is
+    gone. ``what`` names the kind of cause in a word or two (``head lost``, ``no workers``)."""
+
+    what = "interrupted"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ClusterLost(RunInterrupted):
+    """The Ray cluster's head stopped answering (the head died, or the network to it did)."""
+
+    what = "head lost"
+
+
+class NoWorkers(RunInterrupted):
+    """No worker could run for longer than ``dispatch.worker_timeout`` (none started, or all were lost)."""
+
+    what = "no workers"

@@ -3,8 +3,8 @@
 A run dir holds ``ledger.jsonl`` (the source of truth, see :mod:`evomerge.ledger`),
 ``run.json`` (ids, tracking URI, status), ``experiment.yaml`` (the resolved config) and
 ``experiment.source.yaml`` (as written), ``summary.json``, ``best_recipe.yaml``,
-``pareto.json``, ``items.jsonl`` (per-item scores, see :class:`ItemLog`), ``plots/``, the
-sqlite MLflow store and ``.lock``. Other modules name these
+``pareto.json``, ``items.jsonl`` (per-item scores, see :class:`ItemLog`), ``heartbeat.json``
+(see :mod:`evomerge.heartbeat`), ``plots/``, the sqlite MLflow store and ``.lock``. Other modules name these
 files through the constants here, never by spelling them.
 
 Paths in ``run.json`` that point inside the run dir (the default sqlite MLflow store) are
@@ -40,6 +40,7 @@ EXPERIMENT_SOURCE = "experiment.source.yaml"  # the file as the user wrote it (p
 PLOTS = "plots"
 LOCK = ".lock"
 ITEMS = "items.jsonl"
+HEARTBEAT = "heartbeat.json"
 _HERE = "{run_dir}"
 _PATH_KEYS = ("tracking_uri",)
 
@@ -145,6 +146,10 @@ def save_best_recipe(run_dir: Path, recipe) -> Path:
     path = best_recipe_path(run_dir)
     recipe.save(path)
     return path
+
+
+def heartbeat_path(run_dir: Path) -> Path:
+    return Path(run_dir) / HEARTBEAT
 
 
 def pareto_path(run_dir: Path) -> Path:

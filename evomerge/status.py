@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from evomerge.heartbeat import liveness, read_heartbeat
 from evomerge.racing import stopped_per_rung
-from evomerge.run_dir import RunLock, open_ledger, read_info, require_run_dir
+from evomerge.run_dir import open_ledger, read_info, require_run_dir
 from evomerge.selection import test_scores, winner
 
 
@@ -14,10 +15,12 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     require_run_dir(run_dir)
     info = read_info(run_dir)
-    held = RunLock.is_held(run_dir)
     state = info.get("status", "unknown")
-    if state == "running" and not held:
-        state = "interrupted"  # the process died without saying so: `evomerge resume` continues it
+    reason = info.get("reason")
+    alive, note = liveness(run_dir, info) if state == "running" else (False, "")
+    if state == "running" and not alive:
+        state, reason = "interrupted", note  # the controller died without saying so: `evomerge resume` continues it
+    beat = read_heartbeat(run_dir) if state == "running" else None
     dispatched: set[int] = set()
     done: list[dict] = []
     rungs: list[dict] = []
@@ -48,7 +51,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "trials_done": len(done),
         "trials_failed": len(done) - len(complete),
         "trials_cached": sum(1 for r in done if r.get("cached_from")),
-        "trials_running": len(dispatched - finished_ids) if held else 0,
+        "trials_running": len(dispatched - finished_ids) if state == "running" else 0,
         "max_trials": max_trials,
         "islands": info.get("islands"),
         "best_fitness": best["fitness"] if best else None,
@@ -63,6 +66,10 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "tracking_uri": info.get("tracking_uri"),
         "mlflow_run_id": info.get("mlflow_run_id"),
         "resumed": info.get("resumed", 0),
+        "reason": reason,
+        "note": note or None,
+        "ray_address": info.get("ray_address"),
+        "workers": (beat or {}).get("workers"),
         "racing": _racing(done, rungs),
     }
 
@@ -81,6 +88,17 @@ def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("run", f"{s['run_id']} ({s['experiment']})"),
         ("state", s["state"] + ("  -> continue with: evomerge resume " + s["run_dir"]
                                 if s["state"] in ("interrupted", "killed", "failed") else "")),
+    ]
+    if s.get("reason") and s["state"] != "finished":
+        rows.append(("why", s["reason"]))
+    if s.get("note"):
+        rows.append(("note", s["note"]))
+    if s.get("workers"):
+        w = s["workers"]
+        rows.append(("workers", f"{w['live']} live of {w['target']}" + (f", {w['starting']} starting" if w.get("starting") else "")
+                     + (f", {w['restarting']} to be started again" if w.get("restarting") else "")
+                     + (f" (Ray: {s['ray_address']})" if s.get("ray_address") else "")))
+    rows += [
         ("trials", f"{s['trials_done']}/{s['max_trials']} done, {s['trials_failed']} failed, "
                    + (f"{s['trials_cached']} from the fitness cache, " if s.get("trials_cached") else "")
                    + f"{s['trials_running']} running ({s['islands']} island(s))"),

@@ -155,6 +155,9 @@ class VirtualDispatcher:
                            scores={"synthetic": synthetic_fitness(r.recipe)}, worker="virtual", split=r.split)
                 for r in out]
 
+    def worker_counts(self) -> dict[str, int]:
+        return {"target": self.num_workers, "live": self.num_workers, "starting": 0, "restarting": 0}
+
     @property
     def busy_fraction(self) -> float:
         return self.busy_seconds / (self.num_workers * self.now) if self.now else 0.0

@@ -43,7 +43,8 @@ def resolve_worker_spec(exp: Experiment, progress: Optional[Callable[[str], None
     if problems:
         raise ConfigError(problems)
     task_paths = tuple(str(zoo.tasks_dir) if p == "zoo" else p for p in exp.suite.task_paths)
-    threads = exp.dispatch.threads_per_worker or max(1, (os.cpu_count() or 1) // exp.dispatch.num_workers)
+    # None: a Ray worker runs as many threads as its CPU allotment, an in-process one torch's default
+    threads = exp.dispatch.threads_per_worker
     space = exp.search_space
     dfs = {}
     if space.kind == "dfs":
@@ -193,15 +194,45 @@ def num_layers_of(model_dir: str, declared: Optional[str] = None, download: bool
     return for_config(config, str(model_dir)).num_layers(config)
 
 
+def cluster_address(exp: Experiment, override: Optional[str] = None) -> tuple[Optional[str], str]:
+    """The Ray cluster a run joins, and where that came from: ``--address`` (``override``), else
+    ``$RAY_ADDRESS`` (a Ray Job's own cluster), else ``dispatch.address``; ``None`` is a local
+    instance of the run's own. The address is a run-time setting (see :meth:`Experiment.identity`)."""
+    for value, origin in ((override, "--address"), (os.environ.get("RAY_ADDRESS"), "$RAY_ADDRESS"),
+                          (exp.dispatch.address, "dispatch.address")):
+        if value:
+            return (None, origin) if value == "local" else (value, origin)
+    return None, "no address given"
+
+
+def dispatch_problems(exp: Experiment) -> list[str]:
+    """What keeps the experiment's workers from running on this machine (a local run only: a
+    cluster's resources are checked when the run joins it)."""
+    d = exp.dispatch
+    if d.backend == "ray" and (d.address or os.environ.get("RAY_ADDRESS")):
+        return []
+    if d.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return [f"dispatch.device: {d.device}, but this machine has no GPU that torch can use (and no "
+                    "dispatch.address names a cluster): set dispatch.device: cpu, or run it on a GPU cluster"]
+    return []
+
+
 def build_dispatcher(exp: Experiment, spec: WorkerSpec,
-                     worker_factory: Callable[[WorkerSpec], Any] = TrialWorker) -> Dispatcher:
+                     worker_factory: Callable[[WorkerSpec], Any] = TrialWorker, *,
+                     address: Optional[str] = None, notify: Optional[Callable[[str], None]] = None) -> Dispatcher:
+    """The experiment's dispatcher; ``address``: the Ray cluster to join (see :func:`cluster_address`;
+    None: a local instance); ``notify``: where the pool reports workers lost, restarted or fetching."""
     if exp.dispatch.backend == "local":
         from evomerge.dispatch.local import LocalDispatcher
 
         return LocalDispatcher(spec, worker_factory)
     from evomerge.dispatch.ray_pool import RayDispatcher
 
-    gpus = 1.0 if exp.dispatch.device.startswith("cuda") else 0.0
-    return RayDispatcher(spec, exp.dispatch.num_workers, address=exp.dispatch.address, num_gpus_per_worker=gpus,
-                         max_retries=exp.dispatch.max_retries, trial_timeout=exp.dispatch.trial_timeout,
-                         worker_factory=worker_factory)
+    d = exp.dispatch
+    return RayDispatcher(spec, d.num_workers, address=address, cpus_per_worker=d.cpus_per_worker,
+                         gpus_per_worker=d.worker_gpus, max_retries=d.max_retries, trial_timeout=d.trial_timeout,
+                         head_timeout=d.head_timeout, worker_timeout=d.worker_timeout, ship_sources=d.ship_sources,
+                         worker_factory=worker_factory, notify=notify)

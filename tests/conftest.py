@@ -30,7 +30,8 @@ def ray_session():
     """One local Ray instance for the whole session (ray.init takes seconds and ~1.3 GB)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": this session's own instance, whatever cluster the machine runs (or ran)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "GIT_DIR": os.devnull}})
     yield ray
     ray.shutdown()

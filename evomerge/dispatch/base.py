@@ -23,5 +23,10 @@ class Dispatcher(Protocol):
         """Block until at least one result is ready (or timeout); return all ready results."""
         ...
 
+    def worker_counts(self) -> dict[str, int]:
+        """The pool as it is now: ``target`` workers, ``live`` (idle or busy), ``starting``,
+        ``restarting`` (waiting to be started again after a failure)."""
+        ...
+
     def close(self) -> None:
         ...

@@ -28,5 +28,8 @@ class LocalDispatcher:
             return []
         return [self._worker.run(self._queue.popleft())]
 
+    def worker_counts(self) -> dict[str, int]:
+        return {"target": 1, "live": 1, "starting": 0, "restarting": 0}
+
     def close(self) -> None:
         self._queue.clear()
