@@ -123,8 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--resume", action="store_true", help="resume the run already in --run-dir (a restarted job)")
     r.add_argument("--address", metavar="HOST:PORT",
-                   help="the Ray cluster to run on (default: $RAY_ADDRESS, else dispatch.address; local: a "
-                        "local instance)")
+                   help="the Ray cluster (default: $RAY_ADDRESS)")
     r.add_argument("--dry-run", action="store_true",
                    help="print the plan (dimensions, budget, GPU-hours) and exit")
     r.add_argument("--calibrate", type=Path, metavar="DIR", help="with --dry-run: per-trial cost of this pilot run")
@@ -138,8 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     rs.add_argument("--repair", action="store_true", help="move damaged ledger lines aside, then resume")
     rs.add_argument("--restart", action="store_true", help="the ledger is lost: search again from the start")
     rs.add_argument("--address", metavar="HOST:PORT",
-                    help="continue on this Ray cluster (default: $RAY_ADDRESS, else the run's dispatch.address; "
-                         "local: a local instance)")
+                    help="the Ray cluster (default: $RAY_ADDRESS)")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -231,11 +229,11 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     from evomerge.config import load_experiment
 
-    from evomerge.wiring import dispatch_problems, source_problems, suite_problems
+    from evomerge.wiring import dispatch_notes, source_problems, suite_problems
 
     try:
         exp = load_experiment(args.experiment)
-        problems = suite_problems(exp) + source_problems(exp) + dispatch_problems(exp)
+        problems = suite_problems(exp) + source_problems(exp)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
@@ -245,11 +243,15 @@ def _cmd_validate(args) -> int:
             print(json.dumps({"ok": False, "experiment": str(args.experiment), "problems": exc.problems}, indent=2))
             return EXIT_USAGE
         raise
+    notes = dispatch_notes(exp)
     if args.json:
         import json
 
-        print(json.dumps({"ok": True, "experiment": str(args.experiment), "problems": [], "name": exp.name}, indent=2))
+        print(json.dumps({"ok": True, "experiment": str(args.experiment), "problems": [], "notes": notes,
+                          "name": exp.name}, indent=2))
         return EXIT_OK
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     space = exp.search_space
     what = f"method {space.method}" if space.kind == "ps" else f"data-flow space, r = {space.repetitions}"
     print(f"{args.experiment}: ok ({exp.name}: {len(exp.models)} models, {what}, "

@@ -286,6 +286,11 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
             extra_seconds += (len(exp.models) + 1) * cost.eval_seconds * test_ratio
         gpu_hours = (exp.budget.max_trials * cost.seconds + extra_seconds) / 3600
         wall_hours = gpu_hours / (exp.dispatch.num_workers * 0.95)
+    share = exp.dispatch.worker_gpus
+    if 0 < share < 1:
+        notes.append(f"gpus_per_worker {share:g}: up to {int(1 / share)} workers share each GPU, each holding its "
+                     "own weights (the memory above, per worker); the per-trial cost is a GPU's own, so shared "
+                     "GPUs finish each trial later: calibrate with a pilot run packed the same way")
     if exp.dispatch.device == "cpu" and params > 1e9:
         notes.append("dispatch.device is cpu for a model of over 1 B parameters; set device: cuda")
     return Plan(

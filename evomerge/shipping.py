@@ -36,7 +36,6 @@ import fnmatch
 import hashlib
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -154,6 +153,7 @@ class FileServer:
 
 
 Fetch = Callable[[str, str, int, int], bytes]  # (controller path, relative file, offset, length) -> bytes
+# None: nothing can be fetched (a local run's workers share the controller's machine)
 
 
 def node_cache() -> Path:
@@ -162,7 +162,7 @@ def node_cache() -> Path:
     return (Path(configured) if configured else Path.home() / ".cache" / "evomerge") / SHIPPED
 
 
-def localize(manifests: tuple[DirManifest, ...], fetch: Fetch, mode: Mode, node: str,
+def localize(manifests: tuple[DirManifest, ...], fetch: Optional[Fetch], mode: Mode, node: str,
              cache: Optional[Path] = None) -> tuple[dict[str, str], list[str]]:
     """Each manifest's directory on this node: ``{controller path: local path}``, and one line per
     directory that was fetched (for the controller to report). Raises :class:`SourceUnavailable`
@@ -174,12 +174,14 @@ def localize(manifests: tuple[DirManifest, ...], fetch: Fetch, mode: Mode, node:
         if mode != "always" and matches(man, man.path):
             where[man.path] = man.path
             continue
+        state = "holds other files than the controller's" if Path(man.path).is_dir() else "is missing"
+        what = f"model {man.name!r}" if man.kind == "model" else man.name
         if mode == "never":
-            state = "holds other files than the controller's" if Path(man.path).is_dir() else "is missing"
-            what = f"model {man.name!r}" if man.kind == "model" else man.name
             raise SourceUnavailable(
                 f"node {node}: {what} at {man.path} {state}; local sources must be at the same path with the same "
                 "files on every node (shared storage), or let workers fetch them: dispatch.ship_sources: auto")
+        if fetch is None:
+            raise SourceUnavailable(f"node {node}: {what} at {man.path} {state} (it changed since the run started?)")
         local, fetched = _fetched_copy(man, fetch, cache)
         where[man.path] = str(local)
         if fetched:
@@ -229,5 +231,3 @@ def _rewrite_paths(root: Path, old: str, new: Path) -> None:
                 path.write_text(text.replace(prefix, str(new) + os.sep), encoding="utf-8")
 
 
-def node_name() -> str:
-    return socket.gethostname()

@@ -205,9 +205,10 @@ def cluster_address(exp: Experiment, override: Optional[str] = None) -> tuple[Op
     return None, "no address given"
 
 
-def dispatch_problems(exp: Experiment) -> list[str]:
-    """What keeps the experiment's workers from running on this machine (a local run only: a
-    cluster's resources are checked when the run joins it)."""
+def dispatch_notes(exp: Experiment) -> list[str]:
+    """What would keep the experiment's workers from running on this machine, as notes, not
+    problems: an experiment for a GPU cluster is validated on a laptop before ``submit``. A run
+    refuses when it starts (a GPU request where the cluster, or this machine, has none)."""
     d = exp.dispatch
     if d.backend == "ray" and (d.address or os.environ.get("RAY_ADDRESS")):
         return []
@@ -215,8 +216,8 @@ def dispatch_problems(exp: Experiment) -> list[str]:
         import torch
 
         if not torch.cuda.is_available():
-            return [f"dispatch.device: {d.device}, but this machine has no GPU that torch can use (and no "
-                    "dispatch.address names a cluster): set dispatch.device: cpu, or run it on a GPU cluster"]
+            return [f"dispatch.device is {d.device}, but this machine has no GPU that torch can use: run it on a "
+                    "GPU cluster (evomerge submit, or run --address); here it would stop at start-up"]
     return []
 
 

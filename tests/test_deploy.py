@@ -87,7 +87,7 @@ def test_dockerfile_copies_existing_files_and_installs_this_package(dockerfile, 
     package = [r for r in runs if re.search(r"\s\.$", r)]
     assert len(package) == 1, f"one `pip install ... .` of the package, got {runs}"
     assert "-c requirements-lock.txt" in package[0] and "--no-deps" in package[0]
-    assert pyproject["project"]["scripts"]["evomerge"] == "evomerge.cli:main"
+    assert pyproject["project"]["scripts"]["evomerge"] == "evomerge.cli:entry"
     cmd = next(args for op, args in reversed(dockerfile) if op == "CMD")
     assert json.loads(cmd)[0] == "evomerge"
 
@@ -296,6 +296,7 @@ def test_rayjob_runs_a_real_experiment_resumably_with_mlflow_wired_in(tmp_path, 
     assert claims == {pvc["metadata"]["name"]} and "ReadWriteMany" in pvc["spec"]["accessModes"]
     workers = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "evomerge-ray-auth"}  # one token across retries
     assert all(p["spec"]["securityContext"]["runAsUser"] != 0 for p in pods)
 
 
@@ -311,6 +312,9 @@ def test_ray_up_cluster_yaml_passes_rays_schema():
     k8s_image = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     assert config["docker"]["image"] == k8s_image
     assert any("mlflow server" in c for c in config["head_start_ray_commands"])
+    # token authentication on every node: the token copied there, the mode required
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]
 
 
 # -- paper-scale experiments ------------------------------------------------------------------

@@ -92,7 +92,8 @@ class _WorkerActor:
             raise _StartFailed(_START_FAILED + text) from None
 
     def ready(self) -> dict[str, Any]:
-        return {"worker": self.label, "node": self.node, "notes": self.notes}
+        notes, self.notes = self.notes, []  # said once (ready() also probes an actor out of reach)
+        return {"worker": self.label, "node": self.node, "notes": notes}
 
     def run(self, request: EvalRequest) -> EvalResult:
         result = self._worker.run(request)
@@ -152,27 +153,39 @@ def _probe(address: str, timeout: float) -> None:
 
 
 class _HeadWatch:
-    """Asks the head (GCS) every 2 s whether it answers; ``silent_for()`` is how long it has not."""
+    """Asks the head (GCS) every 2 s whether it answers; ``silent_for()`` is how long it has not.
 
-    def __init__(self) -> None:
+    It uses the driver's own GCS client (an internal KV read with a 5 s timeout), a private part
+    of Ray: if a Ray upgrade moves it, the watch says so once and stands down (``silent_for`` is
+    then 0) rather than calling a live head lost; tests/test_cluster_faults.py fails then.
+    """
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
         self._last_answer = time.monotonic()
+        self._notify = notify
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="evomerge-head-watch", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
-        from ray._private.worker import global_worker  # the driver's GCS client: an RPC with a timeout
+        try:
+            from ray._private.worker import global_worker
 
+            ask = global_worker.gcs_client.internal_kv_get
+        except (ImportError, AttributeError) as exc:
+            self._notify(f"cannot watch the Ray head ({type(exc).__name__}: {exc}): a lost head is noticed only "
+                         "when Ray ends this process")
+            self._stop.set()
         while not self._stop.is_set():
             try:
-                global_worker.gcs_client.internal_kv_get(b"evomerge-head-check", b"evomerge", timeout=5.0)
+                ask(b"evomerge-head-check", b"evomerge", timeout=5.0)
                 self._last_answer = time.monotonic()
-            except Exception:  # a timeout, or no client (Ray shut down): the head did not answer
+            except Exception:  # a timeout, an RPC error: the head did not answer
                 pass
             self._stop.wait(HEAD_CHECK_S)
 
     def silent_for(self) -> float:
-        return time.monotonic() - self._last_answer
+        return 0.0 if self._stop.is_set() else time.monotonic() - self._last_answer
 
     def stop(self) -> None:
         self._stop.set()
@@ -235,7 +248,8 @@ class RayDispatcher:
             self._check_resources(gpus_per_worker)
             self._options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus_per_worker, "max_concurrency": 1}
             manifests = run_manifests(spec.model_dirs, spec.task_paths)
-            if manifests and ship_sources != "never":
+            # a local instance's workers are on this machine: they fetch nothing unless told to
+            if manifests and (ship_sources == "always" or (ship_sources == "auto" and not local)):
                 here = ray.get_runtime_context().get_node_id()
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -243,7 +257,7 @@ class RayDispatcher:
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote(manifests)
             self._make = lambda: _WorkerActor.options(**self._options).remote(
                 worker_factory, spec, manifests, self._server, ship_sources)
-            self._watch = _HeadWatch()
+            self._watch = _HeadWatch(self._notify)
             self._slots = [_Slot(i) for i in range(num_workers)]
             for slot in self._slots:
                 self._start(slot)
