@@ -87,7 +87,8 @@ class RunSummary:
     seconds: float = 0.0
     islands: int = 1
     resumed: bool = False
-    worker_busy_fraction: Optional[float] = None
+    worker_busy_fraction: Optional[float] = None  # busy seconds / seconds workers were up, in the search
+    worker_seconds: Optional[float] = None  # seconds of live workers in the search, summed over workers
     controller_ms_per_trial: Optional[float] = None
     search_seconds: Optional[float] = None  # the search loop alone (no start-up, no test split)
     steady_busy_fraction: Optional[float] = None  # busy share until the budget was all handed out
@@ -862,7 +863,8 @@ class _RunState:
         inflight: dict[tuple[str, int], _Work] = {}
         busy = wait_s = 0.0
         handled = 0
-        steady_busy, steady_s = 0.0, None
+        steady_busy, steady_s, steady_up = 0.0, None, 0.0
+        up0 = dispatcher.worker_seconds()
         t0 = time.perf_counter()
         while True:
             # refill free workers first: the ledger already has the results; the tracker
@@ -883,6 +885,7 @@ class _RunState:
             self.feed.flush()
             if steady_s is None and not queue and exhausted():
                 steady_s = time.perf_counter() - t0
+                steady_up = dispatcher.worker_seconds() - up0
             if not inflight:
                 break
             tw = time.perf_counter()
@@ -899,7 +902,8 @@ class _RunState:
                 handled += 1
                 getattr(self, f"_on_{work.kind}")(work, res)
         return {"busy": busy, "loop_s": time.perf_counter() - t0, "wait_s": wait_s, "handled": handled,
-                "steady_busy": steady_busy, "steady_s": steady_s or 0.0}
+                "steady_busy": steady_busy, "steady_s": steady_s or 0.0, "up_s": dispatcher.worker_seconds() - up0,
+                "steady_up_s": steady_up}
 
     # ------------------------------------------------------------------ records
     def _record_dispatch(self, cand: Candidate) -> None:
@@ -1054,8 +1058,11 @@ def _summarize(state: _RunState, stats: dict[str, float], test_scores: dict[str,
     loop_s, handled = stats["loop_s"], stats["handled"]
     if loop_s > 0 and handled:
         summary.search_seconds = loop_s
-        summary.worker_busy_fraction = stats["busy"] / (num_workers * loop_s)
+        # of the time workers were up: a pool starts searching with its first worker, and one lost
+        # and started again is not idle while it is away
+        summary.worker_seconds = stats["up_s"] or num_workers * loop_s
+        summary.worker_busy_fraction = stats["busy"] / summary.worker_seconds
         summary.controller_ms_per_trial = 1000.0 * (loop_s - stats["wait_s"]) / handled
         if stats["steady_s"]:
-            summary.steady_busy_fraction = stats["steady_busy"] / (num_workers * stats["steady_s"])
+            summary.steady_busy_fraction = stats["steady_busy"] / (stats["steady_up_s"] or num_workers * stats["steady_s"])
     return summary

@@ -131,6 +131,7 @@ class VirtualDispatcher:
         self.busy_seconds = 0.0
         self.submitted = 0
         self._running: list[tuple[float, int, EvalRequest]] = []
+        self._created = time.monotonic()
 
     def submit(self, request: EvalRequest) -> None:
         if len(self._running) >= self.num_workers:
@@ -157,6 +158,9 @@ class VirtualDispatcher:
 
     def worker_counts(self) -> dict[str, int]:
         return {"target": self.num_workers, "live": self.num_workers, "starting": 0, "restarting": 0}
+
+    def worker_seconds(self) -> float:
+        return self.num_workers * (time.monotonic() - self._created)
 
     @property
     def busy_fraction(self) -> float:

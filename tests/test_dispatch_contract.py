@@ -56,4 +56,9 @@ def test_every_request_comes_back_once(dispatcher):
         assert dispatcher.pending() == submitted - len(seen)
     assert sorted((s, t) for s, t, _, _ in seen) == sorted((r.split, r.trial_id) for r in requests)
     assert all(state == "complete" for _, _, state, _ in seen)
+    counts = dispatcher.worker_counts()  # what `status` shows of the pool
+    assert counts["target"] == dispatcher.num_workers and 1 <= counts["live"] <= counts["target"]
+    assert counts["live"] + counts["starting"] + counts["restarting"] == counts["target"]
+    up = dispatcher.worker_seconds()  # what a busy share is measured against
+    assert up > 0 and dispatcher.worker_seconds() >= up
     assert {f for s, t, _, f in seen if t >= 0 and s == "search"} == {1.0}  # the simulated optimum

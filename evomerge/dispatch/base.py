@@ -28,5 +28,10 @@ class Dispatcher(Protocol):
         ``restarting`` (waiting to be started again after a failure)."""
         ...
 
+    def worker_seconds(self) -> float:
+        """Seconds of live workers, summed over workers, since the dispatcher started (what a busy
+        share is measured against)."""
+        ...
+
     def close(self) -> None:
         ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Callable
 
@@ -16,6 +17,7 @@ class LocalDispatcher:
     def __init__(self, spec: WorkerSpec, worker_factory: Callable[[WorkerSpec], TrialWorker] = TrialWorker) -> None:
         self._worker = worker_factory(spec)
         self._queue: deque[EvalRequest] = deque()
+        self._started = time.monotonic()
 
     def submit(self, request: EvalRequest) -> None:
         self._queue.append(request)
@@ -30,6 +32,9 @@ class LocalDispatcher:
 
     def worker_counts(self) -> dict[str, int]:
         return {"target": 1, "live": 1, "starting": 0, "restarting": 0}
+
+    def worker_seconds(self) -> float:
+        return time.monotonic() - self._started
 
     def close(self) -> None:
         self._queue.clear()

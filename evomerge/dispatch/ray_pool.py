@@ -234,6 +234,7 @@ class RayDispatcher:
         self._worker_timeout = worker_timeout
         self._lost: Optional[str] = None  # why the cluster was given up (then no Ray call is made)
         self._last_said = ""  # the last start failure reported
+        self._up_seconds, self._up_since = 0.0, time.monotonic()  # live worker-seconds, integrated
         self._idle: deque = deque()
         self._queue: deque[EvalRequest] = deque()
         self._running: dict[Any, tuple[_Slot, EvalRequest, float]] = {}  # ObjectRef -> (slot, request, started)
@@ -333,6 +334,7 @@ class RayDispatcher:
         slot.failures, slot.last_error = 0, ""
         for note in info["notes"]:
             self._notify(note)
+        self.worker_seconds()  # the live count changes: integrate up to now
         self._idle.append(slot)
 
     def _start_failed(self, slot: _Slot, exc: BaseException) -> None:
@@ -367,6 +369,12 @@ class RayDispatcher:
     def pending(self) -> int:
         return len(self._queue) + len(self._running) + len(self._ready)
 
+    def worker_seconds(self) -> float:
+        now = time.monotonic()
+        self._up_seconds += (len(self._idle) + len(self._running)) * (now - self._up_since)
+        self._up_since = now
+        return self._up_seconds
+
     def worker_counts(self) -> dict[str, int]:
         """Workers up (idle or busy), starting (or waiting for resources), and waiting to be started again."""
         live = len(self._idle) + len(self._running)
@@ -387,6 +395,7 @@ class RayDispatcher:
                 first_deadline = min(t for _, _, t in self._running.values()) + self._timeout
                 step = min(step, max(0.0, first_deadline - time.monotonic()))
             for ref in self._tend(step):
+                self.worker_seconds()  # the live count may change: integrate up to now
                 slot, request, _ = self._running.pop(ref)
                 try:
                     result = ray.get(ref)
@@ -413,6 +422,7 @@ class RayDispatcher:
         now = time.monotonic()
         for ref, (slot, request, started) in list(self._running.items()):
             if now - started >= self._timeout:
+                self.worker_seconds()
                 del self._running[ref]
                 ray.kill(slot.actor)
                 self._replace(slot)
