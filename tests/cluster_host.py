@@ -5,10 +5,11 @@ CPUs (no worker lands on it, as on KubeRay) and NODES worker nodes of 1 CPU each
 ``address <gcs address>`` and one ``ok ...`` line per command it reads:
 
 - ``add``: a worker node joins (prints its index and Ray node id);
-- ``remove I``: worker node I is lost (its processes killed, not drained);
+- ``remove I``: worker node I is lost (its processes killed, not drained); ``remove_id ID``: the
+  worker node whose Ray node id starts with ID;
 - ``kill_head``: the head is lost (its GCS server killed; its raylet goes on, as a head pod's
   processes may, but the cluster has no GCS any more);
-- ``nodes``: the indexes of the worker nodes alive;
+- ``nodes``: the Ray node ids of the worker nodes alive;
 - ``shutdown``: every process of this cluster stops (and only of this cluster: never ``ray stop``).
 
 Token authentication is on when the environment has ``RAY_AUTH_MODE=token`` and a token
@@ -46,15 +47,16 @@ def main() -> None:
             index = add()
             cluster.wait_for_nodes()
             print(f"ok {index} {nodes[index].node_id}", flush=True)
-        elif words[0] == "remove":
-            node = nodes.pop(int(words[1]))
-            cluster.remove_node(node, allow_graceful=False)
+        elif words[0] in ("remove", "remove_id"):
+            index = int(words[1]) if words[0] == "remove" else next(
+                i for i, n in nodes.items() if n.node_id.startswith(words[1]))
+            cluster.remove_node(nodes.pop(index), allow_graceful=False)
             print("ok", flush=True)
         elif words[0] == "kill_head":
             cluster.head_node.kill_gcs_server()
             print("ok", flush=True)
         elif words[0] == "nodes":
-            print("ok " + " ".join(map(str, sorted(nodes))), flush=True)
+            print("ok " + " ".join(nodes[i].node_id for i in sorted(nodes)), flush=True)
         elif words[0] == "shutdown":
             break
     try:

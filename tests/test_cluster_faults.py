@@ -200,6 +200,13 @@ def _workers(run_dir: Path) -> dict:
         return {}
 
 
+def _a_worker_node(run: "Run", trials: list[dict]) -> str:
+    """A node that runs a worker and not the controller (whose node the test does not remove: losing
+    the controller's node is the controller's loss, tested as such)."""
+    controller = re.search(r"the controller is on Ray node \S+ \((\w+)\)", run.output).group(1)
+    return sorted(_nodes_used(trials) - {controller})[0]
+
+
 def _nodes_used(trials: list[dict]) -> set[str]:
     return {t["worker"].rsplit("@", 1)[1] for t in trials if "@" in t["worker"]}
 
@@ -216,7 +223,7 @@ def test_node_lost_mid_search_is_retried_and_a_new_node_fetches_the_sources(clus
     assert _status(cluster_env, run_dir)["workers"]["live"] == 3
     shutil.rmtree(cluster_env.sources)  # the controller still serves them: it opened them at the start
     in_flight = _in_flight(run_dir)
-    cluster.command("remove 0")
+    cluster.command(f"remove_id {_a_worker_node(run, _trials(run_dir))}")
     _, new_node = cluster.command("add")
     run.wait_for(lambda: any(new_node[:8] in t["worker"] for t in _trials(run_dir)), timeout=240)
     run.wait_for(lambda: _workers(run_dir) == {"target": 3, "live": 3, "starting": 0, "restarting": 0})
@@ -241,8 +248,10 @@ def test_node_lost_while_workers_start_costs_a_worker_not_the_run(cluster_env, t
     run_dir = tmp_path / "startup"
     exp = cluster_env.experiment("startup", 60, num_workers=3)
     run = cluster_env.run("run", str(exp), "--run-dir", str(run_dir), "--address", cluster.address)
-    run.wait_for(lambda: "ray worker(s) on the Ray cluster" in run.output, poll=0.02)
-    cluster.command("remove 1")  # the workers are still importing torch and lm-eval: seconds
+    run.wait_for(lambda: "the controller is on Ray node" in run.output, poll=0.02)
+    controller = re.search(r"the controller is on Ray node \S+ \((\w+)\)", run.output).group(1)
+    lost = next(n for n in cluster.command("nodes") if not n.startswith(controller))
+    cluster.command(f"remove_id {lost}")  # the workers are still importing torch and lm-eval: seconds
     _, new_node = cluster.command("add")
     run.wait_for(lambda: any(new_node[:8] in t["worker"] for t in _trials(run_dir)), timeout=240)
     assert run.wait() == 0, run.output[-3000:]

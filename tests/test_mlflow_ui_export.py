@@ -200,7 +200,8 @@ def test_a_run_goes_on_while_mlflow_is_down_and_sync_uploads_it_later(tmp_path, 
 def test_json_output_for_scripts(tmp_path, session_tiny_zoo, capsys):
     exp = experiment_file(tmp_path, "js", suite=SUITE, budget={"max_trials": 3})
     assert main(["validate", str(exp), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"ok": True, "experiment": str(exp), "problems": [], "name": "js"}
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "experiment": str(exp), "problems": [], "notes": [],
+                                                        "name": "js"}
     bad = experiment_file(tmp_path, "bad", suite={**SUITE, "tasks": [{"name": "nope"}]})
     assert main(["validate", str(bad), "--json"]) == 2
     out = json.loads(capsys.readouterr().out)

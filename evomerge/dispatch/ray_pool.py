@@ -248,10 +248,12 @@ class RayDispatcher:
         try:
             self._check_resources(gpus_per_worker)
             self._options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus_per_worker, "max_concurrency": 1}
+            here = ray.get_runtime_context().get_node_id()
+            if not local:  # which node's loss would take the controller with it
+                self._notify(f"the controller is on Ray node {ray.util.get_node_ip_address()} ({here[:8]})")
             manifests = run_manifests(spec.model_dirs, spec.task_paths)
             # a local instance's workers are on this machine: they fetch nothing unless told to
             if manifests and (ship_sources == "always" or (ship_sources == "auto" and not local)):
-                here = ray.get_runtime_context().get_node_id()
                 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
                 self._server = _FileServerActor.options(
