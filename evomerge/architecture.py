@@ -13,10 +13,12 @@ Tensor names are as ``save_pretrained`` writes them (transformers 5). Where the 
 module is named differently (GPT-NeoX's ``embed_out`` loads as ``lm_head``),
 :meth:`Architecture.module_name` maps one to the other.
 
-A family is **supported** when it is described here and tested in ``tests/test_families.py``
-(tiny random models made with transformers' own config classes). To add one: describe it
-below, add it to ``FAMILIES`` in that test, and run it; a source of any other architecture
-is refused at ``evomerge validate``.
+The families described here are the ones data-flow merges support, each tested in
+``tests/test_families.py`` (tiny random models made with transformers' own config classes). Every
+other decoder-only causal LM transformers ships is read from its module tree by
+:mod:`evomerge.model_tree` for parameter-space merges (``tests/test_family_coverage.py`` walks
+them all); a family neither can place is refused at ``evomerge validate`` with the reason. To add
+data-flow support for one: describe it below, add it to ``FAMILIES`` in that test, and run it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,18 @@ class Architecture:
     """mergekit 0.1.5's architecture file for the family."""
     config_keys: Mapping[str, str] = field(default_factory=dict)
     """Config keys with another name in this family (role -> key), e.g. GPT-2's ``n_embd``."""
+    merge_space: Literal["files", "modules"] = "files"
+    """Which names and shapes a merge works on: the files' (read lazily, tensor by tensor), or, for a
+    family whose files hold its weights otherwise than the loaded model (renamed, or per-expert
+    tensors that transformers stacks), the model's own, loaded with transformers (mergekit merges
+    those stacked parameters whole too)."""
+    fixed_layers: Optional[int] = None
+    """The layer count when no config key holds it (``layer_count_key`` ""; derived families)."""
+    derived: bool = False
+    """Read from transformers' module tree (:mod:`evomerge.model_tree`), not described by hand:
+    parameter-space merges only (``final_norm`` and the fields below it are unknown)."""
+    dfs_reason: str = ""
+    """Why data-flow merges are refused for this family ("" when they are supported)."""
 
     # -- tensor names ---------------------------------------------------------------------
     @cached_property
@@ -134,6 +148,8 @@ class Architecture:
     def num_layers(self, config: Mapping[str, Any]) -> int:
         """Layer count from a ``config.json`` mapping."""
         key = self.layer_count_key
+        if not key and self.fixed_layers is not None:
+            return self.fixed_layers
         if key not in config:
             raise ConfigError([f"config.json of a {self.name} model has no {key!r} (its layer count)"])
         return int(config[key])
@@ -218,6 +234,34 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  final_norm="gpt_neox.final_layer_norm", head_in_files="embed_out", attention="attention",
                  residual_writers=("attention.dense.", "mlp.dense_4h_to_h."),
                  fused=("attention.query_key_value",), mergekit="gpt-neox"),
+    # Llama's layout (pre-norm RMSNorm, o_proj and down_proj write the stream)
+    Architecture("smollm3", ("smollm3",), tied_by_default=True),  # NoPE layers: a per-layer flag, kept by each layer
+    Architecture("granite", ("granite",), mergekit="granite"),  # residual_multiplier scales both writers' outputs
+    Architecture("arcee", ("arcee",), mergekit="arcee"),  # no gate_proj (ReLU² MLP)
+    Architecture("helium", ("helium",)),
+    Architecture("ministral", ("ministral", "ministral3")),
+    Architecture("apertus", ("apertus",), mergekit="apertus"),  # attention_layernorm / feedforward_layernorm
+    # norms after each branch only, like OLMo2: data-flow paths without scales
+    Architecture("olmo3", ("olmo3",), norms="post",
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    Architecture("exaone4", ("exaone4",), norms="post",
+                 post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    # GLM-4: a norm before and after each branch, fused gate/up
+    Architecture("glm4", ("glm4",), norms="sandwich", post_norms=("post_self_attn_layernorm", "post_mlp_layernorm"),
+                 fused=("mlp.gate_up_proj",), mergekit="glm4"),
+    # attention and MLP side by side on one normed input (parallel residual)
+    Architecture("cohere", ("cohere",), tied_by_default=True, mergekit="cohere"),
+    Architecture("phi", ("phi",), final_norm="model.final_layernorm",
+                 residual_writers=("self_attn.dense.", "mlp.fc2."), mergekit="phi2"),  # LayerNorm, partial rotary
+    Architecture("falcon", ("falcon",), embeddings=("transformer.word_embeddings",), layers="transformer.h",
+                 final_norm="transformer.ln_f", tied_by_default=True, attention="self_attention",
+                 residual_writers=("self_attention.dense.", "mlp.dense_4h_to_h."),
+                 fused=("self_attention.query_key_value",), mergekit="falcon",
+                 config_keys={"num_key_value_heads": "num_kv_heads"}),
+    # LayerNorm with biases; a writer's bias scales with it
+    Architecture("stablelm", ("stablelm",), mergekit="stablelm"),
+    Architecture("starcoder2", ("starcoder2",), tied_by_default=True, residual_writers=("self_attn.o_proj.", "mlp.c_proj."),
+                 mergekit="starcoder2"),
     Architecture("gpt2", ("gpt2",), embeddings=("transformer.wte", "transformer.wpe"), layers="transformer.h",
                  final_norm="transformer.ln_f", layer_count_key="n_layer", tied_by_default=True, attention="attn",
                  residual_writers=("attn.c_proj.", "mlp.c_proj."), fused=("attn.c_attn",), mergekit="gpt2",
@@ -226,25 +270,43 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 )
 BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
 BY_NAME = {a.name: a for a in ARCHITECTURES}
-NOT_YET = "vision-language models and mixture-of-experts models are not supported yet"
+
+
+# families read from the module tree that mergekit 0.1.5 also describes (their exports as mergekit
+# YAML are checked tensor for tensor in tests/test_families.py): model_type -> mergekit's name
+MERGEKIT_DERIVED = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
 
 
 def supported() -> str:
+    """The families with a hand description (data-flow merges)."""
     return ", ".join(a.name for a in ARCHITECTURES)
 
 
-def unsupported_message(model_type: object, where: str) -> str:
-    return (f"{where}: architecture {model_type!r} is not supported (supported: {supported()}; {NOT_YET}); "
-            "to add one, describe it in evomerge/architecture.py and test it in tests/test_families.py")
-
-
 def for_config(config: Mapping[str, Any], where: str = "model") -> Architecture:
-    """The description of a ``config.json`` mapping; :class:`ConfigError` naming it if there is none."""
+    """The description of a ``config.json`` mapping: by hand, else derived from transformers' module
+    tree; :class:`ConfigError` naming it and saying why if neither can place its tensors."""
     model_type = config.get("model_type")
     arch = BY_MODEL_TYPE.get(model_type)  # type: ignore[arg-type]
-    if arch is None:
-        raise ConfigError([unsupported_message(model_type, where)])
-    return arch
+    if arch is not None:
+        return arch
+    if not isinstance(model_type, str):
+        raise ConfigError([f"{where}: config.json has no model_type, so its architecture is unknown"])
+    from evomerge.model_tree import derive
+
+    return derive(config, where)
+
+
+def capabilities(config: Mapping[str, Any]) -> str:
+    """What evomerge can do with a source of this config, in one line: ``PS: yes · DFS: yes``,
+    ``PS: yes (derived) · DFS: no (...)``, or ``PS: no (...) · DFS: no``."""
+    try:
+        arch = for_config(config)
+    except ConfigError as exc:
+        reason = exc.problems[0].split(": ", 1)[-1]
+        return f"PS: no ({reason}) · DFS: no"
+    if arch.derived:
+        return f"PS: yes (derived) · DFS: no ({arch.dfs_reason})"
+    return "PS: yes · DFS: yes" + ("" if arch.can_fold_scales else " (without scales: no norm before each branch)")
 
 
 def for_model_dir(path, where: Optional[str] = None) -> Architecture:
@@ -298,12 +360,12 @@ def source_problems(configs: Mapping[str, Mapping[str, Any]], *, ps_models: tupl
         return problems
     first = base_model if base_model in archs else next(iter(archs))
     for name, arch in archs.items():
-        if arch is not archs[first]:
+        if arch != archs[first]:
             problems.append(f"models: {name} is {arch.name} but {first} is {archs[first].name}; sources merged "
                             "together must be one architecture")
 
     def compare(group: tuple[str, ...], reference: str, what: str, with_layers: bool) -> None:
-        if reference not in archs or archs[reference] is not archs[first]:
+        if reference not in archs or archs[reference] != archs[first]:
             return
         arch = archs[reference]
 
@@ -315,7 +377,7 @@ def source_problems(configs: Mapping[str, Mapping[str, Any]], *, ps_models: tupl
 
         want = shape(reference)
         for name in group:
-            if name == reference or name not in archs or archs[name] is not arch:
+            if name == reference or name not in archs or archs[name] != arch:
                 continue
             got = shape(name)
             for role, value in want.items():
@@ -326,7 +388,12 @@ def source_problems(configs: Mapping[str, Mapping[str, Any]], *, ps_models: tupl
     if ps_models:
         compare(ps_models, base_model, "sources merged in parameter space", True)
     known = [d for d in dfs_donors if d in archs]
-    if known:
+    derived = sorted({archs[d].name for d in known if archs[d].derived})
+    for name in derived:
+        arch = next(archs[d] for d in known if archs[d].name == name)
+        problems.append(f"search_space: a data-flow merge needs a description of the family: {arch.dfs_reason}; "
+                        "parameter-space merges of it work")
+    if known and not derived:
         compare(dfs_donors, known[0], "data-flow donors (layers on one path)", False)
         arch = archs[known[0]]
         if dfs_scaling and not arch.can_fold_scales:
@@ -339,17 +406,20 @@ def param_count(config: Mapping[str, Any]) -> int:
     """Parameters of the model a ``config.json`` describes: models of one and two layers are built
     on the meta device (no memory, no init cost of a full model) and the difference is one layer's."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.model_tree import config_object
 
     arch = for_config(config)
     layers = arch.num_layers(config)
-    cfg = {k: v for k, v in config.items()
-           if k not in ("model_type", "architectures", "transformers_version", "auto_map", "layer_types")}
+    cfg = {k: v for k, v in config.items() if k != "layer_types"}
+    if not arch.layer_count_key:  # the count is not one key: the whole model, on the meta device
+        with torch.device("meta"):
+            return sum(p.numel() for p in AutoModelForCausalLM.from_config(config_object(config)).parameters())
 
     def count(n: int) -> int:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.for_model(config["model_type"], **{**cfg, arch.layer_count_key: n}))
+            model = AutoModelForCausalLM.from_config(config_object(cfg, **{arch.layer_count_key: n}))
         return sum(p.numel() for p in model.parameters())
 
     one = count(1)

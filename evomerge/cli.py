@@ -229,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_validate(args) -> int:
     from evomerge.config import load_experiment
 
-    from evomerge.wiring import dispatch_notes, source_problems, suite_problems
+    from evomerge.wiring import dispatch_notes, source_capabilities, source_problems, suite_problems
 
     try:
         exp = load_experiment(args.experiment)
@@ -244,11 +244,12 @@ def _cmd_validate(args) -> int:
             return EXIT_USAGE
         raise
     notes = dispatch_notes(exp)
+    sources = source_capabilities(exp)
     if args.json:
         import json
 
         print(json.dumps({"ok": True, "experiment": str(args.experiment), "problems": [], "notes": notes,
-                          "name": exp.name}, indent=2))
+                          "sources": sources, "name": exp.name}, indent=2))
         return EXIT_OK
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -256,6 +257,8 @@ def _cmd_validate(args) -> int:
     what = f"method {space.method}" if space.kind == "ps" else f"data-flow space, r = {space.repetitions}"
     print(f"{args.experiment}: ok ({exp.name}: {len(exp.models)} models, {what}, "
           f"{exp.budget.max_trials} trials)")
+    for name, line in sources.items():
+        print(f"  {name}: {line}")
     return EXIT_OK
 
 

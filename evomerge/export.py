@@ -337,7 +337,7 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
                                                   dtype=dtype)
         model = AutoModelForCausalLM.from_pretrained(model_dirs[ps.base_model], dtype=dtype,
                                                      use_safetensors=True, trust_remote_code=False)
-        sources.merge_into(ps, model.state_dict())
+        sources.merge_into(ps, model)  # its placement: renamed or fused tensors (MoE experts) too
         return model
 
     if isinstance(recipe, DFSRecipe):

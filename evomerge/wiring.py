@@ -114,6 +114,23 @@ def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
     """
     from evomerge.architecture import source_problems as check
 
+    configs, problems = _source_configs(exp, model_dirs, download)
+    space = exp.search_space
+    if space.kind == "ps":
+        return problems + check(configs, ps_models=tuple(m.name for m in exp.models), base_model=exp.base_model)
+    donors = tuple(space.models or [m.name for m in exp.models])
+    embed_from = space.embed_from or exp.base_model
+    if space.ps_donor is not None:  # merged from the sources in parameter space, lends layers too
+        donors = (*donors, exp.base_model)
+    elif embed_from not in donors:
+        donors = (embed_from, *donors)
+    return problems + check(configs, ps_models=tuple(m.name for m in exp.models) if space.ps_donor else (),
+                            base_model=exp.base_model, dfs_donors=donors, dfs_scaling=space.scaling)
+
+
+def _source_configs(exp: Experiment, model_dirs: Optional[dict[str, str]] = None,
+                    download: bool = False) -> tuple[dict[str, dict], list[str]]:
+    """Each source's config.json that can be had here (see :func:`source_problems`), and problems."""
     if model_dirs is None:
         model_dirs = {}
         zoo_models: dict[str, Any] = {}
@@ -140,17 +157,24 @@ def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
                 problems.extend(exc.problems)
         except (OSError, ValueError) as exc:
             problems.append(f"models: {name}: cannot read its config.json ({type(exc).__name__}: {exc})")
-    space = exp.search_space
-    if space.kind == "ps":
-        return problems + check(configs, ps_models=tuple(m.name for m in exp.models), base_model=exp.base_model)
-    donors = tuple(space.models or [m.name for m in exp.models])
-    embed_from = space.embed_from or exp.base_model
-    if space.ps_donor is not None:  # merged from the sources in parameter space, lends layers too
-        donors = (*donors, exp.base_model)
-    elif embed_from not in donors:
-        donors = (embed_from, *donors)
-    return problems + check(configs, ps_models=tuple(m.name for m in exp.models) if space.ps_donor else (),
-                            base_model=exp.base_model, dfs_donors=donors, dfs_scaling=space.scaling)
+    return configs, problems
+
+
+def source_capabilities(exp: Experiment) -> dict[str, str]:
+    """What evomerge can do with each source, in one line (see :func:`evomerge.architecture.capabilities`);
+    a source whose config.json is not here yet (a Hub model not cached, a zoo not built) says so."""
+    from evomerge.architecture import capabilities
+
+    configs, _ = _source_configs(exp)
+    out = {}
+    for m in exp.models:
+        config = configs.get(m.name)
+        if config is None:
+            out[m.name] = ("the embedded zoo's Llama models: PS: yes · DFS: yes" if m.path.startswith(ZOO_PREFIX)
+                           else "unknown until its config.json is here (declare `config:` to check it now)")
+        else:
+            out[m.name] = f"{config.get('model_type')}: {capabilities(config)}"
+    return out
 
 
 def ps_donor_recipe(path: str) -> Recipe:

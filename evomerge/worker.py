@@ -145,7 +145,7 @@ class TrialWorker:
             merged = AutoModelForCausalLM.from_pretrained(
                 spec.model_dirs[spec.base_model], dtype=dtype, use_safetensors=True,
                 trust_remote_code=spec.base_model in spec.trusted)
-            sources.merge_into(Recipe.from_dict(recipe), merged.state_dict())
+            sources.merge_into(Recipe.from_dict(recipe), merged)
             del sources
             donors[name] = merged.to(spec.device).eval()
         donors.update(load_donors({k: v for k, v in spec.model_dirs.items() if k in onboard}, spec.device,
@@ -156,11 +156,7 @@ class TrialWorker:
         return DataFlowModel(donors, self.model)
 
     def _load_source(self, name: str) -> None:
-        import torch
-
-        with torch.no_grad():
-            for key, tensor in self.sources.state_dict(name).items():
-                self.target[self.sources.arch.module_name(key)].copy_(tensor)
+        self.sources.write_source(name, self.target)
 
     def run(self, request: EvalRequest) -> EvalResult:
         """Merge (or load) and score; any failure becomes a failed result with its reason."""

@@ -51,6 +51,25 @@ FAMILIES = {
     "gpt_neox": ("gpt_neox", T.GPTNeoXConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                                                    num_attention_heads=4)),
     "gpt2": ("gpt2", T.GPT2Config, dict(n_embd=64, n_layer=LAYERS, n_head=4, n_positions=64)),
+    "smollm3": ("smollm3", T.SmolLM3Config, {**_ATTN, "no_rope_layer_interval": 2}),
+    "granite": ("granite", T.GraniteConfig, {**_ATTN, "residual_multiplier": 0.5, "embedding_multiplier": 2.0}),
+    "arcee": ("arcee", T.ArceeConfig, _ATTN),
+    "helium": ("helium", T.HeliumConfig, _ATTN),
+    "ministral": ("ministral", T.MinistralConfig, {**_ATTN, "sliding_window": 8}),
+    "apertus": ("apertus", T.ApertusConfig, _ATTN),
+    "olmo3": ("olmo3", T.Olmo3Config, {**_ATTN, "sliding_window": 8}),
+    "exaone4": ("exaone4", T.Exaone4Config, {**_ATTN, "sliding_window": 8}),
+    "glm4": ("glm4", T.Glm4Config, _ATTN),
+    "cohere": ("cohere", T.CohereConfig, {**_ATTN, "use_qk_norm": True}),  # as mergekit's cohere has it
+    "phi": ("phi", T.PhiConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                                     num_attention_heads=4)),
+    # Falcon-7B's layout (one norm, multi-query) and Falcon-40B/180B's (a norm per branch), which mergekit describes
+    "falcon_7b": ("falcon", T.FalconConfig, dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4)),
+    "falcon": ("falcon", T.FalconConfig, dict(hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                              new_decoder_architecture=True, num_kv_heads=2,
+                                              tie_word_embeddings=False)),
+    "stablelm": ("stablelm", T.StableLmConfig, _ATTN),
+    "starcoder2": ("starcoder2", T.Starcoder2Config, _ATTN),
 }
 SOURCES = ("base", "expert_a", "expert_b")
 
@@ -65,10 +84,13 @@ def test_every_described_architecture_is_tested_here():
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory, session_tiny_zoo) -> dict[str, dict[str, Path]]:
     """{family: {source: model dir}}: a random base and two perturbed fine-tunes per family."""
-    tokenizer = T.AutoTokenizer.from_pretrained(session_tiny_zoo.models["base"])
-    root = tmp_path_factory.mktemp("families")
+    return _make_dirs(FAMILIES, tmp_path_factory.mktemp("families"), session_tiny_zoo)
+
+
+def _make_dirs(families, root: Path, zoo) -> dict[str, dict[str, Path]]:
+    tokenizer = T.AutoTokenizer.from_pretrained(zoo.models["base"])
     out = {}
-    for family, (_, config_class, kwargs) in FAMILIES.items():
+    for family, (_, config_class, kwargs) in families.items():
         cfg = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
         torch.manual_seed(0)
@@ -176,14 +198,41 @@ for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
 MERGEKIT_CANNOT = {
     "gpt_neox": "its gpt-neox description requires the attention.bias mask buffers, which transformers "
                 "no longer saves",
+    "falcon_7b": "its falcon description is the new decoder architecture's (ln_attn / ln_mlp) only",
 }
 
 
-def test_ps_merges_equal_mergekits_for_every_family(family_dirs, tmp_path):
+# mixture-of-experts families, read from transformers' module tree (no hand description), that
+# mergekit 0.1.5 describes: their files hold one tensor per expert, which both tools merge
+MOE = {
+    "mixtral": (T.MixtralConfig, dict(hidden_size=64, intermediate_size=32, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2)),
+    "qwen3_moe": (T.Qwen3MoeConfig, dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                         num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                                         mlp_only_layers=[])),
+}
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory, session_tiny_zoo) -> dict[str, dict[str, Path]]:
+    return _make_dirs({f: (None, c, k) for f, (c, k) in MOE.items()}, tmp_path_factory.mktemp("moe"),
+                      session_tiny_zoo)
+
+
+def test_ps_merges_equal_mergekits_for_every_family(family_dirs, moe_dirs, tmp_path):
+    """Every family mergekit 0.1.5 describes (hand-described and MoE): mergekit's TIES merge of
+    the same recipe, tensor for tensor; the others are refused at export ("use --format hf")."""
     pytest.importorskip("mergekit")
     args = []
-    for family, dirs in family_dirs.items():
+    families = {**family_dirs, **moe_dirs}
+    for family, dirs in families.items():
         arch = for_model_dir(dirs["base"])
+        if arch.mergekit is None:
+            with pytest.raises(Exception, match=f"mergekit has no architecture for {arch.name}; use --format hf"):
+                mergekit_yaml(_recipe("ties"), {k: str(v) for k, v in dirs.items()}, arch)
+            continue
         config = tmp_path / f"{family}.yml"
         config.write_text(mergekit_yaml(_recipe("ties"), {k: str(v) for k, v in dirs.items()}, arch))
         args += [str(config), str(tmp_path / family)]
@@ -192,8 +241,9 @@ def test_ps_merges_equal_mergekits_for_every_family(family_dirs, tmp_path):
     failed = {Path(line.split()[1]).name: line for line in done.stdout.splitlines() if line.startswith("FAILED")}
     print(failed)
     assert set(failed) == set(MERGEKIT_CANNOT)
-    for family, dirs in family_dirs.items():
-        if family in MERGEKIT_CANNOT:
+    compared = []
+    for family, dirs in families.items():
+        if family in MERGEKIT_CANNOT or for_model_dir(dirs["base"]).mergekit is None:
             continue
         ours = ResidentSources.from_model_dirs(dirs, "base").merged_state_dict(_recipe("ties"))
         theirs = _files(tmp_path / family)
@@ -201,6 +251,8 @@ def test_ps_merges_equal_mergekits_for_every_family(family_dirs, tmp_path):
         worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
         print(f"mergekit parity {family}: max abs diff {worst:.3g}")
         assert worst == 0.0, family
+        compared.append(family)
+    assert {"mixtral", "qwen3_moe", "llama", "falcon", "cohere"} <= set(compared)
 
 
 def _ids(vocab: int) -> torch.Tensor:
@@ -269,11 +321,14 @@ def _experiment(tmp_path: Path, family: str, dirs: dict[str, Path], tasks_dir: P
     return path
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE])
 @torch.no_grad()
-def test_a_search_exports_a_model_that_loads_and_scores_as_searched(family, family_dirs, session_tiny_zoo, tmp_path,
-                                                                      capsys):
-    dirs = family_dirs[family]
+def test_a_search_exports_a_model_that_loads_and_scores_as_searched(family, family_dirs, moe_dirs, session_tiny_zoo,
+                                                                      tmp_path, capsys):
+    """A 3-trial per-layer TIES search from the CLI on the family, exported as a model dir that gives
+    the searched logits and as a mergekit YAML (where mergekit describes the family); mixture-of-
+    experts families are merged as the model holds them (stacked experts) and exported per expert."""
+    dirs = {**family_dirs, **moe_dirs}[family]
     exp = _experiment(tmp_path, family, dirs, session_tiny_zoo.tasks_dir, "ps_ties_per_layer.yaml")
     assert main(["validate", str(exp)]) == 0
     run = tmp_path / "run"
@@ -282,7 +337,10 @@ def test_a_search_exports_a_model_that_loads_and_scores_as_searched(family, fami
     trials = [r for r in records if r.get("kind") == "trial"]
     assert len(trials) == 3 and all(r["state"] == "complete" for r in trials), trials
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    assert main(["export", str(run), "--format", "mergekit", "--out", str(tmp_path / "mk")]) == 0
+    mergekit = for_model_dir(dirs["base"]).mergekit
+    assert main(["export", str(run), "--format", "mergekit", "--out", str(tmp_path / "mk")]) == (0 if mergekit else 1)
+    if not mergekit:
+        assert "mergekit has no architecture for" in capsys.readouterr().err
     capsys.readouterr()
     best = Recipe.from_yaml((tmp_path / "hf" / "evomerge_recipe.yaml").read_text())
     searched = T.AutoModelForCausalLM.from_pretrained(dirs["base"]).eval()
@@ -291,8 +349,9 @@ def test_a_search_exports_a_model_that_loads_and_scores_as_searched(family, fami
     ids = _ids(searched.config.vocab_size)
     assert torch.allclose(exported(ids).logits, searched(ids).logits, atol=1e-5)
     assert T.AutoTokenizer.from_pretrained(tmp_path / "hf") is not None
-    mk = yaml.safe_load((tmp_path / "mk" / "mergekit.yaml").read_text())
-    assert mk["merge_method"] == "ties" and len(mk["models"]) == 2 and mk["base_model"] == str(dirs["base"])
+    if mergekit:
+        mk = yaml.safe_load((tmp_path / "mk" / "mergekit.yaml").read_text())
+        assert mk["merge_method"] == "ties" and len(mk["models"]) == 2 and mk["base_model"] == str(dirs["base"])
 
 
 DFS_SPACE = "{kind: dfs, repetitions: 1, scaling: true, scale: {low: 0.8, high: 1.25}, start: embed_from}"
@@ -311,17 +370,24 @@ def test_a_dfs_search_runs_and_exports_for_other_layouts(family, family_dirs, se
     assert T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
 
 
-def test_sources_that_cannot_be_merged_are_refused_at_validate(family_dirs, session_tiny_zoo, tmp_path, capsys):
+def test_sources_that_cannot_be_merged_are_refused_at_validate(family_dirs, moe_dirs, session_tiny_zoo, tmp_path,
+                                                                capsys):
     tasks = session_tiny_zoo.tasks_dir
     fam = family_dirs
-    # an architecture without a description
-    bert = tmp_path / "bert"
-    bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    # architectures evomerge cannot merge: no causal-LM class; an encoder-decoder
+    t5, bart = tmp_path / "t5", tmp_path / "bart"
+    for d, cfg in ((t5, {"model_type": "t5"}), (bart, T.BartConfig(d_model=64, encoder_layers=2, decoder_layers=2,
+                                                                    vocab_size=500).to_dict())):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
     cases = {
-        "unsupported": ({"base": fam["llama"]["base"], "other": bert}, "ps_ties.yaml",
-                        ["models: other: architecture 'bert' is not supported (supported: llama,",
-                         "tests/test_families.py"]),
+        "unsupported": ({"base": fam["llama"]["base"], "other": t5}, "ps_ties.yaml",
+                        ["models: other: architecture 't5' has no causal language-model class in transformers"]),
+        "encoder-decoder": ({"base": fam["llama"]["base"], "other": bart}, "ps_ties.yaml",
+                            ["models: other: 'bart' is an encoder-decoder model"]),
+        "dfs of a derived family": (moe_dirs["mixtral"], DFS_SPACE,
+                                    ["search_space: a data-flow merge needs a description of the family: no data-flow "
+                                     "description for 'mixtral'"]),
         "llama+gemma": ({"base": fam["llama"]["base"], "g": fam["gemma"]["expert_a"]}, "ps_ties.yaml",
                         ["models: g is gemma but base is llama"]),
         "vocab+layers": ({"base": fam["llama"]["base"], "n": fam["gpt_neox"]["base"]}, "ps_ties.yaml",

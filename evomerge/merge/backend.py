@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from evomerge.architecture import Architecture, for_sources, for_tensor_names
+from evomerge.architecture import Architecture, for_model_dir, for_sources, for_tensor_names
 from evomerge.errors import MergeError
 from evomerge.merge.methods import MergeMethod, get_method
 from evomerge.merge.parameter_space import merge_tensor
@@ -250,17 +250,47 @@ class ResidentSources:
         or shards listed in ``model.safetensors.index.json``). Tensors are read one at a
         time, so peak memory is the resident result plus one tensor per model.
         """
+        arch = None
+        if base_model in dirs and (Path(dirs[base_model]) / "config.json").is_file():
+            arch = for_model_dir(dirs[base_model])
+        if arch is not None and arch.merge_space == "modules":
+            return cls._from_loaded_models(dirs, base_model, device, dtype, arch)
         with ExitStack() as stack:
             handles = open_tensor_handles(dirs, stack)
             shapes = {
                 model: {k: tuple(h.get_slice(k).get_shape()) for k, h in hs.items()}  # type: ignore[attr-defined]
                 for model, hs in handles.items()
             }
-            arch = for_sources(dirs[base_model], shapes[base_model]) if base_model in dirs else None
+            if arch is None and base_model in dirs:
+                arch = for_sources(dirs[base_model], shapes[base_model])
             _check_configs(dirs, base_model)
             return cls._build(
                 shapes, lambda m, k: handles[m][k].get_tensor(k), base_model, device, dtype, arch  # type: ignore[attr-defined]
             )
+
+    @classmethod
+    def _from_loaded_models(cls, dirs: Mapping[str, Path], base_model: str, device: str, dtype: torch.dtype,
+                            arch: Architecture) -> ResidentSources:
+        """Sources of a family whose files hold its weights otherwise than the model does (transformers
+        5 stacks a mixture-of-experts layer's per-expert tensors into one parameter on loading):
+        loaded with transformers, one model at a time, and merged as the model holds them, as
+        mergekit does (a TIES threshold or a DARE draw is per stacked parameter)."""
+        from transformers import AutoModelForCausalLM
+
+        _check_configs(dirs, base_model)
+        state_dicts: dict[str, dict[str, Tensor]] = {}
+        for name, directory in dirs.items():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, use_safetensors=True,
+                                                             trust_remote_code=False)
+            except Exception as exc:
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise MergeError(f"source {name!r}: cannot load {directory} ({type(exc).__name__}: {first}); a "
+                                 "corrupt or truncated safetensors file is copied or downloaded again") from None
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+            state_dicts[name] = {k: t for k, t in model.state_dict().items() if k not in tied}
+            del model
+        return cls.from_state_dicts(state_dicts, base_model, device, dtype, arch)
 
     @classmethod
     def from_state_dicts(
@@ -338,38 +368,52 @@ class ResidentSources:
 
     # -- merging ------------------------------------------------------------
     @torch.no_grad()
-    def merge_into(self, recipe: Recipe, target: Mapping[str, Tensor]) -> None:
+    def merge_into(self, recipe: Recipe, target: "Mapping[str, Tensor] | torch.nn.Module") -> None:
         """Write the merge of ``recipe`` into ``target`` in place, tensor by tensor.
 
-        ``target`` is typically ``model.state_dict()`` of a preallocated model (its
-        tensors share storage with the parameters); every source tensor name must be in
-        it with the same shape (dtype and device may differ: values are copied over); names are
-        the files' (GPT-NeoX's ``embed_out``), mapped to the model's (``lm_head``) by the
-        architecture. Target entries the sources lack (e.g. a tied ``lm_head.weight``) are left
-        alone. Everything is checked before anything is written.
+        ``target`` is a preallocated model, or its ``state_dict()`` (its tensors share storage
+        with the parameters); every source tensor name must be in it with the same shape (dtype
+        and device may differ: values are copied over); names are the files' (GPT-NeoX's
+        ``embed_out``), mapped to the model's (``lm_head``) by the architecture, or the model's
+        own for families merged as the model holds them (see :meth:`from_model_dirs`). Target
+        entries the sources lack (e.g. a tied ``lm_head.weight``) are left alone. Everything is
+        checked before anything is written.
         """
         plan = self._plan(recipe)
-        target = {key: target.get(self.arch.module_name(key)) for key in self._base}
-        for key, b in self._base.items():
-            dest = target.get(key)
-            if dest is None:
-                raise MergeError(f"target has no tensor {self.arch.module_name(key)!r}")
-            if tuple(dest.shape) != tuple(b.shape):
-                raise MergeError(f"target tensor {key!r} has shape {tuple(dest.shape)}, sources {tuple(b.shape)}")
+        write = self._writer(target)
         pool = None
         if next(iter(self._base.values())).device.type == "cpu" and _sparsifies(plan.method):
             pool = _cpu_pool()
         if pool is None:
             for key in self._base:
-                target[key].copy_(self._merge_one(plan, key))
+                write(key, self._merge_one(plan, key))
             return
 
-        def write(key: str) -> None:
+        def merge(key: str) -> None:
             with torch.no_grad():  # grad mode is per thread
-                target[key].copy_(self._merge_one(plan, key))
+                write(key, self._merge_one(plan, key))
 
-        for _ in pool.map(write, self._largest_first):
+        for _ in pool.map(merge, self._largest_first):
             pass
+
+    def _writer(self, target) -> Callable[[str, Tensor], None]:
+        """How merged tensors are copied into ``target`` (see :meth:`merge_into`), checked first."""
+        if isinstance(target, torch.nn.Module):
+            target = target.state_dict()
+        dests = {key: target.get(self.arch.module_name(key)) for key in self._base}
+        for key, b in self._base.items():
+            dest = dests[key]
+            if dest is None:
+                raise MergeError(f"target has no tensor {self.arch.module_name(key)!r}")
+            if tuple(dest.shape) != tuple(b.shape):
+                raise MergeError(f"target tensor {key!r} has shape {tuple(dest.shape)}, sources {tuple(b.shape)}")
+        return lambda key, value: dests[key].copy_(value)
+
+    def write_source(self, model: str, target) -> None:
+        """Write source ``model``'s own weights into ``target`` (as :meth:`merge_into` does a merge)."""
+        write = self._writer(target)
+        for key, tensor in self.state_dict(model).items():
+            write(key, tensor)
 
     @torch.no_grad()
     def merged_state_dict(self, recipe: Recipe) -> dict[str, Tensor]:

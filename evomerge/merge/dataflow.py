@@ -117,6 +117,17 @@ class DataFlowModel:
             cfg.layer_types = [self._layer_type(s) for s in recipe.layers]
         return self.shell
 
+    def _per_layer_settings(self) -> dict[str, dict[str, list]]:
+        """Config lists with one entry per layer (``no_rope_layers`` ...; ``layer_types`` apart):
+        ``{key: {donor: list}}``, so that a path's config takes each step's entry from its donor."""
+        out: dict[str, dict[str, list]] = {}
+        for name, model in self.donors.items():
+            n = self.num_layers(name)
+            for key, value in vars(model.config).items():
+                if "layer" in key and key != "layer_types" and isinstance(value, list) and len(value) == n:
+                    out.setdefault(key, {})[name] = list(value)
+        return {k: v for k, v in out.items() if len(v) == len(self.donors)}
+
     def _layer_type(self, step: PathStep) -> str:
         types = self._layer_types.get(step.model) or []
         return types[step.layer] if step.layer < len(types) else "full_attention"
@@ -141,6 +152,8 @@ class DataFlowModel:
         config.num_hidden_layers = len(recipe.layers)
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = [self._layer_type(s) for s in recipe.layers]
+        for key, per_donor in self._per_layer_settings().items():  # e.g. SmolLM3's no_rope_layers
+            setattr(config, key, [per_donor[s.model][s.layer] for s in recipe.layers])
         out: dict[str, torch.Tensor] = {}
         layers_prefix = arch.layers + "."
         for name, t in head.state_dict().items():

@@ -73,6 +73,10 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
         _check_same_tensors(shapes, recipe.base_model)
         names = tuple(handles)
         arch = for_sources(model_dirs[recipe.base_model], shapes[recipe.base_model])
+        if arch.merge_space == "modules":
+            raise MergeError(f"{arch.name}'s files hold its weights otherwise than the model does (e.g. one tensor per "
+                             "expert, which transformers stacks on loading), and merges work on the model's; a "
+                             "streaming merge reads the files tensor by tensor: merge without --stream")
         arch.check_names(shapes[recipe.base_model], f"base model {recipe.base_model!r}")
         num_layers = arch.count_layers(shapes[recipe.base_model])
         # validation, input order and per-tensor parameters exactly as the resident backend's
