@@ -483,3 +483,23 @@ def test_a_hand_written_merge_of_two_families_is_refused(family_dirs, tmp_path, 
                  f"base={family_dirs['llama']['base']}", "--model", f"g={family_dirs['gemma']['base']}"])
     err = capsys.readouterr().err
     assert code != 0 and "models: g is gemma but base is llama" in err, err
+
+
+def test_a_derived_family_plans_and_refuses_streaming_clearly(moe_dirs, session_tiny_zoo, tmp_path, capsys):
+    """Mixtral (no hand description): the dry run counts its layers and parameters from the module
+    tree; `validate` says what it can do; a streaming merge, which reads files tensor by tensor, is
+    refused in one line (its files hold one tensor per expert, the model stacks them)."""
+    from evomerge.merge.streaming import stream_merge
+
+    dirs = moe_dirs["mixtral"]
+    exp = _experiment(tmp_path, "mixtral", dirs, session_tiny_zoo.tasks_dir, "ps_ties_per_layer.yaml")
+    assert main(["validate", str(exp)]) == 0
+    assert ("base: mixtral: PS: yes (derived) · DFS: no (no data-flow description for 'mixtral'"
+            in capsys.readouterr().out)
+    assert main(["run", str(exp), "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    params = sum(p.numel() for p in T.AutoModelForCausalLM.from_pretrained(dirs["base"]).parameters())
+    assert [m["layers"] for m in plan["models"]] == [LAYERS] * 3
+    assert plan["models"][0]["params_b"] * 1e9 == pytest.approx(params)
+    with pytest.raises(MergeError, match="merge without --stream"):
+        stream_merge(_recipe(), dirs, tmp_path / "streamed")
