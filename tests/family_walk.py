@@ -240,12 +240,21 @@ def _unbuilt(model_type: str, exc: Exception) -> Outcome:
 
 
 def _sources(cfg: Any, root: Path) -> dict[str, Path]:
+    # reloaded as transformers loads them (a few families change a value on loading, e.g. zero a
+    # padding row): what a real checkpoint gives every user, and what the merge then starts from
+    return fine_tunes(cfg, root, ("base", "expert_a", "expert_b"), reload=True)
+
+
+def fine_tunes(cfg: Any, root: Path, names: tuple[str, ...], tokenizer: Any = None,
+               reload: bool = False) -> dict[str, Path]:
+    """A random model of ``cfg`` saved as ``names[0]`` and perturbed copies of it (fine-tunes) as
+    the others, each under ``root / name``."""
     import transformers as T
 
     torch.manual_seed(0)
     base = T.AutoModelForCausalLM.from_config(cfg).eval()
     dirs = {}
-    for i, name in enumerate(("base", "expert_a", "expert_b")):
+    for i, name in enumerate(names):
         model = base
         if i:
             model = T.AutoModelForCausalLM.from_config(cfg).eval()
@@ -257,9 +266,10 @@ def _sources(cfg: Any, root: Path) -> dict[str, Path]:
                         p.add_(torch.randn(p.shape, generator=gen) * 0.05)
         dirs[name] = root / name
         model.save_pretrained(dirs[name])
-        # as transformers loads it (a few families change a value on loading, e.g. zero a padding
-        # row): what a real checkpoint gives every user, and what the merge then starts from
-        T.AutoModelForCausalLM.from_pretrained(dirs[name]).save_pretrained(dirs[name])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(dirs[name])
+        if reload:
+            T.AutoModelForCausalLM.from_pretrained(dirs[name]).save_pretrained(dirs[name])
     return dirs
 
 

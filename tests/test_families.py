@@ -89,26 +89,13 @@ def family_dirs(tmp_path_factory, session_tiny_zoo) -> dict[str, dict[str, Path]
 
 def _make_dirs(families, root: Path, zoo) -> dict[str, dict[str, Path]]:
     tokenizer = T.AutoTokenizer.from_pretrained(zoo.models["base"])
+    from family_walk import fine_tunes
+
     out = {}
     for family, (_, config_class, kwargs) in families.items():
         cfg = config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
-        torch.manual_seed(0)
-        base = T.AutoModelForCausalLM.from_config(cfg).eval()
-        dirs = {}
-        for i, name in enumerate(SOURCES):
-            model = base
-            if i:
-                model = T.AutoModelForCausalLM.from_config(cfg).eval()
-                model.load_state_dict(base.state_dict())
-                gen = torch.Generator().manual_seed(i)
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-            dirs[name] = root / family / name
-            model.save_pretrained(dirs[name])
-            tokenizer.save_pretrained(dirs[name])
-        out[family] = dirs
+        out[family] = fine_tunes(cfg, root / family, SOURCES, tokenizer)
     return out
 
 

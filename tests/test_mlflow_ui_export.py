@@ -201,6 +201,8 @@ def test_json_output_for_scripts(tmp_path, session_tiny_zoo, capsys):
     exp = experiment_file(tmp_path, "js", suite=SUITE, budget={"max_trials": 3})
     assert main(["validate", str(exp), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"ok": True, "experiment": str(exp), "problems": [], "notes": [],
+                                                        "sources": {n: "llama: PS: yes · DFS: yes"
+                                                                    for n in ("base", "expert_a", "expert_b")},
                                                         "name": "js"}
     bad = experiment_file(tmp_path, "bad", suite={**SUITE, "tasks": [{"name": "nope"}]})
     assert main(["validate", str(bad), "--json"]) == 2
