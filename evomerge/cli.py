@@ -442,17 +442,21 @@ def _print_summary(s, as_json: bool = False) -> None:
 
         print(json.dumps(s.to_json(), indent=2))
         return
+    from evomerge.uncertainty import with_se
+
+    se = getattr(s, "standard_errors", None) or {}
     cached = f", {s.cached_trials} cached" if s.cached_trials else ""
     rows = [("trials", f"{s.trials} ({s.failed} failed{cached})")]
     starts = getattr(s, "start_trials", {})
     if starts:
         rows.append(("start recipes", "; ".join(f"trial {t}: {label}" for t, label in starts.items())))
     if s.best_fitness is not None:
-        rows.append(("best fitness (search)", f"{s.best_fitness:.4f}  trial {s.best_trial}, recipe {s.best_recipe_hash}"
+        rows.append(("best fitness (search)", f"{with_se(s.best_fitness, se.get('search'))}  trial {s.best_trial}, "
+                     f"recipe {s.best_recipe_hash}"
                      + (f" (start recipe {starts[str(s.best_trial)]})" if str(s.best_trial) in starts else "")))
     if s.validation_fitness is not None:
         rows.append(("chosen on validation", f"trial {s.best_trial} among the top {len(s.validation)} by search "
-                     f"fitness: search {s.best_fitness:.4f} -> validation {s.validation_fitness:.4f} "
+                     f"fitness: search {s.best_fitness:.4f} -> validation {with_se(s.validation_fitness, se.get('validation'))} "
                      f"(drop {s.best_fitness - s.validation_fitness:+.4f})"))
         if s.validation_corrected is not None:
             rows.append(("validation, corrected", f"{s.validation_corrected:.4f}: the validation score less its "
@@ -464,9 +468,12 @@ def _print_summary(s, as_json: bool = False) -> None:
                          + (f"validation {v:.4f} (drop {s.search_best_fitness - v:+.4f})" if v is not None
                             else "validation failed")))
     for name, value in sorted(s.baselines.items()):
-        rows.append((f"source {name} (search)", f"{value:.4f}"))
+        rows.append((f"source {name} (search)", with_se(value, (se.get("baselines") or {}).get(name))))
     for name, value in sorted(s.test_scores.items(), key=lambda kv: (kv[0] != "best", kv[0] != "search_best", kv[0])):
-        rows.append((f"{name} (test)", f"{value:.4f}"))
+        rows.append((f"{name} (test)", with_se(value, (se.get("tests") or {}).get(name))))
+    evidence = getattr(s, "evidence", None)
+    if evidence and evidence.get("line"):
+        rows.append(("verdict" if evidence["verdict"] == "gain" else "caution", evidence["line"]))
     if s.racing_stopped:
         rows.append(("racing", "trials final at rung " + ", ".join(f"{k}: {n}" for k, n in enumerate(s.racing_stopped))
                      + f"; {s.item_evaluations} item evaluations"))

@@ -40,6 +40,7 @@ from evomerge.optimize import build_optimizer
 from evomerge.pareto import ParetoFront
 from evomerge.recipe import Recipe, recipe_from_dict
 from evomerge.selection import choose, selection_metrics, selection_record, task_values, top_trials
+from evomerge.uncertainty import uncertainty_metrics
 from evomerge.tracking import GuardedTracker, build_tracker, default_tracking_uri
 from evomerge.tracking.base import Tracker
 from evomerge.tracking.metrics import trial_metric_rows, trial_metrics
@@ -107,6 +108,10 @@ class RunSummary:
     search_best_trial: Optional[int] = None
     search_best_fitness: Optional[float] = None
     start_trials: dict[str, str] = field(default_factory=dict)  # {trial id: start recipe} (optimizer.start_from)
+    # standard errors of the scores above (from per-item values; None where there are none):
+    # {"search", "validation", "baselines": {source: se}, "tests": {label: se}}
+    standard_errors: dict[str, Any] = field(default_factory=dict)
+    evidence: Optional[dict[str, Any]] = None  # does the winner beat its sources (see evomerge.uncertainty)
 
     @property
     def all_failed(self) -> bool:
@@ -134,6 +139,11 @@ def _normalized(res: EvalResult) -> EvalResult:
         res.fitness = None
         res.error = res.error or "failed without a reason"
     return res
+
+
+def _task_items(res: EvalResult) -> dict[str, Any]:
+    """A result's per-item values by suite task, packed as the ledger keeps them."""
+    return {task: pack_values(v) for task, v in task_values(res.items).items()}
 
 
 def _cache_key(work: "_Work") -> tuple[str, str]:
@@ -524,9 +534,10 @@ class _ScoreCache:
     def add(self, work: _Work, res: EvalResult) -> None:
         if self.cache is not None and res.state == "complete":
             what = f"trial {work.request.trial_id}" if work.kind == "trial" else f"{work.kind} {work.label}"
-            # a validation score keeps its per-item values: a selection pairs candidates on them
+            # a validation score keeps its per-item values (a selection pairs candidates on them),
+            # as do a source's and a test score (their standard errors, the evidence of a gain)
             self.cache.put(*_cache_key(work), res.fitness, res.scores, origin=f"{self.run_id}: {what}",
-                           items=res.items if work.kind == "validation" else None)
+                           items=res.items if work.kind != "trial" else None)
 
     def remember(self, key: str, split: str, rec: dict) -> None:
         """A score from this run's ledger (resume): in memory only, it is in the shared file already."""
@@ -660,7 +671,8 @@ class _SourceScores:
         self.ledger.append({"kind": "baseline", "model": work.label, "split": res.split, "state": res.state,
                             "fitness": res.fitness, "scores": res.scores, "eval_seconds": res.eval_seconds,
                             "error": res.error, "finished_at": time.time(),
-                            **({"cached_from": res.cached_from} if res.cached_from else {})})
+                            **({"cached_from": res.cached_from} if res.cached_from else {}),
+                            **({"task_items": _task_items(res)} if res.items else {})})
         self.baselines_done.add(work.label)
         if res.state == "complete":
             self.baselines[work.label] = float(res.fitness)
@@ -671,7 +683,8 @@ class _SourceScores:
         rec = {"kind": "test", "model": work.label, "trial_id": trial_id,
                "recipe_hash": work.recipe_hash, "split": "test", "state": res.state, "fitness": res.fitness,
                "scores": res.scores, "eval_seconds": res.eval_seconds, "error": res.error,
-               "finished_at": time.time(), **({"cached_from": res.cached_from} if res.cached_from else {})}
+               "finished_at": time.time(), **({"cached_from": res.cached_from} if res.cached_from else {}),
+               **({"task_items": _task_items(res)} if res.items else {})}
         self.ledger.append(rec)
         self.tests_done[(work.label, work.recipe_hash)] = rec
 
@@ -785,6 +798,7 @@ class _RunState:
             _Work("baseline", EvalRequest(trial_id=-(i + 1), source=name, split="search"), label=name)
             for i, name in enumerate(self.sources) if name not in self.scores.baselines_done
         )
+        self._phase_begin("sources (search split)", len(queue))
         redo = [_Work("trial", self._request(c), candidate=c) for c in self.redo]
         self.redo = []
         for work in redo:
@@ -795,6 +809,7 @@ class _RunState:
         progress.start(exp.budget.max_trials, done=self.finished)
         stats = self._loop(dispatcher, queue, self._next_candidate, exhausted=lambda: self.scheduler.exhausted)
         progress.close()
+        self._phase = None
 
         selection = self._select(dispatcher) if exp.suite.validation_tasks and self.best is not None else None
         winner = self.best if selection is None else (
@@ -809,7 +824,8 @@ class _RunState:
         self.feed.tracker.log_summary({f"baseline.{k}": v for k, v in self.baselines.items()}
                                       | {f"test.{k}": v for k, v in test_scores.items()}
                                       | (selection_metrics(selection) if selection else {})
-                                      | ({"best_fitness_final": summary.best_fitness} if self.best else {}))
+                                      | ({"best_fitness_final": summary.best_fitness} if self.best else {})
+                                      | uncertainty_metrics(summary.standard_errors, summary.evidence))
         return summary
 
     def _select(self, dispatcher: Dispatcher) -> Optional[dict]:
@@ -822,7 +838,9 @@ class _RunState:
                            label=f"trial {c['trial_id']}", recipe_hash=c["recipe_hash"])
                      for c in candidates if c["trial_id"] not in self.scores.validations)
         self.ctl.progress.message(f"scoring the top {len(candidates)} trials (by search fitness) on the validation split")
+        self._phase_begin("validation split", len(todo))
         self._loop(dispatcher, todo, lambda: None)
+        self._phase = None
         scores = self.scores.validation_scores()
         weights = {t.name: t.weight for t in self.exp.suite.validation_tasks}
         choice = choose(candidates, scores, self.scores.validation_items(), weights, self.exp.selection.min_z,
@@ -946,6 +964,8 @@ class _RunState:
         }
         if res.cached_from:
             rec["cached_from"] = res.cached_from
+        if res.items and work.request.rung is None:  # a score's standard error, paired comparisons
+            rec["task_items"] = _task_items(res)
         if board.multi_objective:
             rec["objectives"] = objectives
         items = self._trial_items(res, rec["recipe_hash"]) if self.scheduler.wants_items else None
@@ -1005,12 +1025,28 @@ class _RunState:
 
     def _on_baseline(self, work: _Work, res: EvalResult) -> None:
         self.scores.on_baseline(work, res)
+        self._phase_step(work, res)
 
     def _on_validation(self, work: _Work, res: EvalResult) -> None:
         self.scores.on_validation(work, res)
+        self._phase_step(work, res)
 
     def _on_test(self, work: _Work, res: EvalResult) -> None:
         self.scores.on_test(work, res, self._test_trials.get(work.label))
+        self._phase_step(work, res)
+
+    def _phase_begin(self, name: str, total: int) -> None:
+        """Scores outside the search's progress bar (sources, validation, test split) report each one."""
+        self._phase = [name, 0, total]
+
+    def _phase_step(self, work: _Work, res: EvalResult) -> None:
+        phase = getattr(self, "_phase", None)
+        if phase is None or not phase[2]:
+            return
+        phase[1] += 1
+        score = f"{res.fitness:.4f}" if res.state == "complete" else "failed"
+        self.ctl.progress.message(f"{phase[0]}: {phase[1]}/{phase[2]} scored ({work.label}: {score}"
+                                  + (f", {res.eval_seconds:.1f} s" if res.eval_seconds else "") + ")")
 
     def _test_split(self, dispatcher: Dispatcher, winner: tuple[int, float, Recipe]) -> dict[str, float]:
         """Test-split scores of the winner (``best``), of the search split's best when validation
@@ -1027,7 +1063,10 @@ class _RunState:
                 recipes[f"trial {t}"] = recipe_from_dict(by_id[t]["recipe"])
                 self._test_trials[f"trial {t}"] = t
         wanted = self.scores.test_works(recipes, self.sources)
-        self._loop(dispatcher, deque(w for w in wanted if not self.scores.has_test(w)), lambda: None)
+        todo = deque(w for w in wanted if not self.scores.has_test(w))
+        self._phase_begin("test split", len(todo))
+        self._loop(dispatcher, todo, lambda: None)
+        self._phase = None
         return self.scores.test_scores(wanted)
 
 
@@ -1045,6 +1084,14 @@ def _summarize(state: _RunState, stats: dict[str, float], test_scores: dict[str,
         pareto_trials=board.front.trial_ids() if board.multi_objective else [],
         cached_trials=board.cached, failure_reasons=board.failure_reasons(),
     )
+    from evomerge.selection import winner as winner_of
+    from evomerge.uncertainty import run_uncertainty
+
+    records = state.ledger.records()
+    won, chosen = winner_of(records)
+    sure = run_uncertainty(records, state.exp.suite.model_dump(mode="json"), won, state.exp.base_model, chosen)
+    summary.evidence = sure.pop("evidence")
+    summary.standard_errors = sure
     if selection is not None:
         summary.validation = {str(c["trial_id"]): c["validation"] for c in selection["candidates"]
                               if c["validation"] is not None}

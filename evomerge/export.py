@@ -277,16 +277,37 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
         front["base_model"] = hub
     kind = ("data-flow (layer path) merge" if isinstance(recipe, DFSRecipe)
             else f"parameter-space merge, method `{recipe.method}`")
+    from evomerge.uncertainty import run_uncertainty, standard_error, with_se
+
+    found = run_uncertainty(records, exp["suite"], record, exp["base_model"])["evidence"] or {}
+    gained = found.get("verdict") == "gain"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {exp['name']}: evolved merge (trial {record['trial_id']})", "",
+             f"# {exp['name']}: " + ("evolved merge" if gained else "merge found by evomerge (not shown to beat its "
+                                     "sources)") + f" (trial {record['trial_id']})", "",
              f"A {kind} found by evomerge's evolutionary search ({info.get('popsize', '?')}-candidate generations, "
              f"{info.get('max_trials', '?')} trials, optimizer `{exp['optimizer']['name']}`, seed "
-             f"{exp['optimizer']['seed']}).", "", "## Sources", "", "| name | model |", "|---|---|"]
+             f"{exp['optimizer']['seed']}).", ""]
+    if found.get("line"):
+        lines += ["## How sure", "", found["line"][0].upper() + found["line"][1:] + ".", ""]
+    lines += ["## Sources", "", "| name | model |", "|---|---|"]
     lines += [f"| {n} | `{p}` |" for n, p in sources.items()]
     search = [t["name"] for t in exp["suite"]["tasks"]]
     test_names = [t["name"] for t in exp["suite"].get("test_tasks") or []]
-    def cell(rec: Optional[dict]) -> str:
-        return f"{rec['fitness']:.4f}" if rec else "-"
+    split_weights = {part: {t["name"]: float(t.get("weight", 1.0)) for t in exp["suite"].get(part) or []}
+                     for part in ("tasks", "validation_tasks", "test_tasks")}
+
+    def cell(rec: Optional[dict], part: str = "test_tasks") -> str:
+        """A score with its standard error (from the per-item values its record keeps)."""
+        if not rec:
+            return "-"
+        packed = rec.get("task_items") or (rec.get("item_values") if isinstance(rec.get("item_values"), dict) else None)
+        se = None
+        if packed:
+            from evomerge.run_dir import unpack_values
+
+            se = standard_error({t: unpack_values(v) for t, v in packed.items()}, split_weights[part],
+                                rec.get("scores"))
+        return with_se(rec["fitness"], se)
 
     if validation_names:
         lines += ["", "## Scores", "",
@@ -294,8 +315,9 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
                   f"({', '.join(validation_names)}; chose the winner among the search's top trials) and held-out "
                   f"test split ({', '.join(test_names) or 'none'}; never seen by the search or the choice):", "",
                   "| model | search fitness | validation fitness | test fitness |", "|---|---|---|---|",
-                  f"| **this merge** | {record['fitness']:.4f} | {cell(own_validation)} | {cell(own_test)} |"]
-        lines += [f"| {name} | {cell(baselines.get(name))} | - | {cell(tests.get(name))} |" for name in sources]
+                  f"| **this merge** | {cell(record, 'tasks')} | {cell(own_validation, 'validation_tasks')} | "
+                  f"{cell(own_test)} |"]
+        lines += [f"| {name} | {cell(baselines.get(name), 'tasks')} | - | {cell(tests.get(name))} |" for name in sources]
         chosen = current_selection(records)
         if chosen is not None and chosen["trial_id"] == record["trial_id"] and chosen.get("validation_corrected") is not None:
             lines += ["", f"Being the best on validation of {len(chosen['candidates'])} candidates flatters that score; "
@@ -306,8 +328,10 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
                   f"Search split ({', '.join(search)}; drove the search) and held-out test split "
                   f"({', '.join(test_names) or 'none'}; never seen by the search):", "",
                   "| model | search fitness | test fitness |", "|---|---|---|",
-                  f"| **this merge** | {record['fitness']:.4f} | {cell(own_test)} |"]
-        lines += [f"| {name} | {cell(baselines.get(name))} | {cell(tests.get(name))} |" for name in sources]
+                  f"| **this merge** | {cell(record, 'tasks')} | {cell(own_test)} |"]
+        lines += [f"| {name} | {cell(baselines.get(name), 'tasks')} | {cell(tests.get(name))} |" for name in sources]
+    lines += ["", "Scores are ± their standard errors (from the per-item values; none where a metric is not a mean "
+              "over items)."]
     lines += ["", "## Recipe", "", f"Recipe hash `{recipe.content_hash()}`; the exact recipe "
               "(`evomerge_recipe.yaml`, also below) rebuilds these weights with `evomerge merge`-equivalent "
               "`evomerge export --format hf`.", "", "```yaml", recipe.to_yaml().strip(), "```", "",

@@ -9,6 +9,7 @@ from evomerge.heartbeat import liveness, read_heartbeat
 from evomerge.racing import stopped_per_rung
 from evomerge.run_dir import open_ledger, read_info, require_run_dir
 from evomerge.selection import test_scores, winner
+from evomerge.uncertainty import with_se
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -36,6 +37,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     complete = [r for r in done if r["state"] == "complete"]
     best, chosen = winner(records)  # with a validation split: the best there among the top trials
     tests = test_scores(records)
+    sure = _uncertainty(run_dir, records, best, chosen)
     max_trials = int(info.get("max_trials") or 0)
     rate = eta = None
     times = sorted(r["finished_at"] for r in done)
@@ -71,7 +73,22 @@ def run_status(run_dir: Path) -> dict[str, Any]:
         "ray_address": info.get("ray_address"),
         "workers": (beat or {}).get("workers"),
         "racing": _racing(done, rungs),
+        "standard_errors": {k: v for k, v in sure.items() if k != "evidence"},
+        "evidence": sure.get("evidence"),
     }
+
+
+def _uncertainty(run_dir: Path, records: list[dict], best: Optional[dict], chosen: Optional[dict]) -> dict[str, Any]:
+    """The run's standard errors and evidence (see :mod:`evomerge.uncertainty`); {} for a run dir
+    without its experiment copy."""
+    from evomerge.run_dir import read_experiment_data
+    from evomerge.uncertainty import run_uncertainty
+
+    try:
+        exp = read_experiment_data(run_dir)
+    except OSError:
+        return {}
+    return run_uncertainty(records, exp["suite"], best, exp["base_model"], chosen)
 
 
 def _racing(done: list[dict], rungs: list[dict]) -> Optional[dict[str, Any]]:
@@ -107,18 +124,22 @@ def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
         r = s["racing"]
         rows.append(("racing", "trials final at rung " + ", ".join(f"{k}: {n}" for k, n in enumerate(r["stopped_at_rung"]))
                      + f"; {r['item_evaluations']} item evaluations"))
+    se = s.get("standard_errors") or {}
     if s["best_fitness"] is not None:
-        rows.append(("best", f"{s['best_fitness']:.4f}  trial {s['best_trial']}, recipe {s['best_recipe_hash']}"))
-        scores = [f"search {s['best_fitness']:.4f}"]
+        rows.append(("best", f"{with_se(s['best_fitness'], se.get('search'))}  trial {s['best_trial']}, "
+                             f"recipe {s['best_recipe_hash']}"))
+        scores = [f"search {with_se(s['best_fitness'], se.get('search'))}"]
         if s.get("best_validation") is not None:
-            scores.append(f"validation {s['best_validation']:.4f} (chosen there among the top "
+            scores.append(f"validation {with_se(s['best_validation'], se.get('validation'))} (chosen there among the top "
                           f"{s['validated_trials']} by search fitness"
                           + (f"; {s['best_validation_corrected']:.4f} less its winner's curse"
                              if s.get("best_validation_corrected") is not None else "") + ")")
         if s.get("best_test") is not None:
-            scores.append(f"test {s['best_test']:.4f}")
+            scores.append(f"test {with_se(s['best_test'], (se.get('tests') or {}).get('best'))}")
         if len(scores) > 1:
             rows.append(("best's scores", ", ".join(scores)))
+    if (s.get("evidence") or {}).get("line"):
+        rows.append(("verdict" if s["evidence"]["verdict"] == "gain" else "caution", s["evidence"]["line"]))
     if s["trials_per_hour"] is not None:
         eta = f", ETA {_duration(s['eta_seconds'])}" if s["eta_seconds"] is not None else ""
         rows.append(("rate", f"{s['trials_per_hour']:.0f} trials/hour{eta}"))

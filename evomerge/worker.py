@@ -196,9 +196,9 @@ class TrialWorker:
             result.state = "complete"
             result.fitness = fitness
             result.scores = scores
-            # per-item values: the search split's (racing, M2N2, items.jsonl) and the validation
-            # split's (the paired statistics of the winner's selection)
-            result.items = items if request.split in ("search", "validation") else None
+            # per-item values of every split: racing, M2N2 and items.jsonl (search), the paired
+            # statistics of the winner's selection (validation), every score's standard error
+            result.items = items
             result.merge_seconds = t1 - t0
             result.eval_seconds = t2 - t1
         except EvomergeError as exc:
