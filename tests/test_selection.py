@@ -215,8 +215,8 @@ def test_a_search_with_a_validation_split_exports_the_best_there(tmp_path, sessi
     assert main(["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "model")]) == 0
     card = (tmp_path / "model" / "README.md").read_text()
     assert "| model | search fitness | validation fitness | test fitness |" in card
-    assert (f"| **this merge** | {chosen['fitness']:.4f} | {scores[chosen['trial_id']]:.4f} | "
-            f"{tests['best']['fitness']:.4f} |") in card
+    assert (f"| **this merge** | {chosen['fitness']:.4f} ± " in card and f" | {scores[chosen['trial_id']]:.4f} ± " in card
+            and f" | {tests['best']['fitness']:.4f} ± " in card)  # each with its standard error
     assert f"less its winner's curse (a paired bootstrap of the validation items) it is {sel['validation_corrected']:.4f}." in card
     import mlflow
 
