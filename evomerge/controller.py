@@ -966,6 +966,8 @@ class _RunState:
             rec["cached_from"] = res.cached_from
         if res.items and work.request.rung is None:  # a score's standard error, paired comparisons
             rec["task_items"] = _task_items(res)
+        if res.peak_bytes:
+            rec["peak_bytes"] = res.peak_bytes
         if board.multi_objective:
             rec["objectives"] = objectives
         items = self._trial_items(res, rec["recipe_hash"]) if self.scheduler.wants_items else None

@@ -2,15 +2,16 @@
 
 A plan says what the search will do and what it will cost: the genome's dimensions
 and what they are, population size, islands and generations, the trial budget,
-each worker's resident memory, and GPU-hours from a per-trial cost. That cost is,
-in order of preference:
+each worker's memory (:mod:`evomerge.memory`), and GPU-hours (CPU worker-hours for CPU
+workers) from a per-trial cost. That cost is, in order of preference:
 
 1. *measured*: the median merge and eval seconds of the completed trials of a
    pilot run on the target hardware (``--calibrate RUN_DIR``; a pilot is
    ``evomerge run EXP --max-trials 8`` on one node);
 2. *given*: ``--trial-seconds S``;
 3. *roofline*: a lower bound from the model's size and the suite's items on a
-   device with the given memory bandwidth and compute (an H100 by default):
+   device with the given memory bandwidth and compute (an H100 by default; CPU workers: this
+   machine's CPU, its copy bandwidth and matrix-product rate measured):
    merging reads every resident source once and writes one model; generation
    reads the weights once per decoding step per batch; prompts cost 2 FLOPs per
    parameter per token. Real runs are slower; the plan says it is a bound.
@@ -43,6 +44,35 @@ class Device:
     name: str = "H100 SXM"
     bandwidth_gbs: float = 3350.0
     tflops: float = 989.0
+
+    @classmethod
+    def this_cpu(cls, threads: int) -> "Device":
+        """This machine's CPU as ``threads`` torch threads see it, measured (~1 s): the bandwidth of
+        a 64 MB copy (bytes read + written) and the rate of a float32 matrix product."""
+        import time
+
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads))
+        try:
+            a = torch.ones(16 * 2**20)  # 64 MB: beyond the caches, small beside a worker's runtime
+            b = torch.empty_like(a)
+            b.copy_(a)
+            t = time.perf_counter()
+            for _ in range(3):
+                b.copy_(a)
+            bandwidth = 3 * 2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9
+            x = torch.ones(512, 512)
+            x @ x
+            t = time.perf_counter()
+            for _ in range(10):
+                x @ x
+            tflops = 10 * 2 * 512 ** 3 / (time.perf_counter() - t) / 1e12
+        finally:
+            torch.set_num_threads(before)
+        return cls(f"this machine's CPU, {threads} thread{'s' * (threads != 1)} per worker (measured)",
+                   round(bandwidth, 1), round(tflops, 4))
 
 
 @dataclass
@@ -85,6 +115,7 @@ class Plan:
     top_k: int = 0
     min_z: float = 0.0  # selection.min_z
     sigma0: Optional[float] = None  # CMA-ES's start step size (genome units)
+    memory: dict[str, Any] = field(default_factory=dict)  # the worker's estimated peak, part by part (memory.py)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,6 +134,7 @@ class Plan:
             ("budget", f"{self.max_trials} trials (+ {self.extra_evaluations} source/validation/test evaluations)"),
             ("workers", f"{self.num_workers} x {self.device}, {self.dtype}; "
                         f"~{self.worker_memory_gib:.3g} GiB of weights per worker ({self.memory_detail})"),
+            ("memory", self.memory.get("line", "unknown")),
             ("search", ", ".join(_task_line(t) for t in self.search_tasks)),
             ("test", ", ".join(_task_line(t) for t in self.test_tasks) or "none (no held-out split)"),
         ]
@@ -118,12 +150,69 @@ class Plan:
             bound = ">= " if self.cost.basis == "roofline" else ""
             rows.append(("per trial", f"{bound}{self.cost.seconds:.3g} s = merge {self.cost.merge_seconds:.3g} s "
                                       f"+ eval {self.cost.eval_seconds:.3g} s [{self.cost.basis}: {self.cost.detail}]"))
-            rows.append(("GPU-hours", f"{bound}{self.gpu_hours:.3g}"))
+            unit = "GPU-hours" if self.device.startswith("cuda") else "CPU worker-hours"
+            rows.append((unit, f"{bound}{self.gpu_hours:.3g}"))
             rows.append(("wall-clock", f"{bound}{self.wall_hours:.3g} h on {self.num_workers} worker(s) at 95 % busy"))
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _request_shape(exp: Experiment, spec, search: list[dict[str, Any]], task_cfgs: dict[str, dict]
+                   ) -> tuple[int, int, int, list[str]]:
+    """(longest context, longest answer, most answers) in the base model's tokens over the search
+    tasks whose data are local files with plain-field questions and choices, and those tasks' names;
+    (256, 8, 4, []) where none can be read here."""
+    from evomerge.memory import request_lengths
+
+    try:
+        from transformers import AutoTokenizer
+
+        from evomerge.sources import is_hub
+
+        base_dir = spec.model_dirs[exp.base_model]
+        tokenizer = None if is_hub(base_dir) else AutoTokenizer.from_pretrained(str(base_dir))
+    except Exception:  # no tokenizer here: the defaults stand
+        tokenizer = None
+    lengths, measured = [], []
+    for task in search:
+        cfg = task_cfgs.get(task["name"]) or {}
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+        data = files.get(cfg.get("test_split") or cfg.get("validation_split")) if isinstance(files, dict) else None
+        text, choice = cfg.get("doc_to_text"), cfg.get("doc_to_choice")
+        if tokenizer is None or not isinstance(data, str) or not Path(data).is_file() or not isinstance(text, str) \
+                or not isinstance(choice, str) or "{" in text or "{" in choice:
+            continue
+        docs = []
+        with open(data) as f:
+            for line in f:
+                if line.strip():
+                    docs.append(json.loads(line))
+                if len(docs) >= 200:
+                    break
+        if docs and text in docs[0] and choice in docs[0]:
+            lengths.append(request_lengths(tokenizer, docs, text, choice, cfg.get("target_delimiter", " ")))
+            measured.append(task["name"])
+    if not lengths:
+        return 256, 8, 4, []
+    return (*(max(x[i] for x in lengths) for i in range(3)), measured)  # type: ignore[return-value]
+
+
+def _memory(exp: Experiment, base_cfg: dict, params: int, copies: int, request: tuple[int, int, int, list[str]],
+            runtime: int) -> dict[str, Any]:
+    """A worker's estimated peak memory (see :mod:`evomerge.memory`), part by part."""
+    from evomerge.memory import estimate, shape_of
+
+    shape = shape_of(base_cfg, for_config(base_cfg))
+    context, answer, choices, measured = request
+    est = estimate(copies, params, DTYPE_BYTES[exp.dispatch.dtype], shape, exp.suite.batch_size, context, answer,
+                   choices, exp.dispatch.device, runtime,
+                   f"batch {exp.suite.batch_size}, contexts of {context} and answers of {answer} tokens"
+                   + (f" measured on {', '.join(measured)}" if measured else " assumed")
+                   + f", vocabulary {shape.vocab}")
+    return {"weights": est.weights, "scoring": est.scoring, "runtime": est.runtime, "total": est.total,
+            "line": est.line()}
 
 
 def _params(billions: float) -> str:
@@ -189,7 +278,7 @@ def roofline_cost(exp: Experiment, params: int, n_sources: int, tasks: list[dict
             steps = math.ceil(items / exp.suite.batch_size) * t["max_gen_toks"]
             evals += steps * wbytes * path_fraction / bw
     detail = (f"{device.name}, {device.bandwidth_gbs:g} GB/s, {device.tflops:g} TFLOP/s, "
-              f"{prompt_tokens} prompt tokens per item, every generation at max length")
+              f"{prompt_tokens} tokens scored per item, every generation at max length")
     return TrialCost(merge, evals, "roofline", detail)
 
 
@@ -261,14 +350,26 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
     top_k = min(exp.selection.top_k, exp.budget.max_trials) if validation else 0
     extra = len(exp.models) + top_k + ((len(exp.models) + 1 + bool(top_k > 1)) if test else 0)
 
+    from evomerge.memory import process_runtime
+
+    runtime = process_runtime()  # before anything below allocates: the libraries and the task index
+    request = _request_shape(exp, spec, search, configs_of)
+    if request[3]:  # measured: a shared context, then each answer (as the evomerge scoring backend runs them)
+        prompt_tokens = request[0] + request[2] * request[1]
     if calibrate is not None:
         cost: Optional[TrialCost] = calibrated_cost(calibrate)
     elif trial_seconds is not None:
         cost = TrialCost(0.0, float(trial_seconds), "given", "--trial-seconds")
     elif not exp.dispatch.device.startswith("cuda"):
-        cost = None
-        notes.append(f"workers run on {exp.dispatch.device}: the roofline bound is for GPUs; "
-                     "calibrate with a pilot run (--calibrate RUN_DIR)")
+        import os
+
+        workers = exp.dispatch.num_workers
+        threads = exp.dispatch.threads_per_worker or int(exp.dispatch.cpus_per_worker or 0) \
+            or max(1, (os.cpu_count() or 1) // workers)
+        cost = roofline_cost(exp, params, len(exp.models), search, path_fraction, Device.this_cpu(threads),
+                             prompt_tokens)
+        notes.append("workers run on the CPU: the per-trial bound is this machine's CPU's; a pilot run "
+                     "(--calibrate RUN_DIR) measures the real cost")
     else:
         cost = roofline_cost(exp, params, len(exp.models), search, path_fraction, device, prompt_tokens)
         if cost is None:
@@ -284,8 +385,10 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         extra_seconds = len(exp.models) * cost.eval_seconds
         if test:
             extra_seconds += (len(exp.models) + 1) * cost.eval_seconds * test_ratio
-        gpu_hours = (exp.budget.max_trials * cost.seconds + extra_seconds) / 3600
+        gpu_hours = (exp.budget.max_trials * cost.seconds + extra_seconds) / 3600  # worker-hours
         wall_hours = gpu_hours / (exp.dispatch.num_workers * 0.95)
+        if exp.dispatch.device.startswith("cuda"):
+            gpu_hours *= exp.dispatch.worker_gpus  # a worker with a GPU share holds only that share
     share = exp.dispatch.worker_gpus
     if 0 < share < 1:
         notes.append(f"gpus_per_worker {share:g}: up to {int(1 / share)} workers share each GPU, each holding its "
@@ -293,6 +396,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
                      "GPUs finish each trial later: calibrate with a pilot run packed the same way")
     if exp.dispatch.device == "cpu" and params > 1e9:
         notes.append("dispatch.device is cpu for a model of over 1 B parameters; set device: cuda")
+    memory = _memory(exp, base_cfg, params, resident, request, runtime)
     return Plan(
         experiment=exp.name, space=space_line, dim=dim, dim_detail=dim_detail, optimizer=exp.optimizer.name + (" (separable)" if exp.optimizer.separable else ""),
         popsize=popsize, islands=islands, generations=generations, max_trials=exp.budget.max_trials,
@@ -300,7 +404,7 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         dtype=exp.dispatch.dtype,
         models=[{"name": m.name, "path": m.path, "params_b": param_count(configs[m.name]) / 1e9,
                  "layers": for_config(configs[m.name]).num_layers(configs[m.name])} for m in exp.models],
-        worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail,
+        worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail, memory=memory,
         search_tasks=search, test_tasks=test, validation_tasks=validation, top_k=top_k,
         min_z=exp.selection.min_z if validation else 0.0,
         sigma0=exp.optimizer.sigma0 if exp.optimizer.name in ("cma_es", "optuna_cmaes") else None, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,

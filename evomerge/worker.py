@@ -77,6 +77,23 @@ class EvalResult:
     # per-item values of a search- or validation-split score: {leaf task: {"task", "docs", "values"}}
     items: Optional[dict[str, dict]] = None
     rung: Optional[int] = None
+    # the worker's peak memory so far, in bytes: its process's resident set (CPU), or what torch
+    # allocated on the device (CUDA)
+    peak_bytes: Optional[int] = None
+
+
+def peak_memory(device: str) -> Optional[int]:
+    """The peak memory of this process so far, in bytes: torch's device allocations on CUDA, the
+    resident set on the CPU (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 class TrialWorker:
@@ -201,6 +218,7 @@ class TrialWorker:
             result.items = items
             result.merge_seconds = t1 - t0
             result.eval_seconds = t2 - t1
+            result.peak_bytes = peak_memory(self.spec.device)
         except EvomergeError as exc:
             result.error = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # a candidate must never crash the search (incl. CUDA OOM)

@@ -29,8 +29,28 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, session_tiny_zoo, ca
     out = capsys.readouterr().out
     assert "4 dimensions = 2 merged models x 2 parameters (density, weight) x 1 group" in out
     assert "popsize 4, sigma0 0.2, 2 island(s), ~5 generations each" in out
-    assert "40 trials" in out and "per trial   unknown" in out
+    assert "40 trials" in out and "roofline: this machine's CPU" in out and "CPU worker-hours  >= " in out
+    assert "GPU-hours" not in out and "resident set of each CPU worker" in out  # CPU estimates say CPU
     assert not (tmp_path / "never").exists()
+
+
+def test_the_memory_estimate_is_within_a_fifth_of_a_workers_measured_peak(tmp_path, session_tiny_zoo):
+    """The dry run (a process of its own, as a user runs it) estimates a CPU worker's resident set;
+    a run on one Ray worker records its peak with every trial."""
+    import subprocess
+    import sys
+
+    exp = experiment_file(tmp_path, "mem", budget={"max_trials": 4}, dispatch={"backend": "ray", "num_workers": 1})
+    done = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(exp), "--dry-run", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    memory = json.loads(done.stdout)["memory"]
+    assert memory["total"] == memory["weights"] + memory["scoring"] + memory["runtime"]
+    run = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(exp), "--run-dir", str(tmp_path / "run"),
+                          "--quiet"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = max(t["peak_bytes"] for t in Ledger(tmp_path / "run" / "ledger.jsonl").records("trial"))
+    assert 0.8 * peak <= memory["total"] <= 1.2 * peak, (memory, peak)
 
 
 def test_dry_run_calibrated_by_a_pilot_run(pilot, capsys):
