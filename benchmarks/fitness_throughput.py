@@ -24,7 +24,12 @@ given, so every decoder generates the same number of tokens): lm-eval's ``HFLM``
 evomerge backend with each decoder (``generate``, continuous batching, static cache, and
 ``auto``'s pick), each checked against ``HFLM``'s texts.
 
-Usage: python benchmarks/fitness_throughput.py [--device cpu|cuda] [--shape zoo|1b] [--batch-size 64] [--repeats 3]
+- ``--experiment EXP``: your own setup instead of the zoo: the experiment's base model (or
+  ``--source NAME``), its task dirs, and its search tasks (or ``--tasks a,b``), in its dtype;
+  each task 0-shot (and ``--fewshot N``-shot for multiple choice).
+
+Usage: python benchmarks/fitness_throughput.py [--experiment EXP.yaml [--source NAME] [--tasks a,b] [--fewshot N]]
+       [--device cpu|cuda] [--shape zoo|1b] [--batch-size 64] [--repeats 3]
        [--threads N] [--items N]   (a smoke run on the first N items)
        [--generate [--new-tokens N] [--prompts N]]
 """
@@ -84,17 +89,43 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=None,
                     help="tokens to generate per prompt (default: up to the answer's stop string, at most 8)")
     ap.add_argument("--prompts", type=int, default=128, help="prompts to generate from (--generate)")
+    ap.add_argument("--experiment", type=Path, help="measure this experiment's model and tasks (default: the zoo)")
+    ap.add_argument("--source", help="with --experiment: the source to score (default: its base model)")
+    ap.add_argument("--tasks", help="with --experiment: comma-separated task names (default: its search tasks)")
+    ap.add_argument("--fewshot", type=int, default=None, help="with --experiment: also N-shot multiple choice")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    exp = load_experiment(ROOT / "experiments" / "quickstart.yaml")
-    zoo = build_zoo(kind=exp.zoo.kind, seed=exp.zoo.seed)
-    model_dir = zoo.models["expert_a"]
+    if args.experiment is not None:
+        from evomerge.sources import resolve_model_dir
+        from evomerge.wiring import resolve_worker_spec
+
+        exp = load_experiment(args.experiment)
+        spec = resolve_worker_spec(exp)
+        model_dir = resolve_model_dir(spec.model_dirs[args.source or exp.base_model])
+        task_paths = [str(p) for p in spec.task_paths]
+        wanted = args.tasks.split(",") if args.tasks else [t.name for t in exp.suite.tasks]
+        specs = {t.name: t for t in (*exp.suite.tasks, *exp.suite.validation_tasks, *exp.suite.test_tasks)}
+        kinds = []
+        for name in wanted:
+            spec_t = specs.get(name) or exp.suite.tasks[0].model_copy(update={"name": name})
+            kinds.append((f"{name}, 0-shot", spec_t, None))
+            if args.fewshot:
+                kinds.append((f"{name}, {args.fewshot}-shot", spec_t, args.fewshot))
+        dtype = getattr(torch, exp.dispatch.dtype)
+    else:
+        exp = load_experiment(ROOT / "experiments" / "quickstart.yaml")
+        zoo = build_zoo(kind=exp.zoo.kind, seed=exp.zoo.seed)
+        model_dir = zoo.models["expert_a"]
+        task_paths = [str(zoo.tasks_dir)]
+        kinds = [(kind, exp.suite.tasks[0].model_copy(update={
+            "name": task, "metric": "exact_match" if "_gen_" in task else "acc"}), fewshot)
+            for kind, task, fewshot in KINDS]
+        dtype = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = torch.float32
     if args.shape == "zoo":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     else:
@@ -114,22 +145,22 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def evaluators_for(task: str, fewshot):
-        spec = exp.suite.tasks[0].model_copy(update={"name": task, "limit": args.items, "num_fewshot": fewshot,
-                                                     "metric": "exact_match" if "_gen_" in task else "acc"})
-        suite = exp.suite.model_copy(update={"batch_size": args.batch_size, "test_tasks": (), "tasks": (spec,)})
+    def evaluators_for(task, fewshot):
+        spec = task.model_copy(update={"limit": args.items or task.limit, "num_fewshot": fewshot})
+        suite = exp.suite.model_copy(update={"batch_size": args.batch_size, "test_tasks": (), "tasks": (spec,),
+                                             "validation_tasks": (), "racing": None})
         return {backend: LmEvalEvaluator(model, tokenizer, suite.model_copy(update={"backend": backend}),
-                                         [str(zoo.tasks_dir)], device=args.device)
+                                         task_paths, device=args.device)
                 for backend in ("evomerge", "hf")}
 
     if args.generate:
-        return generation(args, model, tokenizer, evaluators_for(TASK, None)["hf"], params, dtype)
+        return generation(args, model, tokenizer, evaluators_for(kinds[0][1], None)["hf"], params, dtype)
 
     print(f"model: {args.shape} ({params / 1e6:.1f} M params, {dtype}), device {args.device}, "
           f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, {args.repeats} repeats")
     print("| request kind | path | seconds per evaluation | tokens fed to the model | vs HFLM | score |")
     print("|---|---|---|---|---|---|")
-    for kind, task, fewshot in KINDS:
+    for kind, task, fewshot in kinds:
         evaluators = evaluators_for(task, fewshot)
         timed, fed, scores = {}, {}, {}
         for backend, ev in evaluators.items():
@@ -150,7 +181,7 @@ def main() -> None:
             timed[backend] = (time.perf_counter() - t) / args.repeats
         rows = [("lm-eval `HFLM`", "hf"), ("evomerge backend", "evomerge")]
         bare_s, bare_tokens = bare_forward(args, model, tokenizer, requests_of(evaluators["hf"]), sync)
-        what = "prompt + gold answer, one pass" if "_gen_" in task else "context + continuation"
+        what = "prompt + gold answer, one pass" if "_gen_" in task.name else "context + continuation"
         print(f"| {kind} | bare forward ({what}, sorted, padded) | {bare_s:.3f} | "
               f"{bare_tokens:,} | {timed['hf'] / bare_s:.2f}x faster | |")
         for label, backend in rows:

@@ -1,18 +1,21 @@
 """Merge speed: evomerge's in-memory candidate path vs mergekit-yaml, and vs the memory floor.
 
-(a) Always: on the cross-skill zoo's models (CPU), for every method, the seconds evomerge
-    takes to write one candidate into a preallocated model (``ResidentSources.merge_into``:
-    sources resident, no disk) next to ``mergekit-yaml`` merging the same recipe (the YAML
-    ``evomerge export --format mergekit`` writes) in the same run, and the ratio. The
-    mergekit figure is the whole command (process start, reading and writing safetensors):
-    what a search that shells out to mergekit per candidate pays.
+(a) Always: on the cross-skill zoo's models (CPU), or on an experiment's own sources
+    (``--experiment EXP``: its base and first two other sources, in its dtype), for every
+    method, the seconds evomerge takes to write one candidate into a preallocated model
+    (``ResidentSources.merge_into``: sources resident, no disk), beside the memory floor for
+    the same bytes (bytes read + written over this machine's copy bandwidth, measured in the
+    same run) and ``mergekit-yaml`` merging the same recipe (the YAML ``evomerge export
+    --format mergekit`` writes), and the ratios. The mergekit figure is the whole command
+    (process start, reading and writing safetensors): what a search that shells out to
+    mergekit per candidate pays.
 (b) With a CUDA device: Llama-7B tensor shapes (32 layers, hidden 4096, MLP 11008, vocab
     32000), bf16, 3 sources (base + 2), random weights on the GPU; seconds per candidate per
     method and the ratio to the byte floor: (bytes read + written) / measured device bandwidth
     (a device-to-device copy). Goals: linear / task_arithmetic <= 1.5x the floor, TIES / DARE
     <= 3x.
 
-Usage: python benchmarks/merge_speed.py [--repeats 5] [--skip-mergekit] [--gpu-only]
+Usage: python benchmarks/merge_speed.py [--experiment EXP.yaml] [--repeats 5] [--skip-mergekit] [--gpu-only]
 """
 
 from __future__ import annotations
@@ -49,12 +52,25 @@ RECIPES = {  # method -> (per-model parameters for expert_a, expert_b; global pa
 }
 
 
-def recipe(method: str, dtype: str = "float32") -> Recipe:
+def recipe(method: str, dtype: str = "float32", base: str = "base", experts: tuple[str, str] = ("expert_a", "expert_b")
+           ) -> Recipe:
     a, b, g = RECIPES[method]
-    models = [ModelParams(model="expert_a", parameters=a)]
+    models = [ModelParams(model=experts[0], parameters=a)]
     if b is not None:
-        models.append(ModelParams(model="expert_b", parameters=b))
-    return Recipe(method=method, base_model="base", models=tuple(models), parameters=g, seed=1, dtype=dtype)
+        models.append(ModelParams(model=experts[1], parameters=b))
+    return Recipe(method=method, base_model=base, models=tuple(models), parameters=g, seed=1, dtype=dtype)
+
+
+def cpu_bandwidth() -> float:
+    """Bytes per second of a 256 MB copy on this machine (read + write), the best of 5."""
+    a = torch.ones(64 * 2**20)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best
 
 
 def sync(device: str) -> None:
@@ -62,7 +78,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_merge(sources: ResidentSources, r: Recipe, target: dict, repeats: int, device: str) -> float:
+def time_merge(sources: ResidentSources, r: Recipe, target, repeats: int, device: str) -> float:
     sources.merge_into(r, target)  # warm-up
     sync(device)
     t = time.perf_counter()
@@ -72,30 +88,51 @@ def time_merge(sources: ResidentSources, r: Recipe, target: dict, repeats: int, 
     return (time.perf_counter() - t) / repeats
 
 
-def cpu_table(repeats: int, skip_mergekit: bool) -> None:
+def cpu_table(repeats: int, skip_mergekit: bool, experiment: Path | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
-    from evomerge.zoo import build_zoo
+    from evomerge.architecture import for_model_dir
 
-    zoo = build_zoo(kind="cross-skill", seed=0)
-    dirs = {k: Path(v) for k, v in zoo.models.items()}
-    sources = ResidentSources.from_model_dirs(dirs, "base")
-    model = AutoModelForCausalLM.from_pretrained(dirs["base"], dtype=torch.float32)
+    if experiment is None:
+        from evomerge.zoo import build_zoo
+
+        zoo = build_zoo(kind="cross-skill", seed=0)
+        dirs, base, dtype, what = {k: Path(v) for k, v in zoo.models.items()}, "base", "float32", "cross-skill zoo"
+    else:
+        from evomerge.config import load_experiment
+        from evomerge.sources import resolve_model_dir
+        from evomerge.wiring import resolve_worker_spec
+
+        exp = load_experiment(experiment)
+        spec = resolve_worker_spec(exp)
+        base, dtype, what = exp.base_model, exp.dispatch.dtype, f"{exp.name}'s sources"
+        others = [m.name for m in exp.models if m.name != base][:2]
+        dirs = {n: resolve_model_dir(spec.model_dirs[n]) for n in (base, *others)}
+    experts = tuple(n for n in dirs if n != base)
+    experts = (experts[0], experts[-1])
+    sources = ResidentSources.from_model_dirs(dirs, base, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(dirs[base], dtype=getattr(torch, dtype))
     target = model.state_dict()
+    arch = for_model_dir(dirs[base])
     cli = Path(sys.executable).parent / "mergekit-yaml"
-    params = sum(t.numel() for t in target.values()) / 1e6
-    print(f"(a) CPU, cross-skill zoo ({params:.2f} M params per model, 3 sources), torch threads "
-          f"{torch.get_num_threads()}")
-    print("| method | evomerge s/candidate | mergekit-yaml s | ratio |")
-    print("|---|---|---|---|")
+    numel = sum(t.numel() for t in sources._base.values())
+    width = torch.finfo(getattr(torch, dtype)).bits // 8
+    bandwidth = cpu_bandwidth()
+    print(f"(a) CPU, {what} ({numel / 1e6:.2f} M params per model, {dtype}, 3 sources), torch threads "
+          f"{torch.get_num_threads()}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| method | evomerge s/candidate | bytes moved | floor s | x floor | mergekit-yaml s | vs mergekit |")
+    print("|---|---|---|---|---|---|---|")
     for method in RECIPES:
-        r = recipe(method)
-        ours = time_merge(sources, r, target, repeats, "cpu")
+        r = recipe(method, dtype, base, experts)
+        ours = time_merge(sources, r, model, repeats, "cpu")
+        n_read = 1 + (1 if method == "slerp" else 2)  # the base and the task vectors it uses
+        moved = (n_read + 1) * numel * width
+        floor = moved / bandwidth
         theirs = None
-        if not skip_mergekit and cli.exists():
+        if not skip_mergekit and cli.exists() and arch.mergekit:
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = Path(tmp) / "m.yml"
-                cfg.write_text(mergekit_yaml(r, {k: str(v) for k, v in dirs.items()}, BY_NAME["llama"]))
+                cfg.write_text(mergekit_yaml(r, {k: str(v) for k, v in dirs.items()}, arch))
                 t = time.perf_counter()
                 subprocess.run([str(cli), str(cfg), str(Path(tmp) / "out"), "--random-seed", "1",
                                 "--no-copy-tokenizer", "--quiet"], check=True, capture_output=True)
@@ -103,7 +140,8 @@ def cpu_table(repeats: int, skip_mergekit: bool) -> None:
                 shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
         mk = f"{theirs:.2f}" if theirs else "n/a"
         ratio = f"{theirs / ours:,.0f}x" if theirs else "n/a"
-        print(f"| {method} | {ours * 1000:.2f} ms | {mk} | {ratio} |")
+        print(f"| {method} | {ours:.4f} | {moved / 1e9:.2f} GB | {floor:.4f} | {ours / floor:.1f}x | {mk} | {ratio} |")
+    del target
 
 
 def gpu_table(repeats: int) -> None:
@@ -159,9 +197,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--gpu-only", action="store_true")
+    ap.add_argument("--experiment", type=Path, help="measure this experiment's sources (default: the zoo)")
     args = ap.parse_args()
     if not args.gpu_only:
-        cpu_table(args.repeats, args.skip_mergekit)
+        cpu_table(args.repeats, args.skip_mergekit, args.experiment)
     if torch.cuda.is_available():
         gpu_table(args.repeats)
     else:

@@ -25,6 +25,9 @@ cross-skill zoo (``../shared/ZOO_FACTS.md``), on a model that was not made for i
 Usage:
     python benchmarks/real_smollm2.py build [--root DIR] [--steps N]   # ~20-25 min on 2 cores, cached
     python benchmarks/real_smollm2.py scores [--root DIR]             # each model on each task, +- SE
+    python benchmarks/real_smollm2.py report [--out FILE]             # scores, a search, merge speed vs the
+        memory floor, evaluation vs HFLM and a bare forward, memory vs the dry run: one run, one file
+        (benchmarks/results/real_smollm2.md)
 """
 
 from __future__ import annotations
@@ -315,9 +318,98 @@ def build(root: Path = DEFAULT_ROOT, steps: int = 150, progress: Callable[[str],
     return {n: root / n for n in ("base", "expert_a", "expert_b", "tasks")}
 
 
+def scores(dirs: dict[str, Path], split: str = "test", models: Optional[dict[str, Path]] = None) -> dict[str, dict]:
+    """Each model's accuracy ± standard error on each task's ``split``: ``{model: {task: (acc, se)}}``."""
+    import torch
+    import transformers as T
+
+    from evomerge.config import SuiteConfig, TaskSpec
+    from evomerge.evaluate.lm_eval_runner import LmEvalEvaluator
+    from evomerge.selection import task_values
+    from evomerge.uncertainty import standard_error
+
+    names = [f"real_{t}_{split}" for t in ("arith_lune", "arith_en", "digits_lune")]
+    out: dict[str, dict] = {}
+    for model_name, path in (models or {n: dirs[n] for n in ("base", "expert_a", "expert_b")}).items():
+        model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = T.AutoTokenizer.from_pretrained(path)
+        out[model_name] = {}
+        for name in names:
+            suite = SuiteConfig(tasks=(TaskSpec(name=name, metric="acc"),), batch_size=32)
+            ev = LmEvalEvaluator(model, tokenizer, suite, [str(dirs["tasks"])])
+            score, items = ev.score("search")
+            values = task_values(items)
+            out[model_name][name] = (score[name], standard_error(values, {name: 1.0}))
+    return out
+
+
+def _run(argv: list[str], timeout: int = 7200) -> str:
+    """A command's stdout (stderr passed through); raises when it fails."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def report(dirs: dict[str, Path], out: Path) -> None:
+    """Every figure of the bed in one run, written to ``out`` (markdown) and printed."""
+    import platform
+
+    exp = ROOT / "experiments" / "real_smollm2.yaml"
+    py = sys.executable
+    manifest = json.loads((dirs["base"].parent / "manifest.json").read_text())
+    lines = [f"# Real model: SmolLM2-135M-Instruct ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
+             f"{platform.processor() or platform.machine()})", ""]
+    times = manifest["times"]
+    lines += ["## The bed (benchmarks/real_smollm2.py build)", "",
+              f"- fetch {times.get('fetch_s', 0):.0f} s, convert {times.get('convert_s', 0):.0f} s, expert_a "
+              f"{times.get('expert_a', {}).get('seconds', 0):.0f} s, expert_b {times.get('expert_b', {}).get('seconds', 0):.0f} s "
+              f"({manifest['steps']} steps each, batch 16, {manifest['threads']} threads)", ""]
+    table = scores(dirs)
+    tasks = list(next(iter(table.values())))
+    lines += ["## Each source on each task (held-out test split, accuracy ± SE; chance 0.25)", "",
+              "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| {m} | " + " | ".join(f"{a:.3f} ± {se:.3f}" for a, se in row.values()) + " |" for m, row in table.items()]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        plan = json.loads(_run([py, "-m", "evomerge.cli", "run", str(exp), "--dry-run", "--json"]))
+        t = time.perf_counter()
+        _run([py, "-m", "evomerge.cli", "run", str(exp), "--run-dir", str(run_dir), "--quiet"])
+        seconds = time.perf_counter() - t
+        summary = json.loads((run_dir / "summary.json").read_text())
+        ledger = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines()]
+        peak = max(r.get("peak_bytes", 0) for r in ledger if r.get("kind") == "trial")
+        merge = sorted(r["merge_seconds"] for r in ledger if r.get("kind") == "trial" and r["state"] == "complete")
+        se = summary["standard_errors"]
+        lines += ["", f"## A search (experiments/real_smollm2.yaml: {summary['trials']} trials, 2 workers, "
+                  f"{seconds / 60:.1f} min)", "", "| model | search | test |", "|---|---|---|"]
+        lines.append(f"| winner (trial {summary['best_trial']}) | {summary['best_fitness']:.3f} ± {se['search'] or 0:.3f} | "
+                     f"{summary['test_scores'].get('best', float('nan')):.3f} ± {(se['tests'] or {}).get('best') or 0:.3f} |")
+        for name, value in summary["baselines"].items():
+            lines.append(f"| {name} | {value:.3f} ± {(se['baselines'] or {}).get(name) or 0:.3f} | "
+                         f"{summary['test_scores'].get(name, float('nan')):.3f} ± {(se['tests'] or {}).get(name) or 0:.3f} |")
+        lines += ["", f"Verdict: {summary['evidence']['line']}.", ""]
+        lines += ["## Memory per worker", "",
+                  f"- measured peak (resident set of a worker): {peak / 2**30:.2f} GiB; the dry run's estimate: "
+                  f"{plan['memory']['total'] / 2**30:.2f} GiB ({plan['memory']['total'] / peak - 1:+.0%}): "
+                  f"{plan['memory']['line']}",
+                  f"- merge seconds per candidate in the search: median {merge[len(merge) // 2]:.2f} s", ""]
+        print("\n".join(lines[-12:]), flush=True)
+    lines += ["## Merge speed (benchmarks/merge_speed.py --experiment experiments/real_smollm2.yaml)", "",
+              _run([py, "benchmarks/merge_speed.py", "--experiment", str(exp), "--repeats", "3"]).strip(), "",
+              "## Evaluation (benchmarks/fitness_throughput.py --experiment experiments/real_smollm2.yaml)", "",
+              _run([py, "benchmarks/fitness_throughput.py", "--experiment", str(exp), "--repeats", "2",
+                    "--batch-size", "32"]).strip(), ""]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-8:]))
+    print(f"written to {out}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["build", "scores"])
+    ap.add_argument("command", choices=["build", "scores", "report"])
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real_smollm2.md")
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     ap.add_argument("--steps", type=int, default=150)
     args = ap.parse_args(argv)
@@ -325,6 +417,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.command == "build":
         print(json.dumps({k: str(v) for k, v in dirs.items()}, indent=2))
         return
+    if args.command == "report":
+        return report(dirs, args.out)
+    table = scores(dirs)
+    tasks = next(iter(table.values()))
+    print("| model | " + " | ".join(tasks) + " |")
+    print("|---|" + "---|" * len(tasks))
+    for model, row in table.items():
+        print(f"| {model} | " + " | ".join(f"{a:.3f} ± {se:.3f}" for a, se in row.values()) + " |")
 
 
 if __name__ == "__main__":
