@@ -80,13 +80,29 @@ def estimate(copies: int, params: int, weight_bytes: int, shape: Shape, batch: i
     return Estimate(weights, scoring, runtime if not device.startswith("cuda") else None, device, detail)
 
 
-def process_runtime() -> int:
-    """This process's resident peak, bytes, plus what a worker adds (:data:`WORKER_RUNTIME`)."""
+def resident_peak() -> int:
+    """This process's own resident peak, bytes.
+
+    On Linux the high-water mark of its address space (``VmHWM``): ``getrusage``'s ``ru_maxrss``
+    survives fork and exec, so a process started by a big one (a test session, a notebook)
+    would report its parent's peak.
+    """
     import resource
     import sys
 
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024) + WORKER_RUNTIME
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def process_runtime() -> int:
+    """This process's resident peak, bytes, plus what a worker adds (:data:`WORKER_RUNTIME`)."""
+    return resident_peak() + WORKER_RUNTIME
 
 
 def request_lengths(tokenizer: Any, docs: list[Mapping[str, Any]], text_field: str, choice_field: str,

@@ -84,16 +84,14 @@ class EvalResult:
 
 def peak_memory(device: str) -> Optional[int]:
     """The peak memory of this process so far, in bytes: torch's device allocations on CUDA, the
-    resident set on the CPU (``ru_maxrss``: kilobytes on Linux, bytes on macOS)."""
+    process's own resident peak on the CPU."""
     if device.startswith("cuda"):
         import torch
 
         return int(torch.cuda.max_memory_allocated())
-    import resource
-    import sys
+    from evomerge.memory import resident_peak
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return resident_peak()
 
 
 class TrialWorker:

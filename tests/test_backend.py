@@ -238,3 +238,42 @@ def test_concurrent_cpu_merge_equals_the_sequential_one(sources, dirs, method: s
     want = sources.merged_state_dict(r)
     for got in models:
         assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_a_merge_is_the_same_bits_whatever_the_callers_thread_count(tmp_path, method: str) -> None:
+    """Rescaling sums over a whole tensor; torch splits a large reduction by its thread count,
+    and the rounding follows the split. Resident merges (state dict, in place) and the streaming
+    merge give the same tensors under 1 and 4 threads (tensors large enough to be split)."""
+    from safetensors.torch import save_file
+
+    from evomerge.merge.streaming import stream_merge
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(1024, 1024, generator=gen),
+            "model.layers.1.mlp.up_proj.weight": torch.randn(512, 1024, generator=gen),
+            "model.embed_tokens.weight": torch.randn(64, 1024, generator=gen),
+            "model.norm.weight": torch.ones(1024), "lm_head.weight": torch.randn(64, 1024, generator=gen)}
+    dirs = {}
+    for name in NAMES:
+        sd = base if name == "base" else {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        dirs[name] = tmp_path / name
+        dirs[name].mkdir()
+        save_file(sd, str(dirs[name] / "model.safetensors"))
+    r = recipe(method, {"a": {"weight": 0.7, "density": 0.5}, "b": {"weight": 0.4, "density": 0.6}}, seed=3)
+    sources = ResidentSources.from_model_dirs(dirs, base_model="base")
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            got.append(sources.merged_state_dict(r))
+            target = {k: torch.empty_like(v) for k, v in base.items()}
+            sources.merge_into(r, target)
+            got.append(target)
+            stream_merge(r, dirs, tmp_path / f"streamed{n}")
+            got.append(load_file(str(tmp_path / f"streamed{n}" / "model.safetensors")))
+    finally:
+        torch.set_num_threads(threads)
+    for i, merged in enumerate(got[1:]):
+        assert all(torch.equal(merged[k], got[0][k]) for k in base), (i, [k for k in base if not torch.equal(merged[k], got[0][k])])

@@ -36,13 +36,16 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, session_tiny_zoo, ca
 
 def test_the_memory_estimate_is_within_a_fifth_of_a_workers_measured_peak(tmp_path, session_tiny_zoo):
     """The dry run (a process of its own, as a user runs it) estimates a CPU worker's resident set;
-    a run on one Ray worker records its peak with every trial."""
+    a run on one Ray worker records its peak with every trial. The dry run is started by a process
+    holding 1 GiB (a test session, a notebook): its own peak must not include its parent's."""
     import subprocess
     import sys
 
     exp = experiment_file(tmp_path, "mem", budget={"max_trials": 4}, dispatch={"backend": "ray", "num_workers": 1})
+    ballast = bytearray(b"\x01") * 2**30  # resident in this process when the dry run is forked
     done = subprocess.run([sys.executable, "-m", "evomerge.cli", "run", str(exp), "--dry-run", "--json"],
                           capture_output=True, text=True, timeout=600)
+    del ballast
     assert done.returncode == 0, done.stderr[-2000:]
     memory = json.loads(done.stdout)["memory"]
     assert memory["total"] == memory["weights"] + memory["scoring"] + memory["runtime"]

@@ -98,7 +98,8 @@ def test_a_search_runs_and_its_export_keeps_the_tokenizer_template_and_tied_head
     trials = [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
     assert [r["state"] for r in trials if r.get("kind") == "trial"] == ["complete", "complete"]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["standard_errors"]["search"] > 0 and summary["evidence"]["verdict"] in ("gain", "no clear gain")
+    # the "experts" are the base plus noise: whatever wins, it is no gain
+    assert summary["standard_errors"]["search"] > 0 and summary["evidence"]["verdict"] in ("no clear gain", "no signal")
     assert main(["export", str(run), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     out = tmp_path / "hf"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -140,4 +141,21 @@ def test_a_ps_merge_equals_mergekits_on_the_real_weights(real, tmp_path):
     theirs = load_file(tmp_path / "mk" / "model.safetensors")
     ours = ResidentSources.from_model_dirs(dirs, "base").merged_state_dict(recipe)
     assert set(theirs) == set(ours)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "not tensor-equal to mergekit"
+    # Equal everywhere but at entries whose task-vector magnitude ties the k-th largest: both keep
+    # exactly k entries, mergekit picking among ties in its (unstable) sort's order, evomerge by
+    # index (evomerge/merge/methods/sparsify.py). Real weights have such ties (differences of
+    # values on the base's float grid); the zoo's never do (tests/test_mergekit_parity.py).
+    sources = {n: load_file(dirs[n] / "model.safetensors") for n in dirs}
+    unequal = tied = 0
+    for key in ours:
+        differs = ours[key] != theirs[key]
+        if not differs.any():
+            continue
+        ties = torch.zeros_like(differs)
+        for name, density in (("expert_a", 0.6), ("expert_b", 0.4)):
+            magnitude = (sources[name][key] - sources["base"][key]).abs()
+            kth = torch.topk(magnitude.flatten(), int(density * magnitude.numel())).values.min()
+            ties |= magnitude == kth
+        assert not (differs & ~ties).any(), f"{key}: differs from mergekit away from the threshold ties"
+        unequal, tied = unequal + int(differs.sum()), tied + int(ties.sum())
+    assert unequal <= tied and unequal < 1e-5 * sum(t.numel() for t in ours.values()), (unequal, tied)

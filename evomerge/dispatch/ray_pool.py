@@ -200,6 +200,7 @@ class _Slot:
     failures: int = 0  # start failures in a row
     due: float = 0.0  # when a failed start is tried again
     last_error: str = ""
+    started: float = 0.0  # when its actor was asked for
 
 
 class RayDispatcher:
@@ -279,6 +280,7 @@ class RayDispatcher:
 
     def _start(self, slot: _Slot) -> None:
         slot.actor = self._make()
+        slot.started = time.monotonic()
         self._starting[slot.actor.ready.remote()] = slot
 
     def _first_worker(self) -> None:
@@ -330,9 +332,12 @@ class RayDispatcher:
             ray.kill(slot.actor)  # one that is only out of reach may still hold resources
             self._start_failed(slot, exc)
             return
+        took = time.monotonic() - slot.started
         if slot.failures:
             self._notify(f"worker {slot.index + 1} is up again on node {info['node']} after {slot.failures} "
                          f"failed start(s)")
+        elif took > 10:  # loading big sources: say when each worker is ready
+            self._notify(f"worker {slot.index + 1} ready on node {info['node']} ({took:.0f} s)")
         slot.failures, slot.last_error = 0, ""
         for note in info["notes"]:
             self._notify(note)

@@ -381,20 +381,7 @@ class ResidentSources:
         """
         plan = self._plan(recipe)
         write = self._writer(target)
-        pool = None
-        if next(iter(self._base.values())).device.type == "cpu" and _sparsifies(plan.method):
-            pool = _cpu_pool()
-        if pool is None:
-            for key in self._base:
-                write(key, self._merge_one(plan, key))
-            return
-
-        def merge(key: str) -> None:
-            with torch.no_grad():  # grad mode is per thread
-                write(key, self._merge_one(plan, key))
-
-        for _ in pool.map(merge, self._largest_first):
-            pass
+        self._each_merged(plan, write)
 
     def _writer(self, target) -> Callable[[str, Tensor], None]:
         """How merged tensors are copied into ``target`` (see :meth:`merge_into`), checked first."""
@@ -418,11 +405,32 @@ class ResidentSources:
     @torch.no_grad()
     def merged_state_dict(self, recipe: Recipe) -> dict[str, Tensor]:
         """The merge of ``recipe`` as a new state dict (for export and tests)."""
-        return dict(self._merged(self._plan(recipe)))
+        out: dict[str, Tensor] = {}
+        self._each_merged(self._plan(recipe), out.__setitem__)
+        return {key: out[key] for key in self._base}
 
-    def _merged(self, plan: MergePlan) -> Iterator[tuple[str, Tensor]]:
-        for key in self._base:
-            yield key, self._merge_one(plan, key)
+    def _each_merged(self, plan: MergePlan, consume: Callable[[str, Tensor], None]) -> None:
+        """``consume(key, tensor)`` for every merged tensor, called where it was merged.
+
+        Sparsifying methods on CPU run one torch thread per tensor, on a pool (:func:`cpu_pool`),
+        so a merge is the same bit for bit whatever the caller's thread count (a reduction's
+        rounding depends on how torch splits it): the search's workers, an export and a
+        stand-alone merge get the same tensors."""
+        pool = None
+        if next(iter(self._base.values())).device.type == "cpu" and sparsifies(plan.method):
+            pool = cpu_pool()
+        if pool is None:
+            for key in self._base:
+                consume(key, self._merge_one(plan, key))
+            return
+
+        def merge(key: str) -> None:
+            one_thread()
+            with torch.no_grad():  # grad mode is per thread
+                consume(key, self._merge_one(plan, key))
+
+        for _ in pool.map(merge, self._largest_first):
+            pass
 
     def _merge_one(self, plan: MergePlan, key: str) -> Tensor:
         """The merged tensor ``key``: a function of the plan and the key alone (DARE/DELLA
@@ -449,7 +457,7 @@ class ResidentSources:
                            num_layers=self.num_layers, dtype=self.dtype, arch=self.arch)
 
 
-def _sparsifies(method: MergeMethod) -> bool:
+def sparsifies(method: MergeMethod) -> bool:
     """True for methods that trim or drop entries per tensor: an order statistic, a sort or a
     random draw, serial work inside one op, which a pool over tensors spreads across threads.
     Elementwise methods (linear, task arithmetic, SLERP) are memory-bound and run in the
@@ -462,7 +470,7 @@ def _sparsifies(method: MergeMethod) -> bool:
 _POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads): a forked child makes its own
 
 
-def _cpu_pool() -> ThreadPoolExecutor | None:
+def cpu_pool() -> ThreadPoolExecutor | None:
     """Threads that merge CPU tensors concurrently, one per torch thread, each running torch's
     ops on one thread (OpenMP's thread count is per calling thread, so the caller's is kept).
 
@@ -475,9 +483,17 @@ def _cpu_pool() -> ThreadPoolExecutor | None:
         return None
     key = (os.getpid(), threads)
     if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge",
-                                         initializer=torch.set_num_threads, initargs=(1,))
+        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge", initializer=one_thread)
     return _POOLS[key]
+
+
+def one_thread() -> None:
+    """This thread runs torch's ops on one thread; called by every pooled task, not once per
+    thread: torch initialises a thread's count lazily, at its first parallel op, from the
+    process-wide setting (the last ``set_num_threads`` anywhere), so a setting made before
+    then is lost (``get_num_threads`` runs that initialisation first)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def _check_configs(dirs: Mapping[str, Path], base_model: str) -> None:
