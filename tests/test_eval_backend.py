@@ -10,6 +10,8 @@ took its own path).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import random
 
 import pytest
@@ -210,8 +212,14 @@ def test_every_decoder_generates_hflms_greedy_texts(decoder, session_tiny_zoo, t
     ref = HFLM(**kw).generate_until(_generation_requests(n), disable_tqdm=True)
     lm = evomerge_lm_class()(**kw, generation=decoder)
     assert lm.decoders.chosen == decoder
+    from evomerge.memory import resident_peak
+
+    Path("/proc/self/clear_refs").write_text("5")  # the resident peak starts again from here (Linux)
+    before = resident_peak()
     assert lm.generate_until(_generation_requests(n), disable_tqdm=True) == ref
     assert any(ref)  # the model says something, so equal texts mean something
+    # a cache sized for the batch (left to itself, continuous batching took 90 % of free RAM: 14 GB)
+    assert resident_peak() - before < 2**30
 
 
 def test_auto_measures_every_decoder_and_keeps_one_that_agrees(session_tiny_zoo, tokenizer):

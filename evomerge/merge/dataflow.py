@@ -9,17 +9,22 @@ times on a path: each wrapper sets the attention's ``layer_idx`` to its own posi
 before running, so the KV cache gets one slot per path position; rotary embeddings
 are computed once per forward by the shell and passed to every layer.
 
-A path step's ``scale`` multiplies the hidden state entering that layer (the
-paper's W). :func:`folded_state_dict` turns a recipe into a plain state dict of the
-donors' family with one layer per path position. In a pre-norm family every branch
-starts with a scale-invariant norm, so scaling the residual stream by ``P_k`` (the
-product of the scales so far) is the same as dividing layer k's residual writers
-(Llama's ``o_proj`` and ``down_proj``) by ``P_k``. In a sandwich-norm family (Gemma2,
-Gemma3) those outputs are normalised again before the add, so the division goes into the
-post-branch norms instead. Both are exact up to the norms' epsilon. A post-norm-only
-family (OLMo2) has no exact fold: a path with scales is refused there. Where things live
-comes from the donors' :class:`~evomerge.architecture.Architecture`. The result loads
-with ``AutoModelForCausalLM`` without remote code.
+A path step's ``scale`` multiplies the hidden state entering that layer (the paper's W), so
+the residual stream after step k is the unscaled one times ``P_k``, the product of the scales
+so far. In a pre-norm family every branch starts with a scale-invariant norm, so that is the
+same as dividing layer k's residual writers (Llama's ``o_proj`` and ``down_proj``) by ``P_k``;
+in a sandwich-norm family (Gemma2, Gemma3, GLM-4) those outputs are normalised again before the
+add, and the division goes into the post-branch norms. The two differ only by the norms'
+epsilon, which a stream scaled by ``P_k`` meets as ``eps / P_k**2``: on a real model (SmolLM2,
+``benchmarks/dfs_export_depth.py``) that alone moved the logits by 0.02 over 10 layers and by 1
+over 60. So the search scores the divided form itself: each path position's writers (the
+modules :meth:`~evomerge.architecture.Architecture.fold_targets` names) have their outputs
+divided by ``P_k`` while it runs (hooks on the donors' modules, a no-op outside a path), and
+:func:`folded_state_dict` writes the same division into the weights: the exported model is the
+scored one, up to float rounding. A post-norm-only family (OLMo2) has no such form: its paths
+scale the hidden state itself, and a path with scales is refused at export. Where things live
+comes from the donors' :class:`~evomerge.architecture.Architecture`. The result loads with
+``AutoModelForCausalLM`` without remote code.
 """
 
 from __future__ import annotations
@@ -36,23 +41,55 @@ from evomerge.errors import MergeError
 from evomerge.recipe import DFSRecipe, PathStep
 
 
-class _PathLayer(nn.Module):
-    """One position on a path: a shared donor layer, its KV-cache slot, its input scale."""
+class _WriterScale:
+    """The factor the residual writers' outputs are multiplied by while a path position runs
+    (1 outside a path: the donors run as themselves)."""
 
-    def __init__(self, layer: nn.Module, position: int, scale: float, attention: str = "self_attn") -> None:
+    def __init__(self) -> None:
+        self.value = 1.0
+
+    def hook(self, module: nn.Module, args, output):
+        f = self.value
+        if f == 1.0:
+            return output
+        if isinstance(output, tuple):
+            return (output[0] * f, *output[1:])
+        return output * f
+
+
+class _PathLayer(nn.Module):
+    """One position on a path: a shared donor layer, its KV-cache slot, its scale: the stream's
+    cumulative scale divided out of its residual writers (``writer_scale`` = 1 / P_k, set on
+    ``writers`` while it runs), or, where a family has no scale-invariant branches, its own
+    scale applied to its input."""
+
+    def __init__(self, layer: nn.Module, position: int, scale: float, attention: str = "self_attn",
+                 writers: Optional[_WriterScale] = None, writer_scale: float = 1.0) -> None:
         super().__init__()
         self.layer = layer
         self.position = position
         self.scale = float(scale)
         self.attention = attention
+        self.writers = writers
+        self.writer_scale = float(writer_scale)
 
     def forward(self, hidden_states, *args, **kwargs):
         attn = getattr(self.layer, self.attention, None)
-        if attn is not None and hasattr(attn, "layer_idx"):
+        own = getattr(attn, "layer_idx", None)
+        if own is not None:
             attn.layer_idx = self.position  # one cache slot per path position, even for a repeated layer
-        if self.scale != 1.0:
-            hidden_states = hidden_states * self.scale
-        return self.layer(hidden_states, *args, **kwargs)
+        if self.writers is None:
+            if self.scale != 1.0:
+                hidden_states = hidden_states * self.scale
+        else:
+            self.writers.value = self.writer_scale
+        try:
+            return self.layer(hidden_states, *args, **kwargs)
+        finally:  # outside a path the donor is itself again
+            if self.writers is not None:
+                self.writers.value = 1.0
+            if own is not None:
+                attn.layer_idx = own
 
 
 def identity_recipe(model: str, num_layers: int) -> DFSRecipe:
@@ -72,6 +109,15 @@ class DataFlowModel:
         if len(kinds) > 1:
             raise MergeError(f"data-flow donors must be one architecture, got {kinds}")
         self.arch: Architecture = next(iter(archs.values()))
+        self._writers: Optional[_WriterScale] = None
+        if self.arch.can_fold_scales:
+            self._writers = _WriterScale()
+            targets = tuple(t.rstrip(".") for t in self.arch.fold_targets())
+            for name in self.donors:
+                for layer in self._layers(name):
+                    for module_name, module in layer.named_modules():
+                        if module_name in targets:
+                            module.register_forward_hook(self._writers.hook)
 
     def _layers(self, donor: str) -> nn.ModuleList:
         return self.arch.get(self.donors[donor], self.arch.layers)
@@ -108,9 +154,12 @@ class DataFlowModel:
         arch = self.arch
         for path in (*arch.embeddings, arch.final_norm, arch.head):
             arch.set(self.shell, path, arch.get(head, path))
-        arch.set(self.shell, arch.layers, nn.ModuleList(
-            _PathLayer(self._layers(s.model)[s.layer], k, s.scale, arch.attention) for k, s in enumerate(recipe.layers)
-        ))
+        cumulative, layers = 1.0, []
+        for k, s in enumerate(recipe.layers):
+            cumulative *= s.scale
+            layers.append(_PathLayer(self._layers(s.model)[s.layer], k, s.scale, arch.attention, self._writers,
+                                     1.0 / cumulative))
+        arch.set(self.shell, arch.layers, nn.ModuleList(layers))
         cfg = self.shell.config
         cfg.num_hidden_layers = len(recipe.layers)
         if getattr(cfg, "layer_types", None) is not None:
