@@ -126,6 +126,7 @@ def main() -> None:
             for kind, task, fewshot in KINDS]
         dtype = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_label = args.shape if args.experiment is None or args.shape != "zoo" else f"{Path(model_dir).name} of {exp.name}"
     if args.shape == "zoo":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     else:
@@ -156,7 +157,7 @@ def main() -> None:
     if args.generate:
         return generation(args, model, tokenizer, evaluators_for(kinds[0][1], None)["hf"], params, dtype)
 
-    print(f"model: {args.shape} ({params / 1e6:.1f} M params, {dtype}), device {args.device}, "
+    print(f"model: {model_label} ({params / 1e6:.1f} M params, {dtype}), device {args.device}, "
           f"torch threads {torch.get_num_threads()}, batch size {args.batch_size}, {args.repeats} repeats")
     print("| request kind | path | seconds per evaluation | tokens fed to the model | vs HFLM | score |")
     print("|---|---|---|---|---|---|")
@@ -183,7 +184,7 @@ def main() -> None:
         bare_s, bare_tokens = bare_forward(args, model, tokenizer, requests_of(evaluators["hf"]), sync)
         what = "prompt + gold answer, one pass" if "_gen_" in task.name else "context + continuation"
         print(f"| {kind} | bare forward ({what}, sorted, padded) | {bare_s:.3f} | "
-              f"{bare_tokens:,} | {timed['hf'] / bare_s:.2f}x faster | |")
+              f"{bare_tokens:,} | {timed['hf'] / bare_s:.2f}x | |")
         for label, backend in rows:
             print(f"| {kind} | {label} | {timed[backend]:.3f} | {fed[backend]:,} | "
                   f"{timed['hf'] / timed[backend]:.2f}x | {scores[backend]:.4f} |")

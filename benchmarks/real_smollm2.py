@@ -395,12 +395,14 @@ def report(dirs: dict[str, Path], out: Path) -> None:
                   f"{plan['memory']['total'] / 2**30:.2f} GiB ({plan['memory']['total'] / peak - 1:+.0%}): "
                   f"{plan['memory']['line']}",
                   f"- merge seconds per candidate in the search: median {merge[len(merge) // 2]:.2f} s", ""]
-        print("\n".join(lines[-12:]), flush=True)
+        print("\n".join(lines[-16:]), flush=True)
     lines += ["## Merge speed (benchmarks/merge_speed.py --experiment experiments/real_smollm2.yaml)", "",
               _run([py, "benchmarks/merge_speed.py", "--experiment", str(exp), "--repeats", "3"]).strip(), "",
               "## Evaluation (benchmarks/fitness_throughput.py --experiment experiments/real_smollm2.yaml)", "",
               _run([py, "benchmarks/fitness_throughput.py", "--experiment", str(exp), "--repeats", "2",
-                    "--batch-size", "32"]).strip(), ""]
+                    "--batch-size", "32"]).strip(), "",
+              "## Data-flow export vs the searched model, by depth (benchmarks/dfs_export_depth.py)", "",
+              _run([py, "benchmarks/dfs_export_depth.py", "--root", str(dirs["base"].parent)]).strip(), ""]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-8:]))
     print(f"written to {out}")
