@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evomerge.config import parse_experiment  # noqa: E402
-from evomerge.controller import Controller  # noqa: E402
+from evomerge.search import Controller  # noqa: E402
 from evomerge.testing import SimulatedWorker  # noqa: E402
 
 

@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 from evomerge.config import parse_experiment  # noqa: E402
-from evomerge.controller import Controller  # noqa: E402
+from evomerge.search import Controller  # noqa: E402
 from evomerge.wiring import resolve_worker_spec  # noqa: E402
 from evomerge.recipe import ModelParams, Recipe  # noqa: E402
 

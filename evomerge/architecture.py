@@ -272,10 +272,6 @@ BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
 BY_NAME = {a.name: a for a in ARCHITECTURES}
 
 
-# families read from the module tree that mergekit 0.1.5 also describes (their exports as mergekit
-# YAML are checked tensor for tensor in tests/test_families.py): model_type -> mergekit's name
-MERGEKIT_DERIVED = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
-
 
 def supported() -> str:
     """The families with a hand description (data-flow merges)."""
@@ -293,7 +289,7 @@ def for_config(config: Mapping[str, Any], where: str = "model") -> Architecture:
         raise ConfigError([f"{where}: config.json has no model_type, so its architecture is unknown"])
     from evomerge.model_tree import derive
 
-    return derive(config, where)
+    return Architecture(**derive(config, where))
 
 
 def capabilities(config: Mapping[str, Any]) -> str:

@@ -279,7 +279,7 @@ def _experiment_with_overrides(args):
 
 
 def _cmd_run(args) -> int:
-    from evomerge.controller import Controller
+    from evomerge.search import Controller
     from evomerge.run_dir import has_ledger, new_run_id
 
     if not args.dry_run and (args.calibrate or args.trial_seconds is not None):
@@ -322,7 +322,7 @@ def _dry_run(exp, args) -> int:
 
 
 def _cmd_resume(args) -> int:
-    from evomerge.controller import Controller
+    from evomerge.search import Controller
 
     if args.max_trials is not None and args.max_trials < 1:
         raise ConfigError(["--max-trials: must be at least 1"])

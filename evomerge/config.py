@@ -24,7 +24,7 @@ ZOO_PREFIX = "zoo:"
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 # sanity limits on sizes; `allow_huge: true` lifts them for the rare search that means it
@@ -36,7 +36,9 @@ class ZooConfig(_Frozen):
     """The embedded tiny model zoo, built offline on first use."""
 
     kind: Literal["cross-skill", "cross-skill-full", "layered", "tiny"] = "cross-skill"
+    """which embedded zoo: cross-skill (the quickstart's), cross-skill-full, layered (skills confined to blocks) or tiny (tests)"""
     seed: int = 0
+    """the zoo's training seed (each seed is its own cached zoo)"""
 
 
 class SourceModel(_Frozen):
@@ -50,9 +52,13 @@ class SourceModel(_Frozen):
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """the name recipes, the base model and data-flow donors use for this source"""
     path: str
+    """a model directory, zoo:<name> (the embedded zoo) or hf:<org>/<name>[@<revision>] (the Hugging Face Hub)"""
     config: Optional[str] = None
+    """a local copy of the model's config.json, so validate and the dry run know its shape before any download"""
     trust_remote_code: bool = False
+    """let this source run its own modelling code (transformers' trust_remote_code)"""
 
 
 class TaskSpec(_Frozen):
@@ -66,11 +72,17 @@ class TaskSpec(_Frozen):
     """
 
     name: str
+    """an lm-eval task or group name, found in suite.task_paths"""
     metric: str = "acc"
+    """the lm-eval metric the fitness takes (acc, acc_norm, exact_match, ...)"""
     weight: float = Field(default=1.0, gt=0)
+    """this task's weight in the split's weighted mean"""
     limit: Optional[int] = Field(default=None, gt=0)
+    """score the first N items only"""
     subsample: Optional[int] = Field(default=None, gt=0)
+    """score N items drawn once per run (stratified, seeded by suite.subsample_seed)"""
     num_fewshot: Optional[int] = Field(default=None, ge=0)
+    """few-shot examples for this task (overrides suite.num_fewshot)"""
 
     @model_validator(mode="after")
     def _one_item_rule(self) -> "TaskSpec":
@@ -95,10 +107,15 @@ class RacingConfig(_Frozen):
     """
 
     rungs: tuple[int, ...] = Field(min_length=1)
+    """items per search task at each rung, increasing; the last rung is the fitness that counts"""
     rule: Literal["elite", "top", "bound"] = "elite"
+    """which candidates go on to the next rung: elite, top or bound"""
     elite: int = Field(default=1, ge=1, le=1000)
+    """rule elite: promote when at least as good as one of this many best finished trials on the same items"""
     promote: float = Field(default=0.3, gt=0, le=1)
+    """rule top: the share of the scores seen at a rung that is promoted"""
     z: float = Field(default=2.0, gt=0, le=10)
+    """rule bound: promote while the score plus z standard errors reaches the best fitness so far"""
 
     @field_validator("rungs")
     @classmethod
@@ -129,29 +146,46 @@ class SuiteConfig(_Frozen):
     """
 
     tasks: tuple[TaskSpec, ...]
+    """the search split: the tasks whose weighted score is the fitness"""
     test_tasks: tuple[TaskSpec, ...] = ()
+    """the held-out test split, scored for the winner and every source at the end"""
     # scored only for the top `selection.top_k` trials at the end; the best there is the winner
     validation_tasks: tuple[TaskSpec, ...] = ()
+    """a held-out validation split: the top selection.top_k trials are scored on it and the best there wins"""
     task_paths: tuple[str, ...] = ()
+    """directories of task YAMLs to index (zoo: the embedded zoo's); only these are indexed"""
     batch_size: int = Field(default=64, gt=0)
+    """items per forward pass when scoring"""
     num_fewshot: Optional[int] = Field(default=None, ge=0)
+    """few-shot examples for every task (a task's own num_fewshot wins)"""
     add_bos_token: Optional[bool] = None
+    """prepend the tokenizer's BOS token (lm-eval's add_bos_token; default: the tokenizer's own rule)"""
     # passed through to lm-eval
     gen_kwargs: dict[str, Any] = {}
+    """generation settings passed to lm-eval for generate_until tasks"""
     apply_chat_template: Union[bool, str] = False
+    """wrap prompts in the tokenizer's chat template (true, or the name of a template)"""
     fewshot_as_multiturn: bool = False
+    """few-shot examples as chat turns (needs apply_chat_template)"""
     system_instruction: Optional[str] = None
+    """a system prompt for every request"""
     model_args: dict[str, Any] = {}
+    """extra arguments for lm-eval's model (not those evomerge sets itself)"""
     subsample_seed: int = Field(default=0, ge=0)
+    """the seed of the tasks' subsample draws"""
     cache: Literal["run", "shared", "off"] = "run"
+    """score cache: run (within the run), shared (across runs on this machine) or off"""
     # evomerge: lm-eval driven through our backend (shared contexts scored once); hf: lm-eval's
     # HFLM as is. Both give the same scores, so neither is part of the suite's hash.
     backend: Literal["evomerge", "hf"] = "evomerge"
+    """evomerge (shared contexts scored once) or hf (lm-eval's HFLM as is); both give the same scores"""
     # generate_until decoder of the evomerge backend: auto measures hf (transformers' generate),
     # continuous (its continuous batching) and static (a static cache) on the first batch and
     # keeps the fastest whose texts equal generate's. Not part of the hash either.
     generation: Literal["auto", "hf", "continuous", "static"] = "auto"
+    """generate_until decoder: auto, hf (generate), continuous (continuous batching) or static (a static cache)"""
     racing: Optional[RacingConfig] = None
+    """multi-fidelity fitness: candidates scored on more items only while they could still be the best"""
 
     @model_validator(mode="after")
     def _has_tasks(self) -> "SuiteConfig":
@@ -206,7 +240,9 @@ class SelectionConfig(_Frozen):
     slightly lower (0.03-0.17 points)."""
 
     top_k: int = Field(default=8, ge=1, le=1000)
+    """how many of the best trials by search fitness are scored on the validation split"""
     min_z: float = Field(default=2.0, ge=0, le=10)
+    """paired standard errors by which the validation pick must beat the search split's best to replace it"""
 
 
 class M2N2Config(_Frozen):
@@ -216,8 +252,11 @@ class M2N2Config(_Frozen):
     ``mutation`` (standard deviation in genome units; 0 as in the paper: crossover only)."""
 
     archive_size: int = Field(default=16, ge=2, le=10_000)
+    """recipes M2N2 keeps"""
     alpha: float = Field(default=1.0, ge=0, le=10)
+    """fitness-sharing exponent: 1 shares each item among the members that solve it, 0 is the plain mean score"""
     mutation: float = Field(default=0.0, ge=0, le=1)
+    """standard deviation of a Gaussian mutation, in genome units (0: crossover only)"""
 
 
 class StartRecipe(_Frozen):
@@ -226,7 +265,9 @@ class StartRecipe(_Frozen):
     (``layer_swapping:k=1``), or a ``recipe`` file (or a run directory: its best recipe)."""
 
     preset: Optional[str] = None
+    """a preset spec as evomerge merge --preset takes it (layer_swapping:k=1)"""
     recipe: Optional[str] = None
+    """a recipe file, or a run directory (its best recipe)"""
 
     @model_validator(mode="after")
     def _one(self) -> "StartRecipe":
@@ -273,19 +314,33 @@ class OptimizerConfig(_Frozen):
     """
 
     name: Literal["cma_es", "optuna_cmaes", "tpe", "nsga2", "random", "m2n2"] = "cma_es"
+    """cma_es, optuna_cmaes, tpe, nsga2, random or m2n2"""
     x0: float = Field(default=0.5, ge=0, le=1)
+    """the start point, the same for every gene, in genome units (0..1)"""
     sigma0: float = DEFAULT_SIGMA0
+    """the start step size as a fraction of every gene's range (cma_es, optuna_cmaes)"""
     popsize: Optional[int] = Field(default=None, ge=2)
+    """candidates per generation (default 4 + floor(3 ln n) for n dimensions)"""
     seed: int = Field(default=0, ge=0)
+    """the optimizer's seed: the same seed gives the same trials"""
     failure_fitness: Optional[float] = None
+    """the fitness told for a failed trial (default: below the island's worst)"""
     islands: int | Literal["auto"] = "auto"
+    """independent populations sharing the workers (auto: enough to keep every worker busy)"""
     objectives: Literal["weighted", "per_task"] = "weighted"
+    """weighted (one fitness) or per_task (one objective per search task; nsga2 or random)"""
     restarts: Literal["none", "ipop"] = "ipop"
+    """cma_es: ipop restarts a stalled population with twice the population size, or none"""
     max_restarts: int = Field(default=9, ge=0)
+    """cma_es: at most this many restarts"""
     stall_generations: int = Field(default=20, ge=2)
+    """cma_es: a population whose best has not improved for this many generations has stalled"""
     separable: bool = False
+    """cma_es: separable CMA-ES (a diagonal covariance), for many dimensions and few trials"""
     start_from: tuple[StartRecipe, ...] = ()
+    """recipes the first generation evaluates (cma_es, parameter spaces): presets or recipe files"""
     m2n2: M2N2Config = M2N2Config()
+    """M2N2's own settings"""
 
     @field_validator("sigma0", mode="before")
     @classmethod
@@ -334,6 +389,7 @@ class OptimizerConfig(_Frozen):
 
 class BudgetConfig(_Frozen):
     max_trials: int = Field(default=100, gt=0)
+    """candidates evaluated in all (sources and held-out splits not counted)"""
 
 
 class DispatchConfig(_Frozen):
@@ -369,6 +425,7 @@ class DispatchConfig(_Frozen):
     address: Optional[str] = Field(default=None, description="Ray cluster to join; none: a local instance")
     device: str = Field(default="cpu", description="where workers merge and evaluate: cpu or cuda")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """the dtype of the resident sources, the merged model and its evaluation"""
     threads_per_worker: Optional[int] = Field(default=None, gt=0,
                                               description="torch threads per worker (default: its CPU allotment)")
     cpus_per_worker: Optional[float] = Field(
@@ -378,7 +435,9 @@ class DispatchConfig(_Frozen):
                                              description="Ray GPUs per worker, a fraction allowed (default: "
                                                          "1 with device cuda, else 0)")
     max_retries: int = Field(default=2, ge=0)
+    """how often a trial whose worker died is retried on a fresh worker before it is recorded as failed"""
     trial_timeout: Optional[float] = Field(default=None, gt=0)
+    """seconds after which a running trial is stopped (its worker replaced) and recorded as failed"""
     head_timeout: float = Field(default=30.0, gt=0, le=3600,
                                 description="seconds an unreachable Ray head is waited for")
     worker_timeout: float = Field(default=300.0, gt=0,
@@ -419,26 +478,42 @@ class TrackingConfig(_Frozen):
     else a sqlite store inside the run directory."""
 
     backend: Literal["mlflow", "none"] = "mlflow"
+    """mlflow, or none"""
     tracking_uri: Optional[str] = None
+    """the MLflow store (default: MLFLOW_TRACKING_URI, else a sqlite store in the run directory)"""
     experiment_name: Optional[str] = None
+    """the MLflow experiment (default: the experiment's name)"""
 
 
 class Experiment(_Frozen):
     """A whole search: models + space + suite + optimizer + budget + dispatch + tracking."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """the experiment's name (runs, MLflow, exports)"""
     description: str = ""
+    """free text, kept with the run"""
     zoo: Optional[ZooConfig] = None
+    """the embedded zoo, when models or tasks use it"""
     models: tuple[SourceModel, ...] = Field(min_length=2)
+    """the source models, at least two"""
     base_model: str
+    """the source the task vectors are taken against (and data-flow's default embed_from)"""
     search_space: SearchSpace
+    """a search-space file (or the space inline): what the genome encodes"""
     suite: SuiteConfig
+    """the fitness: lm-eval tasks for the search, validation and test splits"""
     optimizer: OptimizerConfig = OptimizerConfig()
+    """the optimizer and its settings"""
     budget: BudgetConfig = BudgetConfig()
+    """how many candidates to evaluate"""
     dispatch: DispatchConfig = DispatchConfig()
+    """where and how trials run"""
     tracking: TrackingConfig = TrackingConfig()
+    """where trials are logged"""
     selection: SelectionConfig = SelectionConfig()
+    """how the winner is picked when a validation split is given"""
     allow_huge: bool = False
+    """lift the sanity limits on popsize, islands, workers and trials"""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Experiment":
@@ -484,7 +559,7 @@ class Experiment(_Frozen):
                             "starts from search_space.start")
         for i, entry in enumerate(self.optimizer.start_from):
             if entry.recipe is not None:
-                from evomerge.run_dir import recipe_file
+                from evomerge.run_layout import recipe_file
 
                 recipe = recipe_file(entry.recipe)
                 if not recipe.is_file():
@@ -508,7 +583,7 @@ class Experiment(_Frozen):
             if space.ps_donor is not None:
                 if space.ps_donor.name in names:
                     problems.append(f"search_space.ps_donor.name: {space.ps_donor.name!r} is already a source name")
-                from evomerge.run_dir import recipe_file
+                from evomerge.run_layout import recipe_file
 
                 recipe = recipe_file(space.ps_donor.recipe)
                 if not recipe.is_file():
@@ -656,7 +731,7 @@ def portable_experiment(exp: Experiment) -> tuple[dict[str, Any], dict[str, Path
             rel = f"files/configs/{m['name']}.json"
             files[rel] = Path(m["config"])
             m["config"] = rel
-    from evomerge.run_dir import recipe_file
+    from evomerge.run_layout import recipe_file
 
     donor = data["search_space"].get("ps_donor")
     if donor:

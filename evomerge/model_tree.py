@@ -45,9 +45,15 @@ class Refusal(ConfigError):
     """A family evomerge cannot merge, with the reason in one line."""
 
 
-def derive(config: Mapping[str, Any], where: str = "model"):
-    """The :class:`~evomerge.architecture.Architecture` of a ``config.json`` mapping, derived from
-    transformers' module tree; :class:`Refusal` (a ConfigError) with the reason otherwise."""
+# families read from the module tree that mergekit 0.1.5 also describes (their exports as mergekit
+# YAML are checked tensor for tensor in tests/test_families.py): model_type -> mergekit's name
+MERGEKIT_DERIVED = {"mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
+
+
+def derive(config: Mapping[str, Any], where: str = "model") -> dict[str, Any]:
+    """The fields of the :class:`~evomerge.architecture.Architecture` of a ``config.json`` mapping,
+    derived from transformers' module tree (data: this module does not import the class, which
+    uses it); :class:`Refusal` (a ConfigError) with the reason otherwise."""
     key = json.dumps(config, sort_keys=True, default=str)
     try:
         return _derive(key)
@@ -60,8 +66,6 @@ def _derive(config_json: str):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from evomerge.architecture import MERGEKIT_DERIVED, Architecture
 
     config = json.loads(config_json)
     model_type = config.get("model_type")
@@ -105,7 +109,7 @@ def _derive(config_json: str):
     head = model.get_output_embeddings()
     head_path = next((n for n, mod in model.named_modules() if mod is head), "lm_head") if head is not None else ""
     amap = dict(getattr(type(cfg), "attribute_map", {}) or {})
-    return Architecture(
+    return dict(
         name=model_type, model_types=(model_type,), embeddings=embeddings, layers=layers_path, final_norm="",
         head=head_path, layer_count_key=layer_key, fixed_layers=count if not layer_key else None,
         tied_by_default=bool(getattr(type(cfg)(), "tie_word_embeddings", False)),

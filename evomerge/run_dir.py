@@ -5,7 +5,7 @@ A run dir holds ``ledger.jsonl`` (the source of truth, see :mod:`evomerge.ledger
 ``experiment.source.yaml`` (as written), ``summary.json``, ``best_recipe.yaml``,
 ``pareto.json``, ``items.jsonl`` (per-item scores, see :class:`ItemLog`), ``heartbeat.json``
 (see :mod:`evomerge.heartbeat`), ``plots/``, the sqlite MLflow store and ``.lock``. Other modules name these
-files through the constants here, never by spelling them.
+files through the constants of :mod:`evomerge.run_layout` (also here), never by spelling them.
 
 Paths in ``run.json`` that point inside the run dir (the default sqlite MLflow store) are
 stored relative to it, as ``{run_dir}/...``, and expanded on reading against wherever the run
@@ -29,18 +29,10 @@ import yaml
 from evomerge.config import Experiment, parse_experiment
 from evomerge.errors import EvomergeError
 from evomerge.ledger import Ledger
+from evomerge.run_layout import (BEST_RECIPE, EXPERIMENT_COPY, EXPERIMENT_SOURCE, HEARTBEAT, ITEMS, LEDGER,  # noqa: F401
+                                 LOCK, PARETO, PLOTS, RUN_INFO, SUMMARY, best_recipe_path, experiment_path,
+                                 heartbeat_path, pareto_path, plots_dir, recipe_file)
 
-RUN_INFO = "run.json"
-LEDGER = "ledger.jsonl"
-SUMMARY = "summary.json"
-BEST_RECIPE = "best_recipe.yaml"
-PARETO = "pareto.json"
-EXPERIMENT_COPY = "experiment.yaml"
-EXPERIMENT_SOURCE = "experiment.source.yaml"  # the file as the user wrote it (paths unresolved)
-PLOTS = "plots"
-LOCK = ".lock"
-ITEMS = "items.jsonl"
-HEARTBEAT = "heartbeat.json"
 _HERE = "{run_dir}"
 _PATH_KEYS = ("tracking_uri",)
 
@@ -126,38 +118,11 @@ def read_experiment_data(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load((Path(run_dir) / EXPERIMENT_COPY).read_text())
 
 
-def experiment_path(run_dir: Path) -> Path:
-    """Where a run (or an exported recipe's directory) keeps its resolved experiment."""
-    return Path(run_dir) / EXPERIMENT_COPY
-
-
-def best_recipe_path(run_dir: Path) -> Path:
-    return Path(run_dir) / BEST_RECIPE
-
-
-def recipe_file(path: str | Path) -> Path:
-    """A recipe given as a file, or as a run directory (its ``best_recipe.yaml``)."""
-    path = Path(path)
-    return best_recipe_path(path) if path.is_dir() else path
-
-
 def save_best_recipe(run_dir: Path, recipe) -> Path:
     """Write the run's best recipe (``best_recipe.yaml``)."""
     path = best_recipe_path(run_dir)
     recipe.save(path)
     return path
-
-
-def heartbeat_path(run_dir: Path) -> Path:
-    return Path(run_dir) / HEARTBEAT
-
-
-def pareto_path(run_dir: Path) -> Path:
-    return Path(run_dir) / PARETO
-
-
-def plots_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / PLOTS
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

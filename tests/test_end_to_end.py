@@ -132,7 +132,7 @@ def test_failing_candidates_do_not_crash_the_search(tmp_path, session_tiny_zoo, 
     from functools import partial
 
     from evomerge.config import load_experiment
-    from evomerge.controller import Controller
+    from evomerge.search import Controller
     from evomerge.testing import FaultInjectingWorker
 
     exp = load_experiment(_experiment(tmp_path, **LOCAL, budget={"max_trials": 5},

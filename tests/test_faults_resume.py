@@ -21,7 +21,7 @@ import pytest
 from evomerge.run_dir import read_info
 from evomerge.cli import main
 from evomerge.config import load_experiment
-from evomerge.controller import Controller
+from evomerge.search import Controller
 from evomerge.run_dir import RunLock
 from evomerge.errors import EvomergeError
 from evomerge.ledger import Ledger

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from evomerge.config import OptimizerConfig, parse_experiment
-from evomerge.controller import Controller
+from evomerge.search import Controller
 from evomerge.islands import ReplayError, build_islands, island_quotas, replay
 from evomerge.ledger import Ledger
 from evomerge.optimize import build_optimizer

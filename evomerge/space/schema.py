@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 MAX_ABS_BOUND = 1e6
@@ -38,7 +38,9 @@ class Bounds(_Frozen):
     """A searched parameter: genome value g in [0, 1] maps to low + (high - low) * g."""
 
     low: float
+    """the searched range's lower end"""
     high: float
+    """the searched range's upper end"""
 
     @model_validator(mode="after")
     def _ordered(self) -> "Bounds":
@@ -53,11 +55,17 @@ class ParameterSpace(_Frozen):
     """PS search space: a merge method with searched per-model parameters."""
 
     kind: Literal["ps"] = "ps"
+    """ps: a parameter-space (merge coefficient) space"""
     method: str
+    """the merge method (linear, task_arithmetic, ties, dare_ties, ...)"""
     granularity: Literal["global", "per_layer", "vocab_body", "knots", "lines"] = "global"
+    """one value per model (global), per layer, for vocabulary and body tensors apart, by knots or by LiNeS lines"""
     knots: Optional[int] = Field(default=None, ge=2, le=64)
+    """granularity knots: values at this many evenly spaced depths, interpolated between"""
     parameters: dict[str, Bounds] = Field(min_length=1)
+    """each searched parameter's range"""
     fixed: dict[str, Union[bool, float]] = {}
+    """global parameters held at a value"""
 
     @model_validator(mode="after")
     def _known_method(self) -> "ParameterSpace":
@@ -119,7 +127,9 @@ class PSDonor(_Frozen):
     """
 
     name: str = Field(default="ps_merged", pattern=r"^[A-Za-z0-9_.-]+$")
+    """the donor's name on paths"""
     recipe: str
+    """a recipe file, or a run directory (its best recipe); relative to the search-space file"""
 
 
 class DataFlowSpace(_Frozen):
@@ -143,14 +153,23 @@ class DataFlowSpace(_Frozen):
     """
 
     kind: Literal["dfs"] = "dfs"
+    """dfs: a data-flow (layer path) space"""
     models: Optional[tuple[str, ...]] = None
+    """the layer donors (default: every source)"""
     repetitions: int = Field(default=3, ge=1)
+    """r: how often each donor layer may appear on a path"""
     max_path_length: Optional[int] = Field(default=None, ge=1)
+    """at most this many layers on a path"""
     scaling: bool = True
+    """search the scales of the hidden state passed between layers (the matrix W)"""
     scale: Bounds = Bounds(low=0.5, high=1.5)
+    """the range of each scale"""
     embed_from: Optional[str] = None
+    """the donor of the embeddings, final norm and head (default: the base model)"""
     ps_donor: Optional[PSDonor] = None
+    """a parameter-space merge that joins as a layer donor (PS+DFS)"""
     start: Literal["centre", "embed_from"] = "centre"
+    """centre (the genome's centre) or embed_from (that donor's own path, evaluated first)"""
 
     @field_validator("scale")
     @classmethod

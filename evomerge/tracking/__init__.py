@@ -9,21 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 from evomerge.config import TrackingConfig
-from evomerge.tracking.base import Tracker
+from evomerge.tracking.base import Tracker, run_url  # noqa: F401  (run_url: evomerge.tracking.run_url)
 
 
 def default_tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else a sqlite store inside the run dir."""
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-
-
-def run_url(server: str, experiment_id: str, run_id: str) -> str:
-    """The page of one run in the MLflow UI at ``server``, in its model-training view.
-
-    MLflow 3 opens in its GenAI view (traces), where a search's runs do not show;
-    ``workflowType=machine_learning`` selects the model-training view for this page.
-    """
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def build_tracker(cfg: TrackingConfig, *, tracking_uri: str, experiment_name: str, run_id: Optional[str] = None) -> Tracker:

@@ -30,3 +30,12 @@ class Tracker(Protocol):
     def finish(self, status: str) -> None:
         """status: "FINISHED", "FAILED" or "KILLED"."""
         ...
+
+
+def run_url(server: str, experiment_id: str, run_id: str) -> str:
+    """The page of one run in the MLflow UI at ``server``, in its model-training view.
+
+    MLflow 3 opens in its GenAI view (traces), where a search's runs do not show;
+    ``workflowType=machine_learning`` selects the model-training view for this page.
+    """
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Optional, Sequence
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from evomerge.tracking.base import run_url
+
 # MLflow 3's UI labels an experiment with this tag as "Machine learning" and picks the model-training
 # view for it when the URL names no view; a URL that carries workflowType=genai (the home page's
 # links) still wins, so `evomerge ui` prints URLs with workflowType=machine_learning (tracking.run_url).
@@ -150,8 +152,6 @@ class MlflowTracker:
         with _http({**_HTTP_LOG, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
             self._client.set_terminated(self.run_id, status=status)
         if self.tracking_uri.startswith(("http://", "https://")) and self.experiment_id:
-            from evomerge.tracking import run_url
-
             print(f"View run at: {run_url(self.tracking_uri, self.experiment_id, self.run_id)}",
                   file=sys.stderr, flush=True)
 
