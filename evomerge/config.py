@@ -377,7 +377,7 @@ class OptimizerConfig(_Frozen):
         ``auto``: 1 for a single worker (nothing can idle), else ``ceil(4 N / popsize) + 1``
         for N workers: enough open generations that whenever some islands wait for the
         slowest members of theirs, the others still have candidates for every free worker
-        (trial times varying 5x; figures from 1 to 64 workers in the README, from
+        (trial times varying 5x; figures from 1 to 64 workers in docs/measured.md, from
         benchmarks/controller_scaling.py). Each island gets an equal share of the budget.
         """
         if self.islands != "auto":
