@@ -442,7 +442,7 @@ def _print_summary(s, as_json: bool = False) -> None:
 
         print(json.dumps(s.to_json(), indent=2))
         return
-    from evomerge.uncertainty import with_se
+    from evomerge.uncertainty import evidence_row, with_se
 
     se = getattr(s, "standard_errors", None) or {}
     cached = f", {s.cached_trials} cached" if s.cached_trials else ""
@@ -471,9 +471,9 @@ def _print_summary(s, as_json: bool = False) -> None:
         rows.append((f"source {name} (search)", with_se(value, (se.get("baselines") or {}).get(name))))
     for name, value in sorted(s.test_scores.items(), key=lambda kv: (kv[0] != "best", kv[0] != "search_best", kv[0])):
         rows.append((f"{name} (test)", with_se(value, (se.get("tests") or {}).get(name))))
-    evidence = getattr(s, "evidence", None)
-    if evidence and evidence.get("line"):
-        rows.append(("verdict" if evidence["verdict"] == "gain" else "caution", evidence["line"]))
+    row = evidence_row(getattr(s, "evidence", None))
+    if row is not None:
+        rows.append(row)
     if s.racing_stopped:
         rows.append(("racing", "trials final at rung " + ", ".join(f"{k}: {n}" for k, n in enumerate(s.racing_stopped))
                      + f"; {s.item_evaluations} item evaluations"))

@@ -9,7 +9,7 @@ from evomerge.heartbeat import liveness, read_heartbeat
 from evomerge.racing import stopped_per_rung
 from evomerge.run_dir import open_ledger, read_info, require_run_dir
 from evomerge.selection import test_scores, winner
-from evomerge.uncertainty import with_se
+from evomerge.uncertainty import evidence_row, with_se
 
 
 def run_status(run_dir: Path) -> dict[str, Any]:
@@ -138,8 +138,9 @@ def format_status(s: dict[str, Any]) -> list[tuple[str, str]]:
             scores.append(f"test {with_se(s['best_test'], (se.get('tests') or {}).get('best'))}")
         if len(scores) > 1:
             rows.append(("best's scores", ", ".join(scores)))
-    if (s.get("evidence") or {}).get("line"):
-        rows.append(("verdict" if s["evidence"]["verdict"] == "gain" else "caution", s["evidence"]["line"]))
+    row = evidence_row(s.get("evidence"))
+    if row is not None:
+        rows.append(row)
     if s["trials_per_hour"] is not None:
         eta = f", ETA {_duration(s['eta_seconds'])}" if s["eta_seconds"] is not None else ""
         rows.append(("rate", f"{s['trials_per_hour']:.0f} trials/hour{eta}"))

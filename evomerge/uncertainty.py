@@ -99,6 +99,14 @@ def evidence(winner: Optional[TaskValues], sources: Mapping[str, TaskValues], so
     return out
 
 
+def evidence_row(evidence: Optional[Mapping[str, Any]]) -> Optional[tuple[str, str]]:
+    """The summary's and ``status``'s row for the evidence of a gain: ``verdict`` on a clear gain,
+    ``caution`` otherwise; None when there is no line to show."""
+    if not evidence or not evidence.get("line"):
+        return None
+    return ("verdict" if evidence["verdict"] == "gain" else "caution", evidence["line"])
+
+
 def with_se(value: Optional[float], se: Optional[float], digits: int = 4) -> str:
     """``0.4123 ± 0.0284`` (or the value alone without a standard error)."""
     if value is None:

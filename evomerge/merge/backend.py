@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from torch import Tensor
 
 from evomerge.architecture import Architecture, for_model_dir, for_sources, for_tensor_names
 from evomerge.errors import MergeError
+from evomerge.merge.cpu_threads import merge_pool, one_thread
 from evomerge.merge.methods import MergeMethod, get_method
 from evomerge.merge.parameter_space import merge_tensor
 from evomerge.recipe import ModelParams, Recipe, is_per_group, resolve_setting
@@ -412,13 +411,11 @@ class ResidentSources:
     def _each_merged(self, plan: MergePlan, consume: Callable[[str, Tensor], None]) -> None:
         """``consume(key, tensor)`` for every merged tensor, called where it was merged.
 
-        Sparsifying methods on CPU run one torch thread per tensor, on a pool (:func:`cpu_pool`),
+        Sparsifying methods on CPU run one torch thread per tensor, on a pool (:mod:`evomerge.merge.cpu_threads`),
         so a merge is the same bit for bit whatever the caller's thread count (a reduction's
         rounding depends on how torch splits it): the search's workers, an export and a
         stand-alone merge get the same tensors."""
-        pool = None
-        if next(iter(self._base.values())).device.type == "cpu" and sparsifies(plan.method):
-            pool = cpu_pool()
+        pool = merge_pool(plan.method, next(iter(self._base.values())).device)
         if pool is None:
             for key in self._base:
                 consume(key, self._merge_one(plan, key))
@@ -455,45 +452,6 @@ class ResidentSources:
         """Validate ``recipe`` against these sources; :class:`MergeError` lists every problem."""
         return plan_recipe(recipe, names=self.names, base_model=self.base_model, tensors=self._deltas,
                            num_layers=self.num_layers, dtype=self.dtype, arch=self.arch)
-
-
-def sparsifies(method: MergeMethod) -> bool:
-    """True for methods that trim or drop entries per tensor: an order statistic, a sort or a
-    random draw, serial work inside one op, which a pool over tensors spreads across threads.
-    Elementwise methods (linear, task arithmetic, SLERP) are memory-bound and run in the
-    caller's thread, where torch splits large ops across its threads (measured here: the
-    pool makes them slower, and sparsifying methods 1.2-1.5x faster, on 2 cores)."""
-    density = method.model_parameters.get("density")
-    return density is not None and density.kwarg is not None
-
-
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads): a forked child makes its own
-
-
-def cpu_pool() -> ThreadPoolExecutor | None:
-    """Threads that merge CPU tensors concurrently, one per torch thread, each running torch's
-    ops on one thread (OpenMP's thread count is per calling thread, so the caller's is kept).
-
-    Tensors, not ops, are split: most tensors of a model are too small for torch's own
-    intra-op split to pay, and the order statistics, sorts and random draws of the sparsifying
-    methods run serially inside an op. Torch's ops and NumPy's selections release the GIL.
-    ``None`` with one torch thread (e.g. a Ray worker given one CPU)."""
-    threads = torch.get_num_threads()
-    if threads <= 1:
-        return None
-    key = (os.getpid(), threads)
-    if key not in _POOLS:
-        _POOLS[key] = ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge", initializer=one_thread)
-    return _POOLS[key]
-
-
-def one_thread() -> None:
-    """This thread runs torch's ops on one thread; called by every pooled task, not once per
-    thread: torch initialises a thread's count lazily, at its first parallel op, from the
-    process-wide setting (the last ``set_num_threads`` anywhere), so a setting made before
-    then is lost (``get_num_threads`` runs that initialisation first)."""
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
 
 
 def _check_configs(dirs: Mapping[str, Path], base_model: str) -> None:

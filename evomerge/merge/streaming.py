@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 
 from evomerge.architecture import for_sources
 from evomerge.errors import MergeError
-from evomerge.merge.backend import (_DTYPES, _check_same_tensors, cpu_pool, one_thread, open_tensor_handles, plan_recipe,
-                                    sparsifies, tensor_seed)
+from evomerge.merge.backend import _DTYPES, _check_same_tensors, open_tensor_handles, plan_recipe, tensor_seed
+from evomerge.merge.cpu_threads import merge_pool, one_thread
 from evomerge.merge.parameter_space import merge_tensor
 from evomerge.recipe import Recipe
 
@@ -107,7 +107,7 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
                 weight_map[k] = stats.shards
             shard, shard_size = {}, 0
 
-        pool = cpu_pool() if sparsifies(plan.method) else None
+        pool = merge_pool(plan.method, torch.device("cpu"))
         for key in shapes[recipe.base_model]:
             with torch.no_grad():
                 base = read(recipe.base_model, key)
@@ -129,7 +129,7 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
                     stats.max_resident_inputs = max(stats.max_resident_inputs, alive.count())
                     if pool is None:
                         merged = merge_tensor(plan.method, base, deltas, params, global_params, generator)
-                    else:  # one torch thread, as the resident merge: the same bits (see cpu_pool)
+                    else:  # one torch thread, as the resident merge: the same bits (see cpu_threads)
                         merged = pool.submit(_merge_no_grad, plan.method, base, deltas, params, global_params,
                                              generator).result()
                     del deltas
