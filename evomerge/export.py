@@ -277,7 +277,7 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
         front["base_model"] = hub
     kind = ("data-flow (layer path) merge" if isinstance(recipe, DFSRecipe)
             else f"parameter-space merge, method `{recipe.method}`")
-    from evomerge.uncertainty import run_uncertainty, standard_error, with_se
+    from evomerge.uncertainty import record_se, run_uncertainty, split_weights, with_se
 
     found = run_uncertainty(records, exp["suite"], record, exp["base_model"])["evidence"] or {}
     gained = found.get("verdict") == "gain"
@@ -293,21 +293,9 @@ def model_card(run_dir: Path, recipe, record: dict) -> str:
     lines += [f"| {n} | `{p}` |" for n, p in sources.items()]
     search = [t["name"] for t in exp["suite"]["tasks"]]
     test_names = [t["name"] for t in exp["suite"].get("test_tasks") or []]
-    split_weights = {part: {t["name"]: float(t.get("weight", 1.0)) for t in exp["suite"].get(part) or []}
-                     for part in ("tasks", "validation_tasks", "test_tasks")}
-
     def cell(rec: Optional[dict], part: str = "test_tasks") -> str:
         """A score with its standard error (from the per-item values its record keeps)."""
-        if not rec:
-            return "-"
-        packed = rec.get("task_items") or (rec.get("item_values") if isinstance(rec.get("item_values"), dict) else None)
-        se = None
-        if packed:
-            from evomerge.run_dir import unpack_values
-
-            se = standard_error({t: unpack_values(v) for t, v in packed.items()}, split_weights[part],
-                                rec.get("scores"))
-        return with_se(rec["fitness"], se)
+        return with_se(rec["fitness"], record_se(rec, split_weights(exp["suite"], part))) if rec else "-"
 
     if validation_names:
         lines += ["", "## Scores", "",

@@ -120,16 +120,26 @@ def _unpack(packed: Mapping[str, Any]) -> dict[str, list[float]]:
     return {task: unpack_values(v) for task, v in packed.items()}
 
 
+def split_weights(suite: Mapping[str, Any], part: str) -> dict[str, float]:
+    """``{task: weight}`` of one split of a suite given as data (``tasks``, ``validation_tasks``,
+    ``test_tasks``)."""
+    return {t["name"]: float(t.get("weight", 1.0)) for t in suite.get(part) or []}
+
+
+def record_se(rec: Mapping[str, Any], weights: Mapping[str, float]) -> Optional[float]:
+    """The standard error of a ledger record's score, from the per-item values it keeps
+    (``task_items``, or a validation record's ``item_values``); None without them."""
+    packed = rec.get("task_items") or (rec.get("item_values") if isinstance(rec.get("item_values"), dict) else None)
+    return standard_error(_unpack(packed), weights, rec.get("scores")) if packed else None
+
+
 def run_uncertainty(records: Sequence[Mapping[str, Any]], suite: Mapping[str, Any], winner: Optional[Mapping],
                     base_model: str, selection: Optional[Mapping] = None) -> dict[str, Any]:
     """The standard errors of a run's reported scores and its evidence, from its ledger records
     (those written with per-item values): ``{"search": se of the winner's search fitness,
     "validation": se, "baselines": {source: se}, "tests": {label: se}, "evidence": {...}}``.
     ``suite``: the experiment's suite as data (task names and weights)."""
-    def weights(part: str) -> dict[str, float]:
-        return {t["name"]: float(t.get("weight", 1.0)) for t in suite.get(part) or []}
-
-    search_w, test_w, val_w = weights("tasks"), weights("test_tasks"), weights("validation_tasks")
+    search_w, test_w, val_w = (split_weights(suite, p) for p in ("tasks", "test_tasks", "validation_tasks"))
     out: dict[str, Any] = {"search": None, "validation": None, "baselines": {}, "tests": {}, "evidence": None}
     trials = [r for r in records if r.get("kind") == "trial"]
     win_items = None
@@ -140,7 +150,7 @@ def run_uncertainty(records: Sequence[Mapping[str, Any]], suite: Mapping[str, An
         rec = next((r for r in records if r.get("kind") == "validation" and r.get("trial_id") == selection["trial_id"]
                     and r.get("item_values")), None)
         if rec is not None:
-            out["validation"] = standard_error(_unpack(rec["item_values"]), val_w, rec.get("scores"))
+            out["validation"] = record_se(rec, val_w)
     base_items: dict[str, dict] = {}
     base_scores: dict[str, float] = {}
     for r in records:
