@@ -186,8 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     e = _command(sub, "export", "export a run's best recipe",
                  "evomerge export runs/qs --format hf --out out/model", "RUN_DIR")
     e.add_argument("run_dir", metavar="RUN_DIR", type=Path)
-    e.add_argument("--format", default="recipe", choices=["recipe", "hf", "mergekit"],
-                   help="evomerge YAML, a Hugging Face model dir, or a mergekit YAML")
+    e.add_argument("--format", default="recipe", choices=["recipe", "hf", "mergekit", "adapter"],
+                   help="evomerge YAML, a Hugging Face model dir, a mergekit YAML, or (LoRA sources) one "
+                        "merged PEFT adapter")
     e.add_argument("--out", type=Path, metavar="DIR", help="directory to write to (required unless --pareto)")
     e.add_argument("--force", action="store_true", help="replace a non-empty --out whole")
     e.add_argument("--trial", type=int, metavar="N", help="export this trial instead of the best")

@@ -35,20 +35,21 @@ LIMITS = {"optimizer.popsize": 10_000, "optimizer.islands": 1_000, "dispatch.num
 class ZooConfig(_Frozen):
     """The embedded tiny model zoo, built offline on first use."""
 
-    kind: Literal["cross-skill", "cross-skill-full", "layered", "tiny"] = "cross-skill"
-    """which embedded zoo: cross-skill (the quickstart's), cross-skill-full, layered (skills confined to blocks) or tiny (tests)"""
+    kind: Literal["cross-skill", "cross-skill-full", "layered", "adapters", "tiny", "tiny-adapters"] = "cross-skill"
+    """which embedded zoo: cross-skill (the quickstart's), cross-skill-full, layered (skills confined to blocks), adapters (six LoRA adapters on the quickstart's base), or tiny / tiny-adapters (tests)"""
     seed: int = 0
     """the zoo's training seed (each seed is its own cached zoo)"""
 
 
 class SourceModel(_Frozen):
-    """A source model: a name used in recipes and a Hugging Face model dir.
+    """A source model: a name used in recipes and a Hugging Face model dir, or a LoRA adapter's.
 
     ``path`` is a directory, ``zoo:<name>`` for a model of the embedded zoo, or
     ``hf:<org>/<name>[@<revision>]`` for a Hugging Face Hub model (fetched by each worker
     into its Hub cache, see :mod:`evomerge.sources`). ``config``: a local copy of the
     model's ``config.json``, so that ``validate`` and ``run --dry-run`` know its shape
-    before anything is downloaded.
+    before anything is downloaded. A path holding a PEFT ``adapter_config.json`` is a LoRA
+    adapter on the experiment's base (:mod:`evomerge.adapters`).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -59,6 +60,8 @@ class SourceModel(_Frozen):
     """a local copy of the model's config.json, so validate and the dry run know its shape before any download"""
     trust_remote_code: bool = False
     """let this source run its own modelling code (transformers' trust_remote_code)"""
+    base: Optional[str] = None
+    """for a LoRA adapter: the base it was trained on as its adapter_config.json names it, when the experiment's base is a copy of that model under another path (a Hub id downloaded to a local directory)"""
 
 
 class TaskSpec(_Frozen):

@@ -16,7 +16,7 @@ from evomerge.mergekit_config import mergekit_yaml
 from evomerge.recipe import AnyRecipe, recipe_from_dict
 from evomerge.selection import current_selection, test_scores, winner
 
-FORMATS = ("recipe", "hf", "mergekit")
+FORMATS = ("recipe", "hf", "mergekit", "adapter")
 
 
 def find_recipe(run_dir: Path, trial: Optional[int] = None) -> tuple[AnyRecipe, dict]:
@@ -91,7 +91,10 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     ``recipe``: the evomerge recipe YAML. ``hf``: a Hugging Face model dir (safetensors,
     config, tokenizer) built from the run's sources. ``mergekit``: a mergekit YAML
     (data-flow recipes whose path starts and ends in the ``embed_from`` model, as a
-    passthrough merge with the scales folded into the family's residual writers).
+    passthrough merge with the scales folded into the family's residual writers; a LoRA
+    source as mergekit's ``base+adapter``). ``adapter``: a merge of LoRA sources as one PEFT
+    adapter (see :mod:`evomerge.merge.merged_adapter`: exact for linear and task arithmetic, a
+    truncated SVD with its measured error otherwise).
     """
     if fmt not in FORMATS:
         raise EvomergeError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
@@ -115,8 +118,15 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
         (path / "README.md").write_text(model_card(Path(run_dir), recipe, record))
         (path / "evomerge_recipe.yaml").write_text(header + recipe.to_yaml())
         return path
+    if fmt == "adapter":
+        model_dirs, base_model = _run_sources(Path(run_dir))
+        base_name, _ = _run_sources(Path(run_dir), resolve=False)
+        return export_adapter(recipe, model_dirs, base_name[base_model], out_dir / "adapter", header)
     path = out_dir / "mergekit.yaml"
     model_dirs, base_model = _run_sources(Path(run_dir), resolve=False)
+    from evomerge.adapters import is_adapter_dir
+
+    model_dirs = {k: f"{model_dirs[base_model]}+{v}" if is_adapter_dir(v) else v for k, v in model_dirs.items()}
     path.write_text(header + mergekit_yaml(recipe, model_dirs, run_architecture(Path(run_dir))))
     return path
 
@@ -364,6 +374,43 @@ def export_hf(recipe, model_dirs: dict[str, str], base_model: str, out_dir: Path
     model.save_pretrained(out_dir, safe_serialization=True)
     copy_tokenizer(model_dirs[recipe.base_model], Path(out_dir))
     return Path(out_dir)
+
+
+def export_adapter(recipe, model_dirs: dict[str, str], base_name: str, out_dir: Path, header: str = "",
+                   rank: Optional[int] = None) -> Path:
+    """A merge of LoRA sources as one PEFT adapter dir (``adapter_config.json``,
+    ``adapter_model.safetensors``, a README saying whether it is exact, else its measured error)."""
+    import torch
+
+    from evomerge.adapters import write_adapter
+    from evomerge.merge.backend import ResidentSources
+    from evomerge.merge.merged_adapter import merged_adapter
+    from evomerge.recipe import Recipe
+
+    if not isinstance(recipe, Recipe):
+        raise EvomergeError("--format adapter exports parameter-space merges; a data-flow recipe is a full model")
+    sources = ResidentSources.from_model_dirs({k: Path(v) for k, v in model_dirs.items()},
+                                              base_model=recipe.base_model, dtype=getattr(torch, recipe.dtype))
+    made = merged_adapter(sources, recipe, rank)
+    out = write_adapter(out_dir, made.factors, sources.arch.module_name, base_model_name_or_path=base_name,
+                        embeddings=made.embeddings)
+    lines = [header.rstrip(), "", f"# LoRA adapter of recipe `{recipe.content_hash()}` on `{base_name}`", "",
+             f"Made by {made.how}; rank {max((f.rank for f in made.factors.values()), default=0)} at most, "
+             f"{len(made.factors)} modules."]
+    if made.exact:
+        lines.append("It is the merge itself: loading it on the base gives the exported full model "
+                     "(up to float rounding).")
+    else:
+        lines.append(f"It approximates the merge: relative error {made.total_error:.3g} over all changed "
+                     "weights (Frobenius norm of the missed delta / of the delta). Use the full model "
+                     "(`--format hf`) for the exact merge.")
+        worst = sorted(made.errors.items(), key=lambda kv: -kv[1])[:5]
+        lines += ["", "| tensor | relative error |", "|---|---|"] + [f"| {k} | {v:.3g} |" for k, v in worst]
+        if made.left_out:
+            lines += ["", f"Left out (no matrix, cannot be in an adapter): {', '.join(made.left_out)}"]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    (out / "evomerge_recipe.yaml").write_text(header + recipe.to_yaml())
+    return out
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",

@@ -74,8 +74,9 @@ def scoring_bytes(shape: Shape, batch: int, context: int, answer: int, choices: 
 
 
 def estimate(copies: int, params: int, weight_bytes: int, shape: Shape, batch: int, context: int, answer: int,
-             choices: int, device: str, runtime: Optional[int], detail: str) -> Estimate:
-    weights = copies * params * weight_bytes
+             choices: int, device: str, runtime: Optional[int], detail: str, extra_weight_bytes: int = 0) -> Estimate:
+    """``copies`` full-size sets of ``params`` weights, plus ``extra_weight_bytes`` (LoRA factors)."""
+    weights = copies * params * weight_bytes + extra_weight_bytes
     scoring = scoring_bytes(shape, batch, context, answer, choices, weight_bytes)
     return Estimate(weights, scoring, runtime if not device.startswith("cuda") else None, device, detail)
 

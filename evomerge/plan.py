@@ -126,7 +126,9 @@ class Plan:
     def render(self) -> str:
         rows = [
             ("experiment", f"{self.experiment} ({self.space})"),
-            ("models", "; ".join(f"{m['name']} {_params(m['params_b'])}, {m['layers']} layers" for m in self.models)),
+            ("models", "; ".join(f"{m['name']} {_params(m['params_b'])}"
+                                 + (" (LoRA factors)" if m.get("adapter") else f", {m['layers']} layers")
+                                 for m in self.models)),
             ("genome", f"{self.dim} dimensions = {self.dim_detail}"),
             ("optimizer", f"{self.optimizer}, popsize {self.popsize}"
                           + (f", sigma0 {self.sigma0:.3g}" if self.sigma0 is not None else "")
@@ -200,8 +202,9 @@ def _request_shape(exp: Experiment, spec, search: list[dict[str, Any]], task_cfg
 
 
 def _memory(exp: Experiment, base_cfg: dict, params: int, copies: int, request: tuple[int, int, int, list[str]],
-            runtime: int) -> dict[str, Any]:
-    """A worker's estimated peak memory (see :mod:`evomerge.memory`), part by part."""
+            runtime: int, adapter_bytes: int = 0) -> dict[str, Any]:
+    """A worker's estimated peak memory (see :mod:`evomerge.memory`), part by part; ``adapter_bytes``:
+    the LoRA sources' factors, kept beside the ``copies`` full-size tensors."""
     from evomerge.memory import estimate, shape_of
 
     shape = shape_of(base_cfg, for_config(base_cfg))
@@ -210,7 +213,7 @@ def _memory(exp: Experiment, base_cfg: dict, params: int, copies: int, request: 
                    choices, exp.dispatch.device, runtime,
                    f"batch {exp.suite.batch_size}, contexts of {context} and answers of {answer} tokens"
                    + (f" measured on {', '.join(measured)}" if measured else " assumed")
-                   + f", vocabulary {shape.vocab}")
+                   + f", vocabulary {shape.vocab}", extra_weight_bytes=adapter_bytes)
     return {"weights": est.weights, "scoring": est.scoring, "runtime": est.runtime, "total": est.total,
             "line": est.line()}
 
@@ -290,7 +293,13 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
     spec = resolve_worker_spec(exp)
     codec = build_codec(exp, spec, download=False)
     declared = {m.name: m.config for m in exp.models}
-    configs = {m.name: model_config(spec.model_dirs[m.name], declared[m.name], download=False) for m in exp.models}
+    from evomerge.adapters import adapter_params, is_adapter_dir
+
+    adapters = {m.name: adapter_params(spec.model_dirs[m.name]) for m in exp.models
+                if is_adapter_dir(spec.model_dirs[m.name])}
+    configs = {m.name: model_config(spec.model_dirs[m.name if m.name not in adapters else exp.base_model],
+                                    declared[exp.base_model if m.name in adapters else m.name], download=False)
+               for m in exp.models}
     space = exp.search_space
     dim = codec.dim
     base_cfg = configs[exp.base_model]
@@ -307,8 +316,15 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
                       + (f" + {len(codec.global_params)} global ({', '.join(codec.global_params)})"
                          if codec.global_params else ""))
         space_line = f"PS: {space.method}, {space.granularity}"
-        resident = len(exp.models) + 1
-        memory_detail = f"{len(exp.models)} sources as base + task vectors, 1 model to merge into"
+        full = len(exp.models) - len(adapters)
+        resident = full + 1
+        memory_detail = f"{full} sources as base + task vectors, 1 model to merge into"
+        if adapters:
+            others = full - 1
+            memory_detail = ("the base" + (f" + {others} full source{'s' * (others != 1)} as task vectors" if others else "")
+                             + f", {len(adapters)} LoRA adapter{'s' * (len(adapters) != 1)} as their factors "
+                             f"({sum(adapters.values()) * DTYPE_BYTES[exp.dispatch.dtype] / 2**20:.3g} MiB), "
+                             "1 model to merge into")
         path_fraction = 1.0
     else:
         m = codec.total_layers
@@ -366,12 +382,13 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         workers = exp.dispatch.num_workers
         threads = exp.dispatch.threads_per_worker or int(exp.dispatch.cpus_per_worker or 0) \
             or max(1, (os.cpu_count() or 1) // workers)
-        cost = roofline_cost(exp, params, len(exp.models), search, path_fraction, Device.this_cpu(threads),
-                             prompt_tokens)
+        cost = roofline_cost(exp, params, len(exp.models) - len(adapters), search, path_fraction,
+                             Device.this_cpu(threads), prompt_tokens)
         notes.append("workers run on the CPU: the per-trial bound is this machine's CPU's; a pilot run "
                      "(--calibrate RUN_DIR) measures the real cost")
     else:
-        cost = roofline_cost(exp, params, len(exp.models), search, path_fraction, device, prompt_tokens)
+        cost = roofline_cost(exp, params, len(exp.models) - len(adapters), search, path_fraction, device,
+                             prompt_tokens)
         if cost is None:
             notes.append("a task's size or type is unknown (not in the suite's task dirs and no `limit`), "
                          "so there is no roofline bound; calibrate with a pilot run")
@@ -396,15 +413,18 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
                      "GPUs finish each trial later: calibrate with a pilot run packed the same way")
     if exp.dispatch.device == "cpu" and params > 1e9:
         notes.append("dispatch.device is cpu for a model of over 1 B parameters; set device: cuda")
-    memory = _memory(exp, base_cfg, params, resident, request, runtime)
+    adapter_bytes = sum(adapters.values()) * DTYPE_BYTES[exp.dispatch.dtype] if space.kind == "ps" else 0
+    memory = _memory(exp, base_cfg, params, resident, request, runtime, adapter_bytes)
     return Plan(
         experiment=exp.name, space=space_line, dim=dim, dim_detail=dim_detail, optimizer=exp.optimizer.name + (" (separable)" if exp.optimizer.separable else ""),
         popsize=popsize, islands=islands, generations=generations, max_trials=exp.budget.max_trials,
         extra_evaluations=extra, num_workers=exp.dispatch.num_workers, device=exp.dispatch.device,
         dtype=exp.dispatch.dtype,
-        models=[{"name": m.name, "path": m.path, "params_b": param_count(configs[m.name]) / 1e9,
-                 "layers": for_config(configs[m.name]).num_layers(configs[m.name])} for m in exp.models],
-        worker_memory_gib=resident * wbytes / gib, memory_detail=memory_detail, memory=memory,
+        models=[{"name": m.name, "path": m.path,
+                 "params_b": (adapters[m.name] if m.name in adapters else param_count(configs[m.name])) / 1e9,
+                 "layers": for_config(configs[m.name]).num_layers(configs[m.name]),
+                 **({"adapter": True} if m.name in adapters else {})} for m in exp.models],
+        worker_memory_gib=(resident * wbytes + adapter_bytes) / gib, memory_detail=memory_detail, memory=memory,
         search_tasks=search, test_tasks=test, validation_tasks=validation, top_k=top_k,
         min_z=exp.selection.min_z if validation else 0.0,
         sigma0=exp.optimizer.sigma0 if exp.optimizer.name in ("cma_es", "optuna_cmaes") else None, cost=cost, gpu_hours=gpu_hours, wall_hours=wall_hours, notes=notes,

@@ -51,16 +51,22 @@ def resolve_model_dir(path: str) -> Path:
                            "log in (HF_TOKEN), check the id, or pre-fill the cache (HF_HOME)"]) from None
 
 
-def cached_config(path: str) -> Optional[dict]:
-    """``config.json`` of a local dir or a Hub model already in the cache; None if neither (no download)."""
+def cached_file(path: str, filename: str) -> Optional[Path]:
+    """``filename`` of a local dir or of a Hub repo already in the cache; None if neither (no download)."""
     if not is_hub(path):
-        file = Path(path) / "config.json"
-        return json.loads(file.read_text()) if file.is_file() else None
+        file = Path(path) / filename
+        return file if file.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
     repo, revision = parse_hub(path)
-    found = try_to_load_from_cache(repo_id=repo, filename="config.json", revision=revision)
-    return json.loads(Path(found).read_text()) if isinstance(found, str) else None
+    found = try_to_load_from_cache(repo_id=repo, filename=filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def cached_config(path: str) -> Optional[dict]:
+    """``config.json`` of a local dir or a Hub model already in the cache; None if neither (no download)."""
+    file = cached_file(path, "config.json")
+    return json.loads(file.read_text()) if file is not None else None
 
 
 def model_config(path: str, declared: Optional[str] = None, download: bool = True) -> dict:

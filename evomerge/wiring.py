@@ -148,8 +148,11 @@ def _source_configs(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
                 model_dirs[m.name] = str(zoo_models[m.path[len(ZOO_PREFIX):]])
     declared = {m.name: m.config for m in exp.models}
     configs = {}
-    problems = []
+    problems = adapter_problems(exp, model_dirs, download)
+    adapters = adapter_sources(exp, model_dirs, download)
     for name, path in model_dirs.items():
+        if name in adapters:
+            continue  # its shape is its base's; its factors are checked against the base when loaded
         try:
             configs[name] = model_config(path, declared.get(name), download)
         except ConfigError as exc:
@@ -158,6 +161,44 @@ def _source_configs(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
         except (OSError, ValueError) as exc:
             problems.append(f"models: {name}: cannot read its config.json ({type(exc).__name__}: {exc})")
     return configs, problems
+
+
+def adapter_sources(exp: Experiment, model_dirs: dict[str, str], download: bool = False) -> set[str]:
+    """The sources that are LoRA adapters (without ``download``, a Hub repo not cached is not known)."""
+    from evomerge.adapters import is_adapter_dir
+
+    return {name for name, path in model_dirs.items() if is_adapter_dir(path, download)}
+
+
+def adapter_problems(exp: Experiment, model_dirs: dict[str, str], download: bool = False) -> list[str]:
+    """Why the experiment's LoRA adapter sources cannot be merged as it asks: an adapter evomerge
+    cannot merge exactly (DoRA, trained biases, ...), one trained on another base, an adapter as the
+    base, or adapters in a data-flow search (whose layer donors are full models)."""
+    from evomerge.adapters import adapter_location, base_problem, read_config
+
+    adapters = adapter_sources(exp, model_dirs, download)
+    if not adapters:
+        return []
+    problems: list[str] = []
+    by_name = {m.name: m for m in exp.models}
+    if exp.base_model in adapters:
+        problems.append(f"base_model: {exp.base_model!r} is a LoRA adapter; the base must be the full model the "
+                        "adapters were trained on")
+        return problems
+    if exp.search_space.kind == "dfs":
+        problems.append(f"models: {sorted(adapters)} are LoRA adapters; a data-flow search stacks layers of full "
+                        "models: merge each into its base first (or search their merge in parameter space)")
+    base_path = by_name[exp.base_model].path  # as the experiment names it (zoo:base for the zoo's adapters)
+    for name in sorted(adapters):
+        try:
+            config = read_config(adapter_location(model_dirs[name], download), f"models: {name}")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        problem = base_problem(name, config, exp.base_model, base_path, by_name[name].base)
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def source_capabilities(exp: Experiment) -> dict[str, str]:
@@ -169,12 +210,28 @@ def source_capabilities(exp: Experiment) -> dict[str, str]:
     out = {}
     for m in exp.models:
         config = configs.get(m.name)
-        if config is None:
+        if m.name != exp.base_model and configs.get(exp.base_model) is not None and m.name not in configs \
+                and _is_adapter(m.path, exp):
+            out[m.name] = "a LoRA adapter on the base: PS: yes (kept as its factors) · DFS: no"
+        elif config is None:
             out[m.name] = ("the embedded zoo's Llama models: PS: yes · DFS: yes" if m.path.startswith(ZOO_PREFIX)
                            else "unknown until its config.json is here (declare `config:` to check it now)")
         else:
             out[m.name] = f"{config.get('model_type')}: {capabilities(config)}"
     return out
+
+
+def _is_adapter(path: str, exp: Experiment) -> bool:
+    from evomerge.adapters import is_adapter_dir
+
+    if path.startswith(ZOO_PREFIX) and exp.zoo is not None:
+        from evomerge.zoo import ZooError, load_zoo, zoo_dir
+
+        try:
+            path = str(load_zoo(zoo_dir(exp.zoo.kind, exp.zoo.seed)).models.get(path[len(ZOO_PREFIX):], path))
+        except ZooError:
+            return False
+    return is_adapter_dir(path)
 
 
 def ps_donor_recipe(path: str) -> Recipe:

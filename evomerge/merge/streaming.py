@@ -61,6 +61,13 @@ class _Alive:
 def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
                  shard_bytes: int = 2 * 1024 ** 3) -> StreamStats:
     """Merge ``recipe`` from the model dirs into ``out_dir`` without loading any model whole."""
+    from evomerge.adapters import is_adapter_dir
+
+    adapters = sorted(m for m, d in model_dirs.items() if is_adapter_dir(d))
+    if adapters:
+        raise MergeError(f"{', '.join(adapters)}: LoRA adapters; a streaming merge reads full models tensor by "
+                         "tensor, and adapters are merged resident (the base once, each adapter as its small "
+                         "factors): merge without --stream")
     dtype = _DTYPES[recipe.dtype]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

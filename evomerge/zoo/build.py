@@ -3,6 +3,8 @@
 Layout of a zoo directory:
     models/{base,expert_a,expert_b}/   config.json, model.safetensors, generation_config.json,
                                        tokenizer.json, tokenizer_config.json
+    models/<adapter>/                  adapter_config.json, adapter_model.safetensors (adapter kinds:
+                                       LoRA adapters on the base instead of the two experts)
     tasks/zoo_arith_{l1,l2}_{search,validation,test}.{yaml,jsonl}
     tasks/zoo_arith_{l1,l2}_gen_{search,validation,test}.yaml   generate_until variants over the same data
     manifest.json                      written last: a zoo without it is not a zoo
@@ -31,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evomerge.zoo.corpus import ColourFacts, make_colour_facts
 from evomerge.zoo.kinds import FORMAT_VERSION, ModelShape, Phase, ZooSpec, zoo_spec
+from evomerge.zoo.lora import AdapterSpec, save_adapter, train_adapter
 from evomerge.zoo.score import choice_accuracy
 from evomerge.zoo.tasks import (
     LANGUAGES,
@@ -143,8 +146,10 @@ def load_zoo(path: Path) -> Zoo:
     tasks_dir = root / "tasks"
     tasks = manifest["tasks"]
     names = [*tasks["search"], *tasks["validation"], *tasks["test"], *tasks["other"]]
-    required = [model / file for model in models.values()
-                for file in ("config.json", "model.safetensors", "tokenizer.json")]
+    adapter_files = ("adapter_config.json", "adapter_model.safetensors")
+    required = [models[name] / file for name, entry in manifest["models"].items()
+                for file in (adapter_files if entry.get("adapter") else
+                             ("config.json", "model.safetensors", "tokenizer.json"))]
     required += [data_path(tasks_dir, name) for name in names]
     missing = [str(path) for path in required if not path.is_file()]
     if missing:
@@ -280,6 +285,8 @@ def _stages(
         "base": [(StageConfig(spec.base_steps, body_lr=1e-3, warmup=warmup),
                   text_maker(facts, l2_fraction=0.05))],
     }
+    if spec.adapters:  # adapters instead of the experts (see _build_adapters)
+        return stages
     # The D4b experts are one phase each.
     a_phases = spec.expert_a_phases or (
         Phase(spec.expert_a_steps, body_lr=5e-4, vocab_lr=0.0),
@@ -337,6 +344,33 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _adapter_maker(spec: AdapterSpec, facts: ColourFacts, pairs: PairSplit) -> SequenceMaker:
+    if spec.data == "arith":
+        return skill_maker(facts, train_problems(pairs), problem_fraction=spec.problem_fraction)
+    return text_maker(facts, l2_fraction=spec.l2_fraction, wrong_facts=spec.wrong_facts)
+
+
+def _build_adapters(spec: ZooSpec, base: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, facts: ColourFacts,
+                    pairs: PairSplit, items: dict[str, Any], temporary: Path, seed: int,
+                    report: Progress) -> dict[str, dict[str, Any]]:
+    """Train and save the kind's LoRA adapters from ``base``; their manifest entries."""
+    token_ids = dict(tokenizer.get_vocab())
+    meta = {}
+    for adapter in spec.adapters:
+        model, deltas, loss, seconds = train_adapter(
+            base, adapter, _adapter_maker(adapter, facts, pairs), _rng(seed, f"adapter/{adapter.name}"),
+            seed, token_ids, token_ids[BOS], report, warmup=spec.warmup)
+        directory = save_adapter(deltas, adapter, temporary / "models" / adapter.name)
+        meta[adapter.name] = {
+            "path": f"models/{adapter.name}", "parent": BASE_MODEL, "adapter": True,
+            "training": asdict(adapter), "loss_ema": loss, "train_seconds": round(seconds, 2),
+            "parameters": sum(d.A.numel() + d.B.numel() for d in deltas.values()),
+            "sha256": _sha256(directory / "adapter_model.safetensors"),
+            "accuracy": {task: choice_accuracy(model, tokenizer, task_items) for task, task_items in items.items()},
+        }
+    return meta
+
+
 def _build_into(temporary: Path, final: Path, kind: str, seed: int, report: Progress) -> None:
     """Build the whole zoo in `temporary`; its task YAMLs point at `final`."""
     started = time.monotonic()
@@ -389,6 +423,9 @@ def _build_into(temporary: Path, final: Path, kind: str, seed: int, report: Prog
         }
         for name, model in trained.items()
     }
+    if spec.adapters:
+        models_meta.update(_build_adapters(spec, trained[BASE_MODEL], tokenizer, facts, pairs, items, temporary,
+                                           seed, report))
     manifest = {
         "format_version": FORMAT_VERSION,
         "kind": kind,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from evomerge.zoo.lora import AdapterSpec
+
 # 2: the quickstart zoo (cross-skill) trains 0.7x the D4b half-build steps (700/420/350).
 # 3: a validation split (zoo_arith_{l1,l2}_validation) on held-out pairs no search or test item
 #    uses; models, search and test items are unchanged.
@@ -59,6 +61,8 @@ class ZooSpec:
     max_threads: int | None = None
     expert_a_phases: tuple[Phase, ...] | None = None
     expert_b_phases: tuple[Phase, ...] | None = None
+    adapters: tuple[AdapterSpec, ...] = ()
+    """LoRA adapters trained from the base instead of the two full experts (when given)."""
 
 
 _D4B_SHAPE = ModelShape(hidden=128, layers=4, heads=4, intermediate=512)
@@ -92,12 +96,39 @@ KINDS: dict[str, ZooSpec] = {
             Phase(200, body_lr=1e-3, vocab_lr=0.0, blocks=(2, 3), wrong_facts=0.3),
         ),
     ),
+    # LoRA adapters as sources (issue 39): the quickstart's base, and six adapters on the zoo's skills
+    # instead of two full experts: arithmetic in L1 (two strengths, ranks 8 and 4), L2's vocabulary
+    # (an adapter of the embeddings and head only, rank 16), and three body adapters on text: L2 with
+    # noisy arithmetic, mixed L1/L2, and L1.
+    # The target is still arithmetic asked in L2 (benchmarks/adapter_search.py measures it).
+    "adapters": ZooSpec(
+        _D4B_SHAPE, 700, 0, 0, warmup=50, n_search=300, n_test=600, max_threads=2,
+        adapters=(
+            AdapterSpec("arith", "arith", rank=8, steps=400, problem_fraction=0.7),
+            AdapterSpec("arith_r4", "arith", rank=4, steps=300, problem_fraction=1.0),
+            AdapterSpec("l2", "text", rank=16, steps=400, lr=3e-3, l2_fraction=1.0, targets=("embed_tokens", "lm_head")),
+            AdapterSpec("l2_noisy", "text", rank=4, steps=300, l2_fraction=1.0, wrong_facts=0.3),
+            AdapterSpec("mixed", "text", rank=8, steps=300, l2_fraction=0.5),
+            AdapterSpec("l1", "text", rank=4, steps=300, l2_fraction=0.0),
+        ),
+    ),
     # For tests: real, loadable, distinct models in seconds; not good ones. Its matrices are
     # too small to gain from intra-op threads, and spinning threads on a busy machine slow
     # it down by orders of magnitude, so it builds on one thread.
     "tiny": ZooSpec(
         ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
         150, 80, 80, warmup=10, n_search=60, n_test=60, n_validation=60, max_threads=1,
+    ),
+    # For tests of adapter sources: the tiny base and three small adapters, in seconds.
+    "tiny-adapters": ZooSpec(
+        ModelShape(hidden=64, layers=2, heads=2, intermediate=128),
+        150, 0, 0, warmup=10, n_search=60, n_test=60, n_validation=60, max_threads=1,
+        adapters=(
+            AdapterSpec("arith", "arith", rank=4, steps=40),
+            AdapterSpec("l2", "text", rank=2, steps=40, l2_fraction=1.0,
+                        targets=("embed_tokens", "q_proj", "v_proj", "down_proj")),
+            AdapterSpec("mixed", "text", rank=4, steps=40, l2_fraction=0.5),
+        ),
     ),
 }
 

@@ -145,7 +145,7 @@ def _set_trainable_blocks(model: LlamaForCausalLM, blocks: tuple[int, ...] | Non
         parameter.requires_grad_(blocks is None)
 
 
-def _loss(model: LlamaForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: LlamaForCausalLM, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids).logits[:, :-1]
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
@@ -168,14 +168,37 @@ def train_stage(
         parameter.requires_grad_(not config.freezes_vocab)
     _set_trainable_blocks(model, config.blocks)
     optimizer = make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    result = run_steps(name, model, optimizer, trainable, config, make, rng, token_ids, bos_id, progress,
+                       report_every_s)
+    _set_trainable_blocks(model, None)
+    for parameter in _vocab_parameters(model):
+        parameter.requires_grad_(True)
+    return result
+
+
+def run_steps(
+    name: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[torch.nn.Parameter],
+    config: StageConfig,
+    make: SequenceMaker,
+    rng: random.Random,
+    token_ids: dict[str, int],
+    bos_id: int,
+    progress: Progress,
+    report_every_s: float = 3.0,
+) -> StageResult:
+    """`config.steps` steps of `optimizer` on `trainable` (warm-up and cosine schedule, clipping),
+    then `model` in eval mode; shared by the full-model stages and the LoRA adapters."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     model.train()
     start = last_report = time.monotonic()
     smoothed = float("nan")
     for step in range(1, config.steps + 1):
         ids, labels = make_batch(rng, make, config, token_ids, bos_id)
-        loss = _loss(model, ids, labels)
+        loss = lm_loss(model, ids, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
@@ -188,7 +211,4 @@ def train_stage(
             progress(f"training {name}: step {step}/{config.steps} loss {smoothed:.3f}")
             last_report = now
     model.eval()
-    _set_trainable_blocks(model, None)
-    for parameter in _vocab_parameters(model):
-        parameter.requires_grad_(True)
     return StageResult(config.steps, smoothed, time.monotonic() - start)
