@@ -22,7 +22,7 @@ from evomerge.errors import ClusterLost, ConfigError, EvomergeError, RunInterrup
 
 # The zoo kinds `zoo build --kind` offers; spelled out so that building the parser does not import
 # torch (tests/test_zoo.py checks they are evomerge.zoo.KINDS).
-ZOO_KINDS = ["cross-skill", "cross-skill-full", "layered", "tiny"]
+ZOO_KINDS = ["cross-skill", "cross-skill-full", "layered", "adapters", "tiny", "tiny-adapters"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_RUN_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: the run stopped for a cause outside it; resume it

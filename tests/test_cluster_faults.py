@@ -220,6 +220,9 @@ def test_node_lost_mid_search_is_retried_and_a_new_node_fetches_the_sources(clus
     exp = cluster_env.experiment("churn", 90, num_workers=3)
     run = cluster_env.run("run", str(exp), "--run-dir", str(run_dir), "--address", cluster.address)
     run.wait_for(lambda: _count(run_dir) >= 6)
+    # the pool searches with its first worker while the others start (on 2 shared cores a third can
+    # still be starting after 6 trials): wait until all three are up, as the heartbeat says
+    run.wait_for(lambda: _workers(run_dir).get("live") == 3)
     assert _status(cluster_env, run_dir)["workers"]["live"] == 3
     shutil.rmtree(cluster_env.sources)  # the controller still serves them: it opened them at the start
     in_flight = _in_flight(run_dir)
