@@ -187,14 +187,14 @@ def _parser() -> argparse.ArgumentParser:
                  "evomerge export runs/qs --format hf --out out/model", "RUN_DIR")
     e.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     e.add_argument("--format", default="recipe", choices=["recipe", "hf", "mergekit", "adapter"],
-                   help="evomerge YAML, a Hugging Face model dir, a mergekit YAML, or (LoRA sources) one "
-                        "merged PEFT adapter")
+                   help="evomerge YAML, HF model dir, mergekit YAML, or one PEFT adapter (LoRA sources)")
     e.add_argument("--out", type=Path, metavar="DIR", help="directory to write to (required unless --pareto)")
     e.add_argument("--force", action="store_true", help="replace a non-empty --out whole")
     e.add_argument("--trial", type=int, metavar="N", help="export this trial instead of the best")
     e.add_argument("--pareto", action="store_true", help="list a multi-objective run's Pareto front")
     e.add_argument("--json", action="store_true", help="print JSON (the written path, or the front)")
     e.add_argument("--register", metavar="NAME", help="with --format hf: register it in MLflow as NAME")
+    e.add_argument("--rank", type=int, metavar="R", help="--format adapter: SVD of rank R (default: exact if it can)")
 
     mg = _command(sub, "merge", "write a recipe, mergekit config or preset as a model dir",
                   "evomerge merge out/recipe.yaml --out out/model", "RECIPE")
@@ -539,10 +539,12 @@ def _cmd_export(args) -> int:
 
     if args.register and args.format != "hf":
         raise ConfigError(["--register: registers a model directory; use it with --format hf"])
+    if args.rank is not None and (args.format != "adapter" or args.rank < 1):
+        raise ConfigError(["--rank: a positive rank, with --format adapter"])
     from evomerge.export import atomic_dir
 
     with atomic_dir(args.out, args.force) as tmp:
-        path = args.out / export(args.run_dir, tmp, fmt=args.format, trial=args.trial).relative_to(tmp)
+        path = args.out / export(args.run_dir, tmp, fmt=args.format, trial=args.trial, rank=args.rank).relative_to(tmp)
     out = {"path": str(path), "format": args.format}
     if args.register:
         from evomerge.export import register

@@ -85,7 +85,8 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[int] = None) -> Path:
+def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[int] = None,
+           rank: Optional[int] = None) -> Path:
     """Write the recipe in ``fmt`` under ``out_dir``; returns the written path.
 
     ``recipe``: the evomerge recipe YAML. ``hf``: a Hugging Face model dir (safetensors,
@@ -94,7 +95,7 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     passthrough merge with the scales folded into the family's residual writers; a LoRA
     source as mergekit's ``base+adapter``). ``adapter``: a merge of LoRA sources as one PEFT
     adapter (see :mod:`evomerge.merge.merged_adapter`: exact for linear and task arithmetic, a
-    truncated SVD with its measured error otherwise).
+    truncated SVD with its measured error otherwise; ``rank``: an SVD of that rank whatever the method).
     """
     if fmt not in FORMATS:
         raise EvomergeError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
@@ -121,7 +122,7 @@ def export(run_dir: Path, out_dir: Path, fmt: str = "recipe", trial: Optional[in
     if fmt == "adapter":
         model_dirs, base_model = _run_sources(Path(run_dir))
         base_name, _ = _run_sources(Path(run_dir), resolve=False)
-        return export_adapter(recipe, model_dirs, base_name[base_model], out_dir / "adapter", header)
+        return export_adapter(recipe, model_dirs, base_name[base_model], out_dir / "adapter", header, rank)
     path = out_dir / "mergekit.yaml"
     model_dirs, base_model = _run_sources(Path(run_dir), resolve=False)
     from evomerge.adapters import is_adapter_dir

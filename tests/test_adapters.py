@@ -317,6 +317,10 @@ def test_a_search_over_adapters_runs_resumes_and_exports(tmp_path, adapter_zoo, 
     assert main(["export", str(run_dir), "--format", "adapter", "--out", str(tmp_path / "ad")]) == 0
     card = (tmp_path / "ad" / "adapter" / "README.md").read_text()
     assert "truncated SVD" in card and "relative error" in card
+    assert main(["export", str(run_dir), "--format", "adapter", "--rank", "1", "--out", str(tmp_path / "r1")]) == 0
+    assert "rank 1 at most" in (tmp_path / "r1" / "adapter" / "README.md").read_text()
+    assert json.loads((tmp_path / "r1" / "adapter" / "adapter_config.json").read_text())["r"] == 1
+    assert main(["export", str(run_dir), "--format", "hf", "--rank", "1", "--out", str(tmp_path / "x")]) == 2
     assert main(["export", str(run_dir), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert main(["export", str(run_dir), "--format", "mergekit", "--out", str(tmp_path / "mk")]) == 0
     mk = yaml.safe_load((tmp_path / "mk" / "mergekit.yaml").read_text())
