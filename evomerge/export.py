@@ -209,8 +209,6 @@ def merge_recipe(recipe_path: Optional[Path], out_dir: Path, model_dirs: dict[st
 
 def register(run_dir: Path, model_dir: Path, name: str) -> tuple[str, str]:
     """Register an exported model dir in the run's MLflow model registry (as a version of ``name``)."""
-    import json
-
     from evomerge.run_dir import read_info
 
     info = read_info(Path(run_dir))
@@ -264,8 +262,6 @@ def run_architecture(run_dir: Path):
 
 def model_card(run_dir: Path, recipe, record: dict) -> str:
     """README.md of an exported model: sources, method, recipe, fitness and test scores, MLflow link."""
-    import json
-
     import yaml
 
     from evomerge.recipe import DFSRecipe

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evomerge.errors import MergeError
-from evomerge.merge.backend import ResidentSources, tensor_seed
+from evomerge.merge.backend import ResidentSources
+from evomerge.merge.merge_plan import tensor_seed
 from evomerge.merge.methods.dare_ties import dare_ties
 from evomerge.merge.methods.linear import linear
 from evomerge.merge.methods.ties import ties

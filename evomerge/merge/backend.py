@@ -11,15 +11,11 @@ coefficients change, and no full-model temporary is made. A source that is a LoR
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from evomerge.adapters import LowRank, is_adapter_dir, load_factors
@@ -27,184 +23,10 @@ from evomerge.architecture import Architecture, for_model_dir, for_sources, for_
 from evomerge.errors import MergeError
 from evomerge.merge.cpu_threads import merge_pool, one_thread
 from evomerge.merge.low_rank import BASE, ZERO_DELTAS_GIVE_BASE, dense_rows, low_rank_merge
-from evomerge.merge.methods import MergeMethod, get_method
+from evomerge.merge.merge_plan import MergePlan, plan_recipe, tensor_seed
 from evomerge.merge.parameter_space import merge_tensor
-from evomerge.recipe import ModelParams, Recipe, is_per_group, resolve_setting
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def tensor_seed(seed: int, tensor_name: str) -> int:
-    """Seed of the DARE generator for one tensor: a stable hash of ``(seed, tensor_name)``.
-
-    It depends on nothing else (not the order tensors are merged in, the process, or
-    the machine), so a recipe's random drops are reproducible anywhere.
-    """
-    digest = hashlib.sha256(f"{seed}\x00{tensor_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def open_tensor_handles(dirs: Mapping[str, Path], stack: ExitStack) -> dict[str, dict[str, object]]:
-    """``{model: {tensor name: open safetensors handle}}`` over each model dir's files (lazy:
-    nothing is read until ``get_tensor``); the handles close with ``stack``."""
-    handles: dict[str, dict[str, object]] = {}
-    for model, directory in dirs.items():
-        handles[model] = {}
-        for file in _safetensors_files(Path(directory)):
-            try:
-                handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-            except Exception as exc:  # safetensors' own error names neither the model nor the file
-                raise MergeError(f"source {model!r}: cannot read {file} ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'}); the file is corrupt "
-                                 "or truncated: download or copy it again") from None
-            for key in handle.keys():
-                if key in handles[model]:
-                    raise MergeError(f"{model}: tensor {key!r} appears in more than one file")
-                handles[model][key] = handle
-    return handles
-
-
-def _safetensors_files(directory: Path) -> list[Path]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-    else:
-        files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise MergeError(
-            f"{directory}: no *.safetensors weights found (weights are loaded only from "
-            "safetensors, never from pickled checkpoints)"
-        )
-    return files
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """A recipe validated against a set of sources, with every parameter resolved per tensor."""
-
-    method: MergeMethod
-    models: tuple[ModelParams, ...]  # the inputs the method sees, in recipe order
-    delta_rows: tuple[int | None, ...]  # row of each input in the stacked deltas; None: base
-    all_rows: bool  # the inputs are exactly the stored deltas, in order (no copy needed)
-    tensor_params: Mapping[str, tuple[tuple[dict[str, bool | float], ...], dict[str, bool | float]]]
-    """``{tensor: (per-input parameters, global parameters)}``, defaults filled in."""
-    seed: int
-
-
-def plan_recipe(
-    recipe: Recipe,
-    *,
-    names: tuple[str, ...],
-    base_model: str,
-    tensors: Iterable[str],
-    num_layers: int,
-    dtype: torch.dtype,
-    arch: Architecture,
-) -> MergePlan:
-    """Validate ``recipe`` for sources ``names`` (base ``base_model``) with floating-point
-    tensors ``tensors`` (named as ``arch`` names them) and resolve its settings (scalars, per-group values, gradients,
-    filters, recipe-wide fallbacks, defaults) for every tensor. :class:`MergeError` lists
-    every problem found."""
-    method = get_method(recipe.method)
-    found: dict[object, str] = {}  # every problem, in first-seen order, each once
-
-    def problem(message: str, once_per: object = None) -> None:
-        found.setdefault(message if once_per is None else once_per, message)
-    if _DTYPES[recipe.dtype] != dtype:
-        problem(f"recipe dtype {recipe.dtype} differs from the sources' merge dtype {dtype}")
-    if recipe.base_model != base_model:
-        problem(f"recipe base_model {recipe.base_model!r} is not the sources' base {base_model!r}")
-    groups = num_layers + 2
-    unusable: set[tuple[str, str]] = set()  # (scope, name) whose setting cannot be resolved
-
-    def check_shape(scope: str, name: str, value: object) -> None:
-        if is_per_group(value) and len(value) != groups:  # type: ignore[arg-type]
-            unusable.add((scope, name))
-            problem(f"{scope}.{name}: {len(value)} per-group values, expected {groups} "  # type: ignore[arg-type]
-                    f"(embed, {num_layers} blocks, head); for mergekit's gradient write {{gradient: [...]}}")
-
-    known = {**method.model_parameters, **method.global_parameters}
-    for name, value in recipe.parameters.items():
-        if name not in known:
-            problem(f"parameters.{name}: method {method.name!r} has no parameter {name!r}; "
-                    f"accepted: {sorted(known)}")
-        check_shape("parameters", name, value)
-    seen: set[str] = set()
-    for mp in recipe.models:
-        if mp.model not in names:
-            problem(f"unknown model {mp.model!r}; sources: {list(names)}")
-        if mp.model in seen:
-            problem(f"model {mp.model!r} is listed twice")
-        seen.add(mp.model)
-        for name, value in mp.parameters.items():
-            if name not in method.model_parameters:
-                problem(f"{mp.model}.{name}: method {method.name!r} has no per-model parameter {name!r}; "
-                        f"accepted: {sorted(method.model_parameters)}")
-            check_shape(mp.model, name, value)
-    inputs = tuple(mp for mp in recipe.models if not (method.needs_base and mp.model == base_model))
-    if not method.needs_base and not inputs:
-        problem(f"method {method.name!r} needs at least one model")
-
-    def check(spec, value, where: str, key: str) -> bool | float:
-        if value is None:
-            problem(f"{where}: missing required parameter {spec.name!r} (first for tensor {key})",
-                    ("missing", where, spec.name))
-            return 0.0
-        if spec.kind is bool:
-            if not isinstance(value, bool):
-                problem(f"{where}: parameter {spec.name!r} must be true or false, got {value!r}",
-                        ("type", where, spec.name))
-            return value
-        if isinstance(value, bool):
-            problem(f"{where}: parameter {spec.name!r} must be a number, got {value!r}", ("type", where, spec.name))
-            return float(value)
-        if spec.bounds is not None and not spec.bounds[0] <= value <= spec.bounds[1]:
-            problem(f"{where}.{spec.name}: value {value} (first for tensor {key}) is outside {list(spec.bounds)}",
-                    ("bounds", where, spec.name))
-        return float(value)
-
-    def setting(scope: str, own: Mapping[str, object], name: str, key: str, group: int):
-        for where, values in ((scope, own), ("parameters", recipe.parameters)):
-            if name in values and (where, name) not in unusable:
-                value = resolve_setting(values[name], key, group, num_layers)  # type: ignore[arg-type]
-                if value is not None:
-                    return value
-            elif (where, name) in unusable:
-                return 0.0  # already reported
-        return None
-
-    tensor_params: dict[str, tuple[tuple[dict[str, bool | float], ...], dict[str, bool | float]]] = {}
-    for key in tensors:
-        group = arch.tensor_group(key, num_layers)
-        global_values: dict[str, bool | float] = {}
-        for name, spec in method.global_parameters.items():
-            value = setting("parameters", {}, name, key, group)
-            global_values[name] = check(spec, spec.default if value is None else value, "parameters", key)
-        per_input = []
-        for mp in inputs:
-            values: dict[str, bool | float] = {}
-            for name, spec in method.model_parameters.items():
-                value = setting(mp.model, mp.parameters, name, key, group)
-                values[name] = check(spec, spec.default if value is None else value, mp.model, key)
-            per_input.append(values)
-        if not method.needs_base and global_values.get("normalize") and "weight" in method.model_parameters:
-            if sum(v["weight"] for v in per_input) == 0:
-                problem(f"weights sum to 0 for tensor {key} and normalize is on: the merge would "
-                        "divide by zero (mergekit writes inf/NaN)", "zero-sum")
-        tensor_params[key] = (tuple(per_input), global_values)
-    if found:
-        raise MergeError(f"recipe cannot be merged ({len(found)} problems):\n" + "\n".join(found.values()))
-    others = [m for m in names if m != base_model]
-    rows = tuple(None if mp.model == base_model else others.index(mp.model) for mp in inputs)
-    return MergePlan(
-        method=method,
-        models=inputs,
-        delta_rows=rows,
-        all_rows=method.needs_base and rows == tuple(range(len(others))),
-        tensor_params=tensor_params,
-        seed=recipe.seed,
-    )
+from evomerge.merge.source_files import check_configs, check_same_tensors, open_tensor_handles
+from evomerge.recipe import Recipe
 
 
 class ResidentSources:
@@ -278,7 +100,7 @@ class ResidentSources:
             }
             if arch is None and base_model in dirs:
                 arch = for_sources(dirs[base_model], shapes[base_model])
-            _check_configs(full, base_model)
+            check_configs(full, base_model)
 
             def get(m: str, k: str) -> Tensor:
                 return handles[m][k].get_tensor(k)  # type: ignore[attr-defined]
@@ -301,7 +123,7 @@ class ResidentSources:
         mergekit does (a TIES threshold or a DARE draw is per stacked parameter)."""
         from transformers import AutoModelForCausalLM
 
-        _check_configs(dirs, base_model)
+        check_configs(dirs, base_model)
         state_dicts: dict[str, dict[str, Tensor]] = {}
         for name, directory in dirs.items():
             try:
@@ -351,7 +173,7 @@ class ResidentSources:
             raise MergeError(f"base model {base_model!r} is not among the sources {list(names)}")
         if not dtype.is_floating_point:
             raise MergeError(f"merge dtype must be floating point, got {dtype}")
-        _check_same_tensors(shapes, base_model)
+        check_same_tensors(shapes, base_model)
         arch = arch or for_tensor_names(shapes[base_model])
         arch.check_names(shapes[base_model], f"base model {base_model!r}")
         others = [m for m in names if m != base_model]
@@ -535,37 +357,3 @@ class ResidentSources:
         """Validate ``recipe`` against these sources; :class:`MergeError` lists every problem."""
         return plan_recipe(recipe, names=self.names, base_model=self.base_model, tensors=self._deltas,
                            num_layers=self.num_layers, dtype=self.dtype, arch=self.arch)
-
-
-def _check_configs(dirs: Mapping[str, Path], base_model: str) -> None:
-    """:class:`MergeError` listing why sources with ``config.json`` files cannot be merged in
-    parameter space (another family, hidden size, layers, vocabulary, head layout): two
-    families can share tensor names and shapes, so equal tensors alone do not prove it."""
-    from evomerge.architecture import source_problems
-
-    configs = {m: json.loads((Path(d) / "config.json").read_text()) for m, d in dirs.items()
-               if (Path(d) / "config.json").is_file()}
-    if base_model in configs and len(configs) > 1:
-        problems = source_problems(configs, ps_models=tuple(configs), base_model=base_model)
-        if problems:
-            raise MergeError("the sources cannot be merged:\n" + "\n".join(problems))
-
-
-def _check_same_tensors(shapes: Mapping[str, Mapping[str, tuple[int, ...]]], base_model: str) -> None:
-    """:class:`MergeError` naming the first tensor whose name or shape differs from the base."""
-    reference = shapes[base_model]
-    for model, model_shapes in shapes.items():
-        if model == base_model:
-            continue
-        missing = sorted(set(reference) - set(model_shapes))
-        if missing:
-            raise MergeError(f"source {model!r} lacks tensor {missing[0]!r} of base {base_model!r}")
-        extra = sorted(set(model_shapes) - set(reference))
-        if extra:
-            raise MergeError(f"source {model!r} has tensor {extra[0]!r} that base {base_model!r} lacks")
-        for key, shape in reference.items():
-            if tuple(model_shapes[key]) != tuple(shape):
-                raise MergeError(
-                    f"tensor {key!r} has shape {tuple(model_shapes[key])} in {model!r} "
-                    f"but {tuple(shape)} in base {base_model!r}"
-                )

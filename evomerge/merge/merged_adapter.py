@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from evomerge.adapters import LowRank
 from evomerge.errors import MergeError

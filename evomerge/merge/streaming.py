@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from evomerge.architecture import for_sources
 from evomerge.errors import MergeError
-from evomerge.merge.backend import _DTYPES, _check_same_tensors, open_tensor_handles, plan_recipe, tensor_seed
+from evomerge.merge.merge_plan import DTYPES, plan_recipe, tensor_seed
+from evomerge.merge.source_files import check_same_tensors, open_tensor_handles
 from evomerge.merge.cpu_threads import merge_pool, one_thread
 from evomerge.merge.parameter_space import merge_tensor
 from evomerge.recipe import Recipe
@@ -68,7 +69,7 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
         raise MergeError(f"{', '.join(adapters)}: LoRA adapters; a streaming merge reads full models tensor by "
                          "tensor, and adapters are merged resident (the base once, each adapter as its small "
                          "factors): merge without --stream")
-    dtype = _DTYPES[recipe.dtype]
+    dtype = DTYPES[recipe.dtype]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = StreamStats()
@@ -78,7 +79,7 @@ def stream_merge(recipe: Recipe, model_dirs: Mapping[str, Path], out_dir: Path,
         if recipe.base_model not in handles:
             raise MergeError(f"base model {recipe.base_model!r} is not among the sources {list(handles)}")
         shapes = {m: {k: tuple(h.get_slice(k).get_shape()) for k, h in hs.items()} for m, hs in handles.items()}
-        _check_same_tensors(shapes, recipe.base_model)
+        check_same_tensors(shapes, recipe.base_model)
         names = tuple(handles)
         arch = for_sources(model_dirs[recipe.base_model], shapes[recipe.base_model])
         if arch.merge_space == "modules":
