@@ -229,20 +229,34 @@ def experiment_sources(path: Path) -> dict[str, str]:
     return dict(resolve_worker_spec(load_experiment(path)).model_dirs)
 
 
+def _spec_dirs(run_dir: Path) -> tuple[dict[str, str], str]:
+    """The run's sources as its workers get them (building the embedded zoo if it used one: its dirs;
+    Hub models as ``hf:`` ids), and its base."""
+    from evomerge.run_dir import load_run_experiment
+    from evomerge.wiring import resolve_worker_spec
+
+    exp = load_run_experiment(run_dir)
+    return resolve_worker_spec(exp).model_dirs, exp.base_model
+
+
+def _named(path: str) -> str:
+    """A source as files read elsewhere name it: a Hub model as ``org/name@rev``, a dir as its path."""
+    from evomerge.sources import is_hub
+
+    return path[3:] if is_hub(path) else path
+
+
 def _run_sources(run_dir: Path, resolve: bool = True) -> tuple[dict[str, str], str]:
-    """The run's source model dirs on this machine (building the embedded zoo if it used one).
+    """The run's source model dirs on this machine (Hub models fetched into the cache).
 
     ``resolve=False`` keeps Hub models as ids (``org/name@rev``), for files read elsewhere.
     """
-    from evomerge.run_dir import load_run_experiment
-    from evomerge.wiring import resolve_worker_spec
-    from evomerge.sources import is_hub, resolve_model_dir
+    from evomerge.sources import resolve_model_dir
 
-    exp = load_run_experiment(run_dir)
-    spec = resolve_worker_spec(exp)
+    dirs, base_model = _spec_dirs(run_dir)
     if not resolve:
-        return {k: v[3:] if is_hub(v) else v for k, v in spec.model_dirs.items()}, exp.base_model
-    return {k: str(resolve_model_dir(v)) for k, v in spec.model_dirs.items()}, exp.base_model
+        return {k: _named(v) for k, v in dirs.items()}, base_model
+    return {k: str(resolve_model_dir(v)) for k, v in dirs.items()}, base_model
 
 
 def run_architecture(run_dir: Path):

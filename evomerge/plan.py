@@ -288,18 +288,18 @@ def roofline_cost(exp: Experiment, params: int, n_sources: int, tasks: list[dict
 def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: Optional[float] = None,
               device: Device = Device(), prompt_tokens: int = 256) -> Plan:
     """The plan of ``exp``; builds the embedded zoo if the experiment uses it, downloads nothing."""
-    from evomerge.wiring import build_codec, resolve_worker_spec
+    from evomerge.wiring import adapter_sources, build_codec, resolve_worker_spec
 
     spec = resolve_worker_spec(exp)
     codec = build_codec(exp, spec, download=False)
     declared = {m.name: m.config for m in exp.models}
-    from evomerge.adapters import adapter_params, is_adapter_dir
+    from evomerge.adapters import adapter_params
 
-    adapters = {m.name: adapter_params(spec.model_dirs[m.name]) for m in exp.models
-                if is_adapter_dir(spec.model_dirs[m.name])}
-    configs = {m.name: model_config(spec.model_dirs[m.name if m.name not in adapters else exp.base_model],
-                                    declared[exp.base_model if m.name in adapters else m.name], download=False)
-               for m in exp.models}
+    found = adapter_sources(spec.model_dirs)
+    adapters = {m.name: adapter_params(spec.model_dirs[m.name]) for m in exp.models if m.name in found}
+    configs = {m.name: model_config(spec.model_dirs[m.name], declared[m.name], download=False)
+               for m in exp.models if m.name not in adapters}
+    configs.update({name: configs[exp.base_model] for name in adapters})  # an adapter has its base's shape
     space = exp.search_space
     dim = codec.dim
     base_cfg = configs[exp.base_model]
@@ -318,8 +318,9 @@ def make_plan(exp: Experiment, calibrate: Optional[Path] = None, trial_seconds: 
         space_line = f"PS: {space.method}, {space.granularity}"
         full = len(exp.models) - len(adapters)
         resident = full + 1
-        memory_detail = f"{full} sources as base + task vectors, 1 model to merge into"
-        if adapters:
+        if not adapters:
+            memory_detail = f"{full} sources as base + task vectors, 1 model to merge into"
+        else:
             others = full - 1
             memory_detail = ("the base" + (f" + {others} full source{'s' * (others != 1)} as task vectors" if others else "")
                              + f", {len(adapters)} LoRA adapter{'s' * (len(adapters) != 1)} as their factors "

@@ -114,7 +114,7 @@ def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
     """
     from evomerge.architecture import source_problems as check
 
-    configs, problems = _source_configs(exp, model_dirs, download)
+    configs, _, problems = _source_configs(exp, model_dirs, download)
     space = exp.search_space
     if space.kind == "ps":
         return problems + check(configs, ps_models=tuple(m.name for m in exp.models), base_model=exp.base_model)
@@ -129,8 +129,9 @@ def source_problems(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
 
 
 def _source_configs(exp: Experiment, model_dirs: Optional[dict[str, str]] = None,
-                    download: bool = False) -> tuple[dict[str, dict], list[str]]:
-    """Each source's config.json that can be had here (see :func:`source_problems`), and problems."""
+                    download: bool = False) -> tuple[dict[str, dict], set[str], list[str]]:
+    """Each full source's config.json that can be had here (see :func:`source_problems`), the sources
+    that are LoRA adapters, and problems."""
     if model_dirs is None:
         model_dirs = {}
         zoo_models: dict[str, Any] = {}
@@ -148,8 +149,8 @@ def _source_configs(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
                 model_dirs[m.name] = str(zoo_models[m.path[len(ZOO_PREFIX):]])
     declared = {m.name: m.config for m in exp.models}
     configs = {}
-    problems = adapter_problems(exp, model_dirs, download)
-    adapters = adapter_sources(exp, model_dirs, download)
+    adapters = adapter_sources(model_dirs, download)
+    problems = adapter_problems(exp, model_dirs, adapters, download)
     for name, path in model_dirs.items():
         if name in adapters:
             continue  # its shape is its base's; its factors are checked against the base when loaded
@@ -160,23 +161,24 @@ def _source_configs(exp: Experiment, model_dirs: Optional[dict[str, str]] = None
                 problems.extend(exc.problems)
         except (OSError, ValueError) as exc:
             problems.append(f"models: {name}: cannot read its config.json ({type(exc).__name__}: {exc})")
-    return configs, problems
+    return configs, adapters, problems
 
 
-def adapter_sources(exp: Experiment, model_dirs: dict[str, str], download: bool = False) -> set[str]:
+def adapter_sources(model_dirs: dict[str, str], download: bool = False) -> set[str]:
     """The sources that are LoRA adapters (without ``download``, a Hub repo not cached is not known)."""
     from evomerge.adapters import is_adapter_dir
 
     return {name for name, path in model_dirs.items() if is_adapter_dir(path, download)}
 
 
-def adapter_problems(exp: Experiment, model_dirs: dict[str, str], download: bool = False) -> list[str]:
-    """Why the experiment's LoRA adapter sources cannot be merged as it asks: an adapter evomerge
-    cannot merge exactly (DoRA, trained biases, ...), one trained on another base, an adapter as the
-    base, or adapters in a data-flow search (whose layer donors are full models)."""
+def adapter_problems(exp: Experiment, model_dirs: dict[str, str], adapters: set[str],
+                     download: bool = False) -> list[str]:
+    """Why the experiment's LoRA adapter sources (``adapters``, see :func:`adapter_sources`) cannot be
+    merged as it asks: an adapter evomerge cannot merge exactly (DoRA, trained biases, ...), one trained
+    on another base, an adapter as the base, or adapters in a data-flow search (whose layer donors are
+    full models)."""
     from evomerge.adapters import adapter_location, base_problem, read_config
 
-    adapters = adapter_sources(exp, model_dirs, download)
     if not adapters:
         return []
     problems: list[str] = []
@@ -206,12 +208,11 @@ def source_capabilities(exp: Experiment) -> dict[str, str]:
     a source whose config.json is not here yet (a Hub model not cached, a zoo not built) says so."""
     from evomerge.architecture import capabilities
 
-    configs, _ = _source_configs(exp)
+    configs, adapters, _ = _source_configs(exp)
     out = {}
     for m in exp.models:
         config = configs.get(m.name)
-        if m.name != exp.base_model and configs.get(exp.base_model) is not None and m.name not in configs \
-                and _is_adapter(m.path, exp):
+        if m.name in adapters:
             out[m.name] = "a LoRA adapter on the base: PS: yes (kept as its factors) · DFS: no"
         elif config is None:
             out[m.name] = ("the embedded zoo's Llama models: PS: yes · DFS: yes" if m.path.startswith(ZOO_PREFIX)
@@ -219,19 +220,6 @@ def source_capabilities(exp: Experiment) -> dict[str, str]:
         else:
             out[m.name] = f"{config.get('model_type')}: {capabilities(config)}"
     return out
-
-
-def _is_adapter(path: str, exp: Experiment) -> bool:
-    from evomerge.adapters import is_adapter_dir
-
-    if path.startswith(ZOO_PREFIX) and exp.zoo is not None:
-        from evomerge.zoo import ZooError, load_zoo, zoo_dir
-
-        try:
-            path = str(load_zoo(zoo_dir(exp.zoo.kind, exp.zoo.seed)).models.get(path[len(ZOO_PREFIX):], path))
-        except ZooError:
-            return False
-    return is_adapter_dir(path)
 
 
 def ps_donor_recipe(path: str) -> Recipe:

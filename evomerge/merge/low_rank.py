@@ -65,6 +65,23 @@ def add_combined(base: Tensor, factors: Sequence[LowRank], coefficients: Sequenc
     return torch.addmm(base, joint.B, joint.A)
 
 
+def delta_coefficients(method: str, params: Sequence[Mapping[str, float | bool]],
+                       global_params: Mapping[str, float | bool]) -> Optional[list[float]]:
+    """Per input, ``c_i`` with the merge ``= base + sum_i c_i delta_i`` exactly: task arithmetic
+    (``lambda * w_i``, divided by ``sum w`` when normalising; a sum under 1e-8 counts as 1, as in
+    :mod:`~evomerge.merge.methods.generalized_task_arithmetic`) and normalised linear (``w_i / sum w``);
+    None for the methods whose merge is no such sum."""
+    weights = [float(p["weight"]) for p in params]
+    if method == "task_arithmetic":
+        divisor = sum(weights) if global_params.get("normalize") else 1.0
+        scale = float(global_params.get("lambda", 1.0)) / (1.0 if abs(divisor) < WEIGHT_SUM_EPS else divisor)
+        return [w * scale for w in weights]
+    if method == "linear" and global_params.get("normalize", True):
+        total = sum(weights)
+        return [w / total for w in weights]
+    return None
+
+
 def low_rank_merge(method: str, base: Tensor, entries: Sequence[Entry],
                    params: Sequence[Mapping[str, float | bool]],
                    global_params: Mapping[str, float | bool]) -> Optional[Tensor]:
@@ -78,14 +95,14 @@ def low_rank_merge(method: str, base: Tensor, entries: Sequence[Entry],
     """
     if method not in LOW_RANK_METHODS or any(isinstance(e, Tensor) for e in entries):
         return None
+    if method == "task_arithmetic":
+        used = [(e, c) for e, c in zip(entries, delta_coefficients(method, params, global_params), strict=True)
+                if isinstance(e, LowRank)]
+        if not used:
+            return base
+        return add_combined(base, [e for e, _ in used], [c for _, c in used])
     weights = [float(p["weight"]) for p in params]
     factors = [(e, w) for e, w in zip(entries, weights, strict=True) if isinstance(e, LowRank)]
-    if method == "task_arithmetic":
-        if not factors:
-            return base
-        divisor = sum(weights) if global_params.get("normalize") else 1.0
-        scale = float(global_params.get("lambda", 1.0)) / (1.0 if abs(divisor) < WEIGHT_SUM_EPS else divisor)
-        return add_combined(base, [f for f, _ in factors], [w * scale for _, w in factors])
     # linear: sum_i w_i (base + delta_i) = (sum_i w_i) base + sum_i w_i delta_i, accumulated in float32
     acc = torch.float64 if base.dtype == torch.float64 else torch.float32
     total = sum(weights)

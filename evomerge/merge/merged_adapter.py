@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from evomerge.adapters import LowRank
 from evomerge.errors import MergeError
-from evomerge.merge.low_rank import BASE, LOW_RANK_METHODS, concatenate
+from evomerge.merge.low_rank import BASE, LOW_RANK_METHODS, concatenate, delta_coefficients
 from evomerge.recipe import Recipe
 
 
@@ -40,40 +41,24 @@ class MergedAdapter:
     embeddings: tuple[str, ...] = ()
 
 
-def _coefficients(recipe: Recipe, plan, key: str) -> Optional[list[float]]:
-    """Per input, the factor its delta enters the merge with, when the merge of ``key`` is
-    ``base + sum_i c_i delta_i`` exactly (None otherwise)."""
-    params, global_params = plan.tensor_params[key]
-    weights = [float(p["weight"]) for p in params]
-    if plan.method.name == "task_arithmetic":
-        divisor = sum(weights) if global_params.get("normalize") else 1.0
-        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-        lam = float(global_params.get("lambda", 1.0))
-        return [lam * w / divisor for w in weights]
-    if plan.method.name == "linear" and global_params.get("normalize", True):
-        return [w / sum(weights) for w in weights]
-    return None
-
-
 def merged_adapter(sources, recipe: Recipe, rank: Optional[int] = None) -> MergedAdapter:
     """The merge of ``recipe`` over ``sources`` (a :class:`~evomerge.merge.backend.ResidentSources`
     with LoRA sources) as one adapter; see the module docstring."""
     if not sources.adapters:
         raise MergeError("no source of this merge is a LoRA adapter: export the full model (--format hf)")
     plan = sources.plan(recipe)
-    embeds = tuple(p for p in sources.arch.embed_prefixes)
+    embeds = tuple(sources.arch.embed_prefixes)
     embeddings = []
-    exact = plan.method.name in LOW_RANK_METHODS and rank is None
-    rows = {key: sources.rows(key) for key in plan.tensor_params}
-    entries = {key: [BASE if r is None else rows[key][r] for r in plan.delta_rows] for key in rows}
-    if exact:
-        exact = all(isinstance(e, LowRank) or e is None or e is BASE for es in entries.values() for e in es)
-        exact = exact and all(_coefficients(recipe, plan, key) is not None for key in rows)
+    entries = {key: [BASE if r is None else sources.rows(key)[r] for r in plan.delta_rows]
+               for key in plan.tensor_params}
+    coefficients: dict[str, Optional[list[float]]] = {}
+    if rank is None and not any(isinstance(e, Tensor) for es in entries.values() for e in es):
+        coefficients = {key: delta_coefficients(plan.method.name, *plan.tensor_params[key]) for key in entries}
+    exact = bool(coefficients) and all(c is not None for c in coefficients.values())
     factors: dict[str, LowRank] = {}
     if exact:
         for key, es in entries.items():
-            coefficients = _coefficients(recipe, plan, key)
-            used = [(e, c) for e, c in zip(es, coefficients, strict=True) if isinstance(e, LowRank)]
+            used = [(e, c) for e, c in zip(es, coefficients[key], strict=True) if isinstance(e, LowRank)]
             if not used:
                 continue
             factors[key] = concatenate([e for e, _ in used], [c for _, c in used])
